@@ -1,0 +1,31 @@
+# A newcomer's commands: `make test`, `make demo`, `make bench`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Tests run every Triton kernel on the CPU through Triton's interpreter.
+TEST_ENV := TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 OMP_NUM_THREADS=2
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build of 2.13.0; nothing later may pull a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	LORAINIT_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m lorainit.demo
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m bench.run
+
+clean:
+	rm -rf build $(VENV) *.egg-info lorainit_kernels/_C*.so

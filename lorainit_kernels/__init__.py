@@ -1,0 +1,22 @@
+"""lorainit_kernels: the numerical core of lorainit (tensors in, tensors out).
+
+Kernels for data-aware LoRA initialization: fused K-FAC statistics (``KFACStats``,
+``kfac_update``), the weighted outer-product accumulation (``weighted_gram``), batched LOBPCG,
+the LoRA-DA guidance matrix and the per-layer math of every initialization method. It knows
+nothing of models or PEFT; ``lorainit`` builds on it. Conventions: DESIGN.md section 2.
+"""
+from ._backends import BACKENDS, has_native, has_triton, triton_interpreting
+from .kfac import KFACStats
+from .ops import kfac_update, weighted_gram
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "KFACStats",
+    "has_native",
+    "has_triton",
+    "kfac_update",
+    "triton_interpreting",
+    "weighted_gram",
+]

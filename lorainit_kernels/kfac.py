@@ -1,0 +1,172 @@
+"""Streaming accumulation of K-FAC statistics for one linear layer ``y = W x + b``, ``W`` (m, n).
+
+Over the valid tokens ``t`` seen so far (``T = count``), DESIGN.md section 2:
+
+* ``Z = (1/T) sum_t x_t x_t^T`` (n, n), the input covariance (K-FAC's A factor);
+* ``G = (1/T) sum_t g_t x_t^T`` (m, n), the mean per-token gradient of ``W``;
+* ``s = (1/T) sum_t g_t * g_t`` (m,), the diagonal of K-FAC's output-gradient factor.
+
+Sums are kept (not means) so that accumulators merge and all-reduce exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import check_kfac_inputs, kfac_update
+
+
+class KFACStats:
+    """K-FAC statistics of one layer, accumulated batch by batch.
+
+    Example::
+
+        st = KFACStats(in_features=n, out_features=m)
+        st.update(x, grad_output=g, mask=attention_mask.bool())   # x (..., n), g (..., m), mask (...)
+        Z, G, s = st.input_cov(), st.grad(), st.grad_sq()
+
+    Args:
+        in_features: ``n``, the layer's input size.
+        out_features: ``m``, the layer's output size; None keeps only ``Z`` (for layers that share
+            an input, which share one ``Z``).
+        track_input_cov: False keeps only ``G`` and ``s`` (the ``Z`` lives in another accumulator).
+        device, dtype: of the accumulators (fp32 by default; fp64 keeps the cross-batch sums in fp64,
+            each batch is still reduced in fp32 unless its inputs are fp64).
+        backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch), ``"native"``, ``"triton"`` or ``"torch"``.
+
+    An update whose inputs are invalid (wrong shapes, dtypes or devices, NaN/Inf in a valid token)
+    raises and leaves the accumulator exactly as it was.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: Optional[int] = None,
+        *,
+        track_input_cov: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        backend: Optional[str] = "auto",
+    ):
+        for name, val in (("in_features", in_features), ("out_features", out_features)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise ValueError(f"KFACStats: {name} must be a positive int, got {val!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"KFACStats: dtype must be torch.float32 or torch.float64, got {dtype}")
+        if out_features is None and not track_input_cov:
+            raise ValueError("KFACStats: with out_features=None and track_input_cov=False there is nothing to accumulate")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.track_input_cov = track_input_cov
+        self.backend = backend
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        n, m = in_features, out_features
+        kw = dict(device=self.device, dtype=dtype)
+        self.z_sum = torch.zeros(n, n, **kw) if track_input_cov else None
+        self.g_sum = torch.zeros(m, n, **kw) if m is not None else None
+        self.s_sum = torch.zeros(m, **kw) if m is not None else None
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return (f"KFACStats(in_features={self.in_features}, out_features={self.out_features}, "
+                f"count={self.count}, device={self.device}, dtype={self.dtype})")
+
+    # ------------------------------------------------------------------ accumulation
+    @torch.no_grad()
+    def update(self, x: Tensor, grad_output: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> int:
+        """Add the tokens of one batch; returns the number of valid tokens added.
+
+        ``x`` (..., n) layer inputs, ``grad_output`` (..., m) gradients of the summed loss with
+        respect to the layer outputs (required when ``out_features`` is set), ``mask`` (...) bool
+        (True = valid token). Any leading shape, non-contiguous views and bf16/fp16/fp32 work.
+        """
+        op = "KFACStats.update"
+        if self.g_sum is not None and grad_output is None:
+            raise ValueError(f"{op}: grad_output is required for out_features={self.out_features} "
+                             f"(x has shape {tuple(x.shape)}); use out_features=None for Z only")
+        if self.g_sum is None and grad_output is not None:
+            raise ValueError(f"{op}: got grad_output of shape {tuple(grad_output.shape)} but this accumulator "
+                             f"has out_features=None")
+        check_kfac_inputs(x, grad_output, mask, self.in_features, self.out_features, op=op)
+        if x.device != self.device:
+            raise ValueError(f"{op}: x is on {x.device} but the accumulator is on {self.device}; "
+                             f"create KFACStats(..., device={str(x.device)!r})")
+        Zs, Gs, ss, count = kfac_update(x, grad_output, mask, with_input_cov=self.track_input_cov,
+                                        backend=self.backend)
+        if count == 0:
+            return 0
+        # A non-finite value in a valid token reaches the diagonal of Z (sum of x_i^2) or s (sum of
+        # g_i^2): checking these O(n + m) numbers replaces a full pass over the inputs.
+        if self.track_input_cov and not bool(torch.isfinite(Zs.diagonal()).all()):
+            raise ValueError(_nonfinite_message(op, "x", x, mask))
+        if ss.numel() and not bool(torch.isfinite(ss).all()):
+            raise ValueError(_nonfinite_message(op, "grad_output", grad_output, mask))
+        if not self.track_input_cov and not bool(torch.isfinite(Gs).all()):
+            raise ValueError(_nonfinite_message(op, "x", x, mask))
+        if self.z_sum is not None:
+            self.z_sum += Zs
+        if self.g_sum is not None:
+            self.g_sum += Gs
+            self.s_sum += ss
+        self.count += count
+        return count
+
+    @torch.no_grad()
+    def merge(self, other: "KFACStats") -> "KFACStats":
+        """Add another accumulator of the same shapes (e.g. from another process or data shard)."""
+        if not isinstance(other, KFACStats):
+            raise TypeError(f"KFACStats.merge: other must be a KFACStats, got {type(other).__name__}")
+        mine = (self.in_features, self.out_features, self.track_input_cov)
+        theirs = (other.in_features, other.out_features, other.track_input_cov)
+        if mine != theirs:
+            raise ValueError(f"KFACStats.merge: (in_features, out_features, track_input_cov) {theirs} "
+                             f"do not match this accumulator's {mine}")
+        for name in ("z_sum", "g_sum", "s_sum"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None:
+                a += b.to(device=a.device, dtype=a.dtype)
+        self.count += other.count
+        return self
+
+    def reset(self) -> None:
+        for t in (self.z_sum, self.g_sum, self.s_sum):
+            if t is not None:
+                t.zero_()
+        self.count = 0
+
+    # ------------------------------------------------------------------ results
+    def _mean(self, total: Optional[Tensor], what: str) -> Tensor:
+        if total is None:
+            raise ValueError(f"KFACStats.{what}: not tracked by this accumulator ({self!r})")
+        if self.count == 0:
+            raise ValueError(f"KFACStats.{what}: no valid tokens accumulated yet")
+        return total / self.count
+
+    def input_cov(self) -> Tensor:
+        """``Z = (1/T) sum_t x_t x_t^T`` (n, n), symmetric."""
+        return self._mean(self.z_sum, "input_cov")
+
+    def grad(self) -> Tensor:
+        """``G = (1/T) sum_t g_t x_t^T`` (m, n)."""
+        return self._mean(self.g_sum, "grad")
+
+    def grad_sq(self) -> Tensor:
+        """``s = (1/T) sum_t g_t * g_t`` (m,)."""
+        return self._mean(self.s_sum, "grad_sq")
+
+    def sums(self) -> list:
+        """The raw sum tensors (for all-reduce); ``count`` travels beside them."""
+        return [t for t in (self.z_sum, self.g_sum, self.s_sum) if t is not None]
+
+
+def _nonfinite_message(op: str, name: str, t: Tensor, mask: Optional[Tensor]) -> str:
+    bad = ~torch.isfinite(t)
+    if mask is not None:
+        bad &= mask[..., None]
+    where = bad.nonzero()
+    first = tuple(where[0].tolist()) if where.numel() else "unknown (overflow while squaring)"
+    return (f"{op}: {name} (shape {tuple(t.shape)}) has {int(bad.sum())} non-finite values (NaN/Inf) in valid "
+            f"tokens, first at index {first}; the accumulator was left unchanged")

@@ -1,0 +1,193 @@
+"""Each op of the numerical core, declared once as a ``torch.library`` custom op.
+
+Backends register implementations behind one declaration: the C++ extension on CPU
+(``lorainit_kernels._native``), Triton on GPU (``lorainit_kernels.triton``) and the plain-torch
+reference (``lorainit_kernels.reference``) everywhere. The public wrappers at the bottom check the
+arguments, flatten batch dimensions and pick the backend; the custom ops take already-checked 2-D
+inputs whose last dimension is contiguous.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backends import resolve_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _impl(backend: str):
+    """The module that implements ``kfac_update`` and ``weighted_gram`` for ``backend``."""
+    if backend == "native":
+        from . import _native
+
+        return _native
+    if backend == "triton":
+        from .triton import kfac as triton_kfac
+
+        return triton_kfac
+    return None
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    # bf16/fp16/fp32 accumulate in fp32; fp64 inputs (tests, references) stay fp64.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# kfac_update: (Zs, Gs, ss) = (sum x x^T, sum g x^T, sum g*g) over the valid tokens of one batch
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lorainit::kfac_update", mutates_args=())
+def _kfac_update_op(
+    x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _impl(backend)
+    if impl is None or x.dtype == torch.float64:
+        return reference.kfac_update(x, g, mask, with_input_cov, dtype=_acc_dtype(x))
+    return impl.kfac_update(x, g, mask, with_input_cov)
+
+
+@_kfac_update_op.register_fake
+def _(x, g, mask, with_input_cov, backend):
+    n = x.shape[-1]
+    m = 0 if g is None else g.shape[-1]
+    dt = _acc_dtype(x)
+    z = x.new_empty((n, n) if with_input_cov else (0, 0), dtype=dt)
+    return z, x.new_empty((m, n), dtype=dt), x.new_empty((m,), dtype=dt)
+
+
+# --------------------------------------------------------------------------------------------
+# weighted_gram: sum_t w_t v_t v_t^T
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lorainit::weighted_gram", mutates_args=())
+def _weighted_gram_op(v: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
+    impl = _impl(backend)
+    if impl is None or v.dtype == torch.float64:
+        return reference.weighted_gram(v, weights, dtype=_acc_dtype(v))
+    return impl.weighted_gram(v, weights)
+
+
+@_weighted_gram_op.register_fake
+def _(v, weights, backend):
+    d = v.shape[-1]
+    return v.new_empty((d, d), dtype=_acc_dtype(v))
+
+
+# --------------------------------------------------------------------------------------------
+# Public wrappers: argument checks, batch flattening, backend choice
+# --------------------------------------------------------------------------------------------
+def _shape(t: Optional[Tensor]) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def _check_float(name: str, t: Tensor, op: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor (bf16, fp16, fp32 or fp64), got {t.dtype} "
+                        f"with shape {tuple(t.shape)}")
+
+
+def _rows(t: Tensor, features: int) -> Tensor:
+    """(..., d) -> (T, d) with a contiguous last dimension (a view when the layout allows)."""
+    t2 = t.reshape(-1, features)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def check_kfac_inputs(
+    x: Tensor,
+    grad_output: Optional[Tensor],
+    mask: Optional[Tensor],
+    in_features: Optional[int] = None,
+    out_features: Optional[int] = None,
+    op: str = "kfac_update",
+) -> None:
+    """Raise a clear error (naming the argument and the shapes) for inputs ``kfac_update`` cannot take."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    _check_float("x", x, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., in_features), got a 0-d tensor")
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features (shape {tuple(x.shape)}), expected in_features={in_features}")
+    lead = tuple(x.shape[:-1])
+    if grad_output is not None:
+        if not isinstance(grad_output, Tensor):
+            raise TypeError(f"{op}: grad_output must be a torch.Tensor or None, got {type(grad_output).__name__}")
+        _check_float("grad_output", grad_output, op)
+        if tuple(grad_output.shape[:-1]) != lead or grad_output.dim() != x.dim():
+            raise ValueError(f"{op}: grad_output has shape {_shape(grad_output)} whose leading dims do not match "
+                             f"x's {_shape(x)}; expected (*{lead}, out_features)")
+        if out_features is not None and grad_output.shape[-1] != out_features:
+            raise ValueError(f"{op}: grad_output has {grad_output.shape[-1]} features (shape {_shape(grad_output)}), "
+                             f"expected out_features={out_features}")
+        if grad_output.device != x.device:
+            raise ValueError(f"{op}: grad_output is on {grad_output.device} but x is on {x.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{op}: mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{op}: mask must have dtype torch.bool (True = valid token), got {mask.dtype} "
+                            f"with shape {_shape(mask)}; use attention_mask.bool()")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"{op}: mask has shape {_shape(mask)}, expected x's leading dims {lead} (x is {_shape(x)})")
+        if mask.device != x.device:
+            raise ValueError(f"{op}: mask is on {mask.device} but x is on {x.device}")
+
+
+def kfac_update(
+    x: Tensor,
+    grad_output: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    with_input_cov: bool = True,
+    backend: Optional[str] = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """Sums of the K-FAC statistics of one batch, in one fused pass over ``x``.
+
+    ``x`` (..., n), ``grad_output`` (..., m) or None, ``mask`` (...) bool or None (True = valid
+    token; padding is compacted away, never multiplied by zero). Returns ``(Zs, Gs, ss, count)``:
+    ``Zs = sum_t x_t x_t^T`` (n, n), ``Gs = sum_t g_t x_t^T`` (m, n), ``ss = sum_t g_t*g_t`` (m,)
+    over the ``count`` valid tokens, accumulated in fp32 (fp64 for fp64 inputs). DESIGN.md section 2.
+    """
+    check_kfac_inputs(x, grad_output, mask)
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    g2 = None if grad_output is None else _rows(grad_output, grad_output.shape[-1])
+    m2 = None if mask is None else mask.reshape(-1)
+    if m2 is not None and bool(m2.all()):
+        m2 = None  # nothing to compact
+    count = x2.shape[0] if m2 is None else int(m2.sum())
+    name = resolve_backend(backend, x.device, "kfac_update")
+    Zs, Gs, ss = torch.ops.lorainit.kfac_update(x2, g2, m2, with_input_cov, name)
+    return Zs, Gs, ss, count
+
+
+def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optional[str] = "auto") -> Tensor:
+    """``sum_t w_t v_t v_t^T`` for ``v`` (..., T, d) and ``weights`` (..., T) (ones when None).
+
+    Returns (..., d, d), symmetric, accumulated in fp32 (fp64 for fp64 inputs). Batch dimensions
+    are looped over. Used for ``Z`` and for the guidance matrix's ``G^T D^2 G`` (DESIGN.md section 2).
+    """
+    op = "weighted_gram"
+    if not isinstance(v, Tensor) or v.dim() < 2:
+        raise ValueError(f"{op}: v must be a tensor of shape (..., T, d), got {_shape(v) if isinstance(v, Tensor) else type(v).__name__}")
+    _check_float("v", v, op)
+    if weights is not None:
+        _check_float("weights", weights, op)
+        if tuple(weights.shape) != tuple(v.shape[:-1]):
+            raise ValueError(f"{op}: weights has shape {_shape(weights)}, expected v's leading dims {tuple(v.shape[:-1])}")
+        if weights.device != v.device:
+            raise ValueError(f"{op}: weights is on {weights.device} but v is on {v.device}")
+    name = resolve_backend(backend, v.device, op)
+    batch = v.shape[:-2]
+    T, d = v.shape[-2:]
+    vb = v.reshape(-1, T, d)
+    wb = None if weights is None else weights.reshape(-1, T)
+    outs = []
+    for i in range(vb.shape[0]):
+        vi = vb[i] if vb[i].stride(-1) == 1 else vb[i].contiguous()
+        wi = None if wb is None else wb[i].to(_acc_dtype(v)).contiguous()
+        outs.append(torch.ops.lorainit.weighted_gram(vi, wi, name))
+    return torch.stack(outs).reshape(*batch, d, d)
