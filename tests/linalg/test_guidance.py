@@ -1,0 +1,263 @@
+"""guidance_matrix and lora_da_factors against a plain float64 formula with explicit inverses."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import lorainit_kernels as lk
+from lorainit_kernels import ops
+from linalg_helpers import (kfac_stats, reference_guidance, ritz_bounds, scipy_eigh, sin_theta, objective,
+                            weighted_gram_backend)
+
+BACKEND = weighted_gram_backend()
+N_TRAIN = 500.0
+
+
+def _plain_fp32_guidance(Z, G, s, *, n_train, damping=1e-3, alpha=1.0, beta=1.0, fisher=True):
+    """The same formula as the reference, computed naively in float32 (the error yardstick)."""
+    Z, G, s = Z.float(), G.float(), s.float()
+    n = Z.shape[-1]
+    Zd = Z + damping * Z.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(n)
+    sd = s + damping * s.mean(-1, keepdim=True)
+    Zi = torch.linalg.inv(Zd)
+    dW = -(G @ Zi) / sd[..., :, None] if fisher else -G
+    c = beta * (1.0 / sd).sum(-1) / n_train
+    return c[..., None, None] * Zi - alpha * dW.transpose(-1, -2) @ dW, dW
+
+
+def _rel(a, b):
+    return (torch.linalg.norm((a.double() - b.double()).flatten()) / torch.linalg.norm(b.double().flatten())).item()
+
+
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+@pytest.mark.parametrize("fisher", [True, False])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (2.5, 0.3)])
+def test_guidance_matches_reference_fp64(batch, fisher, weights):
+    alpha, beta = weights
+    Z, G, s = kfac_stats(batch, 12, 20, seed=hash((batch, fisher, weights)) % 1000)
+    Om, dW = lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, damping=1e-2, bias_weight=alpha, variance_weight=beta,
+                                fisher=fisher, backend=BACKEND)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, damping=1e-2, alpha=alpha, beta=beta, fisher=fisher)
+    assert Om.shape == batch + (20, 20) and dW.shape == batch + (12, 20)
+    assert Om.dtype == torch.float64
+    assert _rel(Om, Om_r) < 1e-10
+    assert _rel(dW, dW_r) < 1e-12
+    assert torch.equal(Om, Om.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("fisher", [True, False])
+def test_guidance_fp32_error_within_plain_fp32(fisher):
+    Z, G, s = kfac_stats((4,), 24, 40, cond=1e3, seed=7)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
+    Om, dW = lk.guidance_matrix(Z.float(), G.float(), s.float(), n_train=N_TRAIN, fisher=fisher, backend=BACKEND)
+    Om_p, dW_p = _plain_fp32_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
+    assert Om.dtype == torch.float32
+    assert _rel(Om, Om_r) <= 4 * _rel(Om_p, Om_r) + 1e-6
+    assert _rel(dW, dW_r) <= 4 * _rel(dW_p, dW_r) + 1e-6
+
+
+def test_guidance_uses_weighted_gram(monkeypatch):
+    """Omega is assembled through ops.weighted_gram (the fused kernel), with weights -alpha / s_d^2."""
+    calls = []
+    real = ops.weighted_gram
+
+    def spy(v, weights=None, *, backend="auto"):
+        calls.append((tuple(v.shape), None if weights is None else weights.clone()))
+        return real(v, weights, backend=backend)
+
+    monkeypatch.setattr(ops, "weighted_gram", spy)
+    Z, G, s = kfac_stats((2,), 6, 10, seed=3)
+    lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, bias_weight=0.7, damping=0.1, backend=BACKEND)
+    assert len(calls) == 1 and calls[0][0] == (2, 6, 10)
+    sd = s + 0.1 * s.mean(-1, keepdim=True)
+    torch.testing.assert_close(calls[0][1], -0.7 / sd ** 2)
+
+
+def test_damping_is_relative():
+    """Scaling Z by a and s by b scales Omega as the formula says: damping is relative."""
+    Z, G, s = kfac_stats((), 8, 12, seed=11)
+    Om1, dW1 = lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, damping=0.05, backend=BACKEND)
+    a, b = 1e3, 1e-2
+    Om2, dW2 = lk.guidance_matrix(a * Z, G, b * s, n_train=N_TRAIN, damping=0.05, backend=BACKEND)
+    # dW scales by 1/(a b); Z_d^-1 by 1/a and sum 1/s_d by 1/b -> Omega by 1/(a b) and 1/(a b)^2 per term
+    Om_r, _ = reference_guidance(a * Z, G, b * s, n_train=N_TRAIN, damping=0.05)
+    assert _rel(dW2, dW1 / (a * b)) < 1e-10
+    assert _rel(Om2, Om_r) < 1e-10
+
+
+def test_cholesky_retried_in_fp64():
+    """A damped Z that fp32 Cholesky rejects but fp64 accepts is factored in fp64 (no error)."""
+    g = torch.Generator().manual_seed(5)
+    n = 64
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    ev = torch.ones(n, dtype=torch.float64)
+    ev[-8:] = 2e-8                                  # PD in fp64, below fp32 Cholesky's backward error
+    Z = ((Q * ev) @ Q.T).float()
+    Z = 0.5 * (Z + Z.T)
+    assert int(torch.linalg.cholesky_ex(Z)[1]) > 0, "precondition: fp32 Cholesky must fail on this matrix"
+    assert int(torch.linalg.cholesky_ex(Z.double())[1]) == 0, "precondition: fp64 Cholesky must succeed"
+    G = torch.randn(5, n, generator=g)
+    s = torch.rand(5, generator=g) + 0.5
+    Om, dW = lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, damping=0.0, backend=BACKEND)
+    assert Om.dtype == torch.float32 and torch.isfinite(Om).all() and torch.isfinite(dW).all()
+    _, dW_r = reference_guidance(Z.double(), G.double(), s.double(), n_train=N_TRAIN, damping=0.0)
+    assert _rel(dW, dW_r) < 1e-5
+
+
+def test_not_positive_definite_names_batch_index():
+    Z, G, s = kfac_stats((2, 3), 4, 6, seed=1)
+    Z = Z.clone()
+    Z[1, 2] = -torch.eye(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"not positive definite.*batch index \(1, 2\)"):
+        lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, backend=BACKEND)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("nonsquare", r"Z must be square"),
+    ("G_shape", r"G has shape \(2, 5, 7\)"),
+    ("s_shape", r"s has shape \(2, 4\)"),
+    ("nan", r"G .* NaN/Inf .* batch index \(1,\)"),
+    ("n_train", r"n_train"),
+    ("damping", r"damping must be finite and >= 0"),
+    ("alpha", r"bias_weight must be finite and >= 0"),
+    ("beta", r"variance_weight must be finite and >= 0"),
+    ("neg_s", r"s .* negative entries at batch index \(0,\)"),
+])
+def test_guidance_bad_input(case, pattern):
+    Z, G, s = kfac_stats((2,), 5, 6, seed=2)
+    kw = dict(n_train=N_TRAIN)
+    if case == "nonsquare":
+        Z = Z[..., :5]
+    elif case == "G_shape":
+        G = torch.zeros(2, 5, 7, dtype=torch.float64) + 1
+    elif case == "s_shape":
+        s = s[..., :4]
+    elif case == "nan":
+        G = G.clone()
+        G[1, 0, 3] = float("nan")
+    elif case == "n_train":
+        kw["n_train"] = 0
+    elif case == "damping":
+        kw["damping"] = -1e-3
+    elif case == "alpha":
+        kw["bias_weight"] = -1.0
+    elif case == "beta":
+        kw["variance_weight"] = float("inf")
+    elif case == "neg_s":
+        s = s.clone()
+        s[0, 1] = -1.0
+    with pytest.raises(ValueError, match=pattern):
+        lk.guidance_matrix(Z, G, s, backend=BACKEND, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_da_factors
+# ---------------------------------------------------------------------------------------------
+def _check_factors(A, P, evals, Om_r, dW_r, rank, *, sin_tol, obj_tol):
+    batch = tuple(Om_r.shape[:-2])
+    n = Om_r.shape[-1]
+    assert A.shape == batch + (n, rank) and P.shape == batch + (dW_r.shape[-2], rank) and evals.shape == batch + (rank,)
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert (A.double().transpose(-1, -2) @ A.double() - eye).abs().max() < (1e-5 if A.dtype == torch.float32 else 1e-12)
+    assert (evals[..., 1:] >= evals[..., :-1]).all(), "evals must be ascending"
+    lam, vec = scipy_eigh(Om_r, 0, rank)
+    opt = lam[..., :rank].sum(-1)
+    obj = objective(Om_r, A)
+    scale = lam.abs().amax(-1)
+    assert ((obj - opt).abs() <= obj_tol * scale).all(), ((obj - opt) / scale)
+    gap = lam[..., rank] - lam[..., rank - 1]
+    wide = gap > 1e-3 * scale
+    if bool(wide.any()):
+        assert (sin_theta(A, vec[..., :rank])[wide] <= sin_tol).all()
+    # evals are the Ritz values of the returned A on Omega
+    ritz = torch.linalg.eigvalsh(A.double().transpose(-1, -2) @ Om_r @ A.double())
+    assert ((evals.double() - ritz).abs() <= obj_tol * scale[..., None] + 1e-6 * ritz.abs()).all()
+    # P = dW A
+    Pr = dW_r @ A.double()
+    assert _rel(P, Pr) < (1e-3 if P.dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+@pytest.mark.parametrize("fisher", [True, False])
+def test_factors_fp64(solver, batch, fisher):
+    rank = 4
+    Z, G, s = kfac_stats(batch, 20, 48, seed=len(batch) * 10 + int(fisher))
+    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, fisher=fisher, solver=solver, backend=BACKEND)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
+    _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5, obj_tol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_factors_fp32_within_plain_fp32_error(solver):
+    """fp32 factors: the objective gap to the fp64 optimum is within a small multiple of fp32 eigh's."""
+    rank = 6
+    Z, G, s = kfac_stats((3,), 40, 96, cond=1e3, seed=21)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
+    A, P, evals = lk.lora_da_factors(Z.float(), G.float(), s.float(), rank, n_train=N_TRAIN, solver=solver,
+                                     backend=BACKEND)
+    assert A.dtype == P.dtype == evals.dtype == torch.float32
+    lam, _ = scipy_eigh(Om_r, 0, rank - 1)
+    opt = lam.sum(-1)
+    Om_p, _ = _plain_fp32_guidance(Z, G, s, n_train=N_TRAIN)
+    A_p = torch.linalg.eigh(Om_p)[1][..., :rank]
+    err_plain = (objective(Om_r, A_p) - opt).abs()
+    err = (objective(Om_r, A) - opt).abs()
+    assert (err <= 10 * err_plain + 1e-6 * opt.abs()).all(), (err, err_plain)
+    _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-2, obj_tol=1e-4)
+
+
+def test_factors_indefinite_with_positive_tail():
+    """alpha, beta > 0 and the r-th smallest eigenvalue positive: A must still be Omega's bottom."""
+    rank = 8
+    kw = dict(n_train=N_TRAIN, variance_weight=100.0)
+    Z, G, s = kfac_stats((2,), 12, 40, seed=4)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, beta=100.0)
+    lam = torch.linalg.eigvalsh(Om_r)
+    assert (lam[..., 0] < 0).all() and (lam[..., rank - 1] > 0).all(), "precondition: indefinite bottom"
+    A, P, evals = lk.lora_da_factors(Z, G, s, rank, solver="lobpcg", backend=BACKEND, **kw)
+    _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5, obj_tol=1e-9)
+    with pytest.raises(ValueError, match=r"rank must be .* min\(12, 40\)"):
+        lk.lora_da_factors(Z, G, s, 13, backend=BACKEND, **kw)
+
+
+def test_factors_batched_equals_one_by_one_and_deterministic():
+    rank = 3
+    Z, G, s = kfac_stats((2, 2), 10, 32, seed=9)
+    A, P, ev = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND)
+    A2, P2, ev2 = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND)
+    assert torch.equal(A, A2) and torch.equal(P, P2) and torch.equal(ev, ev2)
+    for i in range(2):
+        for j in range(2):
+            Ai, Pi, evi = lk.lora_da_factors(Z[i, j], G[i, j], s[i, j], rank, n_train=N_TRAIN, backend=BACKEND)
+            assert sin_theta(Ai, A[i, j]) < 1e-6
+            torch.testing.assert_close(evi, ev[i, j], rtol=1e-9, atol=1e-9 * ev[i, j].abs().max().item())
+            # P A^T is sign-independent
+            assert _rel(Pi @ Ai.T, P[i, j] @ A[i, j].T) < 1e-5
+
+
+def test_factors_warm_start():
+    rank = 4
+    Z, G, s = kfac_stats((2,), 16, 40, seed=13)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
+    _, vec = scipy_eigh(Om_r, 0, rank - 1)
+    X = vec + 1e-3 * torch.randn(vec.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, X=X, backend=BACKEND)
+    _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5, obj_tol=1e-9)
+
+
+def test_factors_bad_input():
+    Z, G, s = kfac_stats((2,), 5, 8, seed=2)
+    with pytest.raises(ValueError, match=r"rank must be an int with 1 <= rank <= min\(m, n\) = min\(5, 8\)"):
+        lk.lora_da_factors(Z, G, s, 6, n_train=N_TRAIN, backend=BACKEND)
+    with pytest.raises(ValueError, match="rank must be"):
+        lk.lora_da_factors(Z, G, s, 0, n_train=N_TRAIN, backend=BACKEND)
+    with pytest.raises(ValueError, match="solver must be"):
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, solver="arpack", backend=BACKEND)
+    with pytest.raises(ValueError, match="s has shape"):
+        lk.lora_da_factors(Z, G, s[:1], 2, n_train=N_TRAIN, backend=BACKEND)
+    Zn = Z.clone()
+    Zn[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Z .* NaN/Inf .* batch index \(1,\)"):
+        lk.lora_da_factors(Zn, G, s, 2, n_train=N_TRAIN, backend=BACKEND)
