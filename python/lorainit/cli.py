@@ -1,0 +1,241 @@
+"""``lorainit``: initialize a PEFT LoRA adapter from the command line.
+
+    lorainit init --model DIR --data FILE.jsonl --method lora_da --rank 8 --alpha 16 \\
+                  --target-modules q_proj,v_proj --num-samples 256 --out ADAPTER_DIR
+    lorainit methods            # the registered inits, what each needs, its paper
+    lorainit demo               # the digits comparison (same as `make demo`)
+    lorainit bench [--quick]    # the microbenchmarks (same as `make bench`)
+
+Bad arguments and unreadable files print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+class UsageError(Exception):
+    """A problem with the user's arguments or files: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: message``, exit code 2) instead of the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------- data
+def read_texts(path: Path, text_field: str) -> List[str]:
+    """Texts from a JSON-lines file: one object per line with ``text_field`` (or prompt + completion)."""
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file")
+    texts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--data {path}: cannot read ({err})") from err
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--data {path}:{lineno}: not valid JSON ({err.msg})") from err
+        if isinstance(record, dict) and isinstance(record.get(text_field), str):
+            texts.append(record[text_field])
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            texts.append(record["prompt"] + record["completion"])
+        else:
+            raise UsageError(f"--data {path}:{lineno}: expected an object with a string field {text_field!r} "
+                             f"(or 'prompt' and 'completion')")
+    if not texts:
+        raise UsageError(f"--data {path}: no records")
+    return texts
+
+
+def tokenized_batches(tokenizer, texts: List[str], *, batch_size: int, max_length: int, padding: str):
+    """Causal-LM batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+    import torch
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise UsageError("--model: the tokenizer has no pad, eos or unk token to pad with")
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", truncation=True, max_length=max_length,
+                        padding="max_length" if padding == "max_length" else "longest")
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_methods(args) -> int:
+    from .registry import methods
+
+    rows = [("method", "data", "gradients", "training steps", "paper")]
+    for s in methods():
+        rows.append((s["name"], _yes(s["needs_data"]), _yes(s["needs_grad"]), _yes(s["needs_training"]), s["paper"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from .init import initialize_lora
+    from .registry import methods
+
+    known = {s["name"]: s for s in methods()}
+    if args.method not in known:
+        raise UsageError(f"--method {args.method!r}: not registered; choose one of {sorted(known)}")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: not a model directory (no config.json)")
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if not targets:
+        raise UsageError("--target-modules: give at least one module name, e.g. q_proj,v_proj")
+    for name, value in (("--rank", args.rank), ("--num-samples", args.num_samples),
+                        ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    spec = known[args.method]
+    texts = read_texts(Path(args.data), args.text_field) if args.data else None
+    if spec["needs_data"] and texts is None:
+        raise UsageError(f"--data is required for --method {args.method}")
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar shows the pass that takes time
+    torch.manual_seed(args.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {model_dir}: cannot load ({str(err).splitlines()[0]})") from err
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UsageError(f"--target-modules: {missing} not found in the model")
+    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
+                                                  use_rslora=args.rslora, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    loader = None
+    if texts is not None:
+        loader = tokenized_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
+                                   padding=args.padding)
+    report = initialize_lora(peft_model, loader, method=args.method, num_samples=args.num_samples,
+                             progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    changed_base = bool(report.info.get("base_modified", False))
+    if changed_base:
+        # The init moved part of W into the adapter (PiSSA, MiLoRA, LoRA-GA, preserve_output): the
+        # adapter is only meaningful on the residual base, which is saved beside it.
+        base_dir = out / "base_model"
+        merged = _residual_base(peft_model)
+        merged.save_pretrained(base_dir, safe_serialization=True)
+        tokenizer.save_pretrained(base_dir)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    report.to_json(out / "lorainit_report.json")
+    if not args.quiet:
+        print(report)
+        where = f" on the residual base model in {out / 'base_model'}" if changed_base else ""
+        print(f"wrote a PEFT adapter to {out}{where}; load it with PeftModel.from_pretrained(base, {str(out)!r})")
+    return 0
+
+
+def _residual_base(peft_model):
+    """The base model with the init's base-weight changes, without the LoRA layers."""
+    import copy
+
+    clone = copy.deepcopy(peft_model)
+    return clone.unload()
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run(args)
+
+
+def cmd_bench(args) -> int:
+    try:
+        from bench.run import main as bench_main
+    except ImportError as err:
+        raise UsageError("lorainit bench runs from a source checkout (the bench/ folder); "
+                         f"cd into it first ({err})") from err
+    return bench_main((["--quick"] if args.quick else []) + args.names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import demo
+
+    parser = _Parser(prog="lorainit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("init", help="initialize a LoRA adapter for a local model and save it (PEFT format)")
+    p.add_argument("--model", required=True, help="a local transformers model directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", help="JSON-lines file with a 'text' field per line (or 'prompt' + 'completion')")
+    p.add_argument("--text-field", default="text", help="field holding the text (default: %(default)s)")
+    p.add_argument("--method", default="lora_da", help="init method, see `lorainit methods` (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default: %(default)s)")
+    p.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
+    p.add_argument("--target-modules", required=True, help="comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument("--num-samples", type=int, default=256, help="statistics samples (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of the statistics pass (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (default: %(default)s)")
+    p.add_argument("--padding", choices=("longest", "max_length"), default="longest",
+                   help="pad each batch to its longest text or to --max-length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory for the adapter (safetensors)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("methods", help="list the registered init methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="compare the inits on the digits task (a table and a PNG)")
+    demo.build_parser(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the microbenchmarks (from a source checkout)")
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one-line message
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"lorainit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

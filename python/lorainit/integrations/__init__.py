@@ -1,0 +1,1 @@
+"""Integrations with trainers (transformers Trainer) and distributed runs."""

@@ -1,0 +1,61 @@
+"""Drop-in for transformers' ``Trainer``: initialize the LoRA adapters before the first optimizer step.
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+                      callbacks=[LoRAInitCallback(method="lora_da", num_samples=256)])
+    trainer.train()
+
+The callback runs ``initialize_lora`` once, at ``on_train_begin``, on the trainer's own train
+dataloader (so batches come collated and on the trainer's device). The optimizer was already built
+by then, but holds no state yet, and the adapters are written in place, so it trains the
+initialized values. Resuming from a checkpoint (``global_step > 0``) skips the initialization.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - exercised only without transformers
+    raise ImportError("lorainit.LoRAInitCallback needs transformers (pip install 'lorainit[peft]')") from err
+
+
+class LoRAInitCallback(TrainerCallback):
+    """Run ``lorainit.initialize_lora(model, train_dataloader, method, config, ...)`` at train begin.
+
+    Args:
+        method: a registered method name (``lorainit.methods()``), e.g. ``"lora_da"`` or ``"hrp"``.
+        config: the method's config dataclass (``LoRADAConfig``, ``HRPConfig``, ...), or None for defaults.
+        num_samples: statistics samples drawn from the train dataloader.
+        loss_fn: optional ``loss_fn(model, batch) -> summed loss``; by default the model's own loss
+            (``labels`` in the batch), rescaled to the summed-loss convention.
+        progress: show a progress bar (only on the main process).
+    The report of the run is kept in ``callback.report``.
+    """
+
+    def __init__(self, method: str = "lora_da", config: Any = None, *, num_samples: int = 256,
+                 loss_fn: Optional[Callable] = None, progress: bool = True):
+        from ..registry import methods
+
+        known = {spec["name"] for spec in methods()}
+        if method not in known:
+            raise ValueError(f"LoRAInitCallback: method={method!r} is not registered; choose one of {sorted(known)}")
+        self.method = method
+        self.config = config
+        self.num_samples = num_samples
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.report = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if state.global_step > 0:
+            return control  # resumed run: the adapters come from the checkpoint
+        if model is None or train_dataloader is None:
+            raise RuntimeError("LoRAInitCallback: the Trainer passed no model or train dataloader to on_train_begin")
+        from ..init import initialize_lora
+
+        was_training = model.training
+        self.report = initialize_lora(model, train_dataloader, method=self.method, config=self.config,
+                                      num_samples=self.num_samples, loss_fn=self.loss_fn,
+                                      progress=self.progress and state.is_world_process_zero)
+        model.train(was_training)
+        return control

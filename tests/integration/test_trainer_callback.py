@@ -1,0 +1,86 @@
+"""transformers.Trainer + LoRAInitCallback: the adapters are initialized before the first step."""
+import pytest
+import torch
+
+from conftest import build_tokenizer, sentences
+
+
+class Recorder:
+    """Records the LoRA weights the first optimizer step starts from."""
+
+    def __init__(self):
+        self.weights = None
+
+    def hook(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, **kw):
+                if rec.weights is None:
+                    rec.weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+        return _Cb()
+
+
+def _model(path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                           task_type="CAUSAL_LM"))
+
+
+def _dataset(n=16):
+    tok = build_tokenizer()
+    rows = []
+    for text in sentences(n, seed=3):
+        enc = tok(text, truncation=True, max_length=16)
+        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return tok, rows
+
+
+def test_trainer_initializes_adapters_from_its_dataloader(tiny_lm_dir, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lorainit import LoRADAConfig, LoRAInitCallback, initialize_lora
+
+    tok, rows = _dataset()
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    # fixed step and dense solver: the init must not depend on the batch order (statistics are sums)
+    config = LoRADAConfig(step_scale=0.5, solver="eigh")
+    model = _model(tiny_lm_dir)
+    init_cb = LoRAInitCallback(method="lora_da", config=config, num_samples=len(rows), progress=False)
+    rec = Recorder()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=1e-3, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                      callbacks=[init_cb, rec.hook()])
+    trainer.train()
+    assert init_cb.report is not None and init_cb.report.method == "lora_da"
+
+    # The same init computed directly on the same samples (statistics are sums: order-free).
+    reference = _model(tiny_lm_dir)
+    batches = [collator(rows[i:i + 4]) for i in range(0, len(rows), 4)]
+    initialize_lora(reference, batches, method="lora_da", config=config, num_samples=len(rows), progress=False)
+    want = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
+    assert rec.weights.keys() == want.keys()
+    for key in [k for k in want if "lora_A" in k]:
+        b_key = key.replace("lora_A", "lora_B")
+        got_update = rec.weights[b_key] @ rec.weights[key]
+        want_update = want[b_key] @ want[key]
+        assert torch.linalg.norm(want_update) > 0
+        assert torch.allclose(got_update, want_update, rtol=1e-3, atol=1e-4 * want_update.abs().max())
+    # and the trainer then trained from there
+    trained = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert any(not torch.equal(trained[k], rec.weights[k]) for k in trained)
+
+
+def test_callback_rejects_unknown_method():
+    from lorainit import LoRAInitCallback
+
+    with pytest.raises(ValueError, match="magic"):
+        LoRAInitCallback(method="magic")
