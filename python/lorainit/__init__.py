@@ -6,7 +6,9 @@
 ``lorainit.methods()`` lists every registered method (LoRA-DA, HRP and the baselines) with what it
 needs. The numerical core lives in ``lorainit_kernels``.
 """
+from .adapters import LoRAFactors
 from .configs import InitConfig, LoRADAConfig
+from .context import InitContext
 from .init import initialize_lora
 from .registry import methods, register_method
 from .report import InitReport
@@ -19,7 +21,7 @@ _LAZY = {
     "LoRAInitCallback": ("lorainit.integrations.trainer", "LoRAInitCallback"),
 }
 
-__all__ = ["InitConfig", "InitReport", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "initialize_lora",
+__all__ = ["InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "initialize_lora",
            "methods", "register_method"]
 
 

@@ -1,0 +1,122 @@
+"""Transactional writes of LoRA factors into PEFT layers, with a snapshot that restores the model.
+
+``ModelSnapshot`` records everything an initialization may touch: every parameter's
+``requires_grad`` and ``.grad``, every module's train/eval mode and hook dictionaries, the LoRA
+layers' adapter-disable flags, and the values of every target's ``lora_A``/``lora_B`` (base weights
+are saved just before they are modified). ``restore()`` puts all of it back, so any error leaves
+the model exactly as before.
+
+``write_factors`` checks every factor first (shapes, finiteness) and only then writes:
+``lora_A.weight = lora_A``, ``lora_B.weight = lora_B`` (cast to the adapter's dtype) and, when a
+method returns ``base_delta`` (m, n), ``W <- W + base_delta`` computed in fp32 (transposed for Conv1D).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .targets import LoRAInitError, TargetLayer
+
+__all__ = ["LoRAFactors", "ModelSnapshot", "write_factors"]
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+try:  # the numerical core's container, when it exists
+    from lorainit_kernels.methods import LoRAFactors  # type: ignore
+except Exception:  # pragma: no cover - until lorainit_kernels.methods lands
+    class LoRAFactors(NamedTuple):
+        """Per-layer init: ``lora_A`` (r, n), ``lora_B`` (m, r), ``base_delta`` (m, n) or None."""
+
+        lora_A: Tensor
+        lora_B: Tensor
+        base_delta: Optional[Tensor] = None
+
+
+class ModelSnapshot:
+    """Everything an initialization may change, recorded so that :meth:`restore` undoes it."""
+
+    def __init__(self, model: nn.Module, targets: Dict[str, TargetLayer]):
+        self.model = model
+        self.targets = targets
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.hooks = []
+        for m in model.modules():
+            for attr in _HOOK_DICTS:
+                d = getattr(m, attr, None)
+                if isinstance(d, dict):
+                    self.hooks.append((d, dict(d)))
+        self.disable_flags = [(m, m._disable_adapters) for m in model.modules() if hasattr(m, "_disable_adapters")]
+        self.lora = {}
+        for name, t in targets.items():
+            self.lora[name] = (t.lora_A.detach().clone(), t.lora_B.detach().clone())
+        self.base: Dict[str, Tensor] = {}
+
+    def save_base(self, t: TargetLayer) -> None:
+        if t.name not in self.base:
+            self.base[t.name] = t.weight.detach().clone()
+
+    @torch.no_grad()
+    def restore(self, *, values: bool = True) -> None:
+        """Put back modes, hooks, requires_grad, grads, disable flags and (``values``) the weights."""
+        for p, rg, g in self.params:
+            p.requires_grad_(rg)
+            p.grad = g
+        for m, training in self.modes:
+            m.training = training
+        for d, saved in self.hooks:
+            for k in [k for k in d if k not in saved]:
+                del d[k]
+            for k, v in saved.items():
+                if k not in d:
+                    d[k] = v
+        for m, flag in self.disable_flags:
+            m._disable_adapters = flag
+        if values:
+            for name, (A, B) in self.lora.items():
+                t = self.targets[name]
+                t.lora_A.copy_(A)
+                t.lora_B.copy_(B)
+            for name, W in self.base.items():
+                self.targets[name].weight.copy_(W)
+
+    def restore_state(self) -> None:
+        """Modes, hooks, requires_grad, grads and flags only (keep the written values)."""
+        self.restore(values=False)
+
+
+def _check(name: str, what: str, t, shape) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise LoRAInitError(f"module {name!r}: {what} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise LoRAInitError(f"module {name!r}: {what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise LoRAInitError(f"module {name!r}: {what} has NaN/Inf entries")
+    return t
+
+
+@torch.no_grad()
+def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactors], snapshot: ModelSnapshot) -> None:
+    """Check all factors, then write them (the caller restores ``snapshot`` if this raises)."""
+    unknown = sorted(set(factors) - set(targets))
+    if unknown:
+        raise LoRAInitError(f"factors for modules that are not LoRA targets: {unknown[:5]}")
+    for name, f in factors.items():
+        t = targets[name]
+        _check(name, "lora_A", f.lora_A, (t.r, t.n))
+        _check(name, "lora_B", f.lora_B, (t.m, t.r))
+        if f.base_delta is not None:
+            _check(name, "base_delta", f.base_delta, (t.m, t.n))
+    for name, f in factors.items():
+        t = targets[name]
+        t.lora_A.copy_(f.lora_A.to(device=t.lora_A.device, dtype=t.lora_A.dtype))
+        t.lora_B.copy_(f.lora_B.to(device=t.lora_B.device, dtype=t.lora_B.dtype))
+        if f.base_delta is not None:
+            snapshot.save_base(t)
+            W = t.weight_torch()
+            W.copy_((W.float() + f.base_delta.to(device=W.device, dtype=torch.float32)).to(W.dtype))

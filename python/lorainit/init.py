@@ -1,0 +1,98 @@
+"""``initialize_lora``: initialize the LoRA adapters of a PEFT model with a registered method.
+
+One transaction: find the targets, snapshot the model, run the method (data passes through
+:class:`~lorainit.context.InitContext`), write every factor, apply ``freeze_A``; on any error the
+snapshot restores weights, ``requires_grad``, ``.grad``, train/eval modes and hooks, so the model
+is exactly as before.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .adapters import ModelSnapshot, write_factors
+from .configs import InitConfig
+from .context import InitContext
+from .registry import get_method
+from .report import InitReport
+from .targets import LoRAInitError, find_targets
+
+__all__ = ["initialize_lora"]
+
+
+def initialize_lora(
+    model: nn.Module,
+    dataloader: Optional[Iterable] = None,
+    method: str = "lora_da",
+    config: Optional[InitConfig] = None,
+    *,
+    num_samples: Optional[int] = 256,
+    loss_fn: Optional[Callable] = None,
+    progress: bool = True,
+    adapter: Optional[str] = None,
+) -> InitReport:
+    """Initialize every LoRA adapter of ``model`` in place with ``method``; returns an :class:`InitReport`.
+
+    Args:
+        model: a PEFT model (``get_peft_model(...)``) or any module containing PEFT LoRA layers on
+            ``nn.Linear`` / transformers ``Conv1D`` base layers; the targets are the layers PEFT wrapped.
+        dataloader: an iterable of batches (dicts of model inputs, or anything ``loss_fn`` takes);
+            the first ``num_samples`` examples are used (``None`` = all). Methods without data take None.
+        method: a registered name (``lorainit.methods()`` lists them), e.g. ``"lora_da"``.
+        config: the method's config (e.g. :class:`LoRADAConfig`); None uses its defaults.
+        loss_fn: ``loss_fn(model, batch) -> summed loss`` over the batch; default: the model's own
+            loss (from ``labels``) times its number of loss tokens (DESIGN.md section 2).
+        progress: tqdm progress bars for the data passes.
+        adapter: which adapter to initialize (default: the active one).
+
+    Raises ``LoRAInitError`` (a ValueError) with a message naming the module/batch/argument for
+    inputs that cannot be handled; the model is then exactly as before.
+    """
+    t_start = time.perf_counter()
+    spec = get_method(method)
+    if config is None:
+        config = spec.config_cls()
+    if not isinstance(config, spec.config_cls):
+        raise LoRAInitError(f"method {method!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise LoRAInitError(f"loss_fn must be callable as loss_fn(model, batch) -> summed loss, got {type(loss_fn).__name__}")
+    if spec.needs_data and dataloader is None:
+        raise LoRAInitError(f"method {method!r} needs data: pass a dataloader")
+    if not isinstance(model, nn.Module):
+        raise LoRAInitError(f"model must be a torch.nn.Module (a PEFT model), got {type(model).__name__}")
+    targets = find_targets(model, adapter)
+    snapshot = ModelSnapshot(model, targets)
+    ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress)
+    ctx.write = lambda factors: write_factors(targets, factors, snapshot)
+    try:
+        factors = spec.fn(ctx, config)
+        if not isinstance(factors, dict):
+            raise LoRAInitError(f"method {method!r} returned {type(factors).__name__}, expected a dict of LoRAFactors")
+        missing = [n for n in targets if n not in factors]
+        if missing:
+            raise LoRAInitError(f"method {method!r} returned no factors for {missing[:5]}")
+        with ctx.timed("write"):
+            write_factors(targets, factors, snapshot)
+        snapshot.restore_state()  # passes may have touched modes/flags/grad: back to the user's state
+        if getattr(config, "freeze_A", False):
+            for t in targets.values():
+                t.lora_A.requires_grad_(False)
+    except BaseException:
+        snapshot.restore()
+        raise
+    ctx.timings["total"] = time.perf_counter() - t_start
+    rows = []
+    for name, t in targets.items():
+        row = t.describe()
+        row.update(ctx.layer_info.get(name, {}))
+        rows.append(row)
+    info = dict(ctx.info)
+    if ctx.n_examples:
+        info.setdefault("num_samples", ctx.n_examples)
+    info["base_modified"] = any(f.base_delta is not None for f in factors.values())
+    if ctx.world > 1:
+        info["world_size"] = ctx.world
+    return InitReport(method=method, config=config.to_dict(), layers=rows, info=info, timings=dict(ctx.timings))

@@ -1,0 +1,177 @@
+"""Find the PEFT LoRA layers of a model and describe each in torch orientation (DESIGN.md section 2).
+
+A target is a PEFT ``LoraLayer`` whose base layer is an ``nn.Linear`` (weight ``(m, n)``) or a
+transformers ``Conv1D`` (GPT-2; weight stored transposed, ``(n, m)``). Nothing here depends on
+module names: the targets are exactly the layers PEFT wrapped according to its config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TargetLayer", "find_targets", "LoRAInitError"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LoRAInitError(ValueError):
+    """An input lorainit cannot initialize from (the model is left exactly as it was)."""
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except Exception:  # transformers missing or broken: no Conv1D layers can exist then
+        return None
+
+
+def _lora_layer_class():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as err:  # pragma: no cover - peft is a declared optional dependency
+        raise LoRAInitError(f"lorainit needs peft for LoRA models (pip install 'lorainit[peft]'): {err}") from err
+    return LoraLayer
+
+
+@dataclass
+class TargetLayer:
+    """One LoRA target: ``y = W x + b`` with ``W`` (m, n) in torch orientation and a rank-r adapter.
+
+    ``scaling`` is PEFT's ``sigma`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA), so
+    the adapter adds ``sigma * lora_B @ lora_A`` to ``W``. ``transposed`` is True for ``Conv1D``,
+    whose stored weight is ``W^T``.
+    """
+
+    name: str
+    module: nn.Module  # the PEFT LoraLayer
+    base: nn.Module  # its base layer (nn.Linear or Conv1D)
+    adapter: str
+    kind: str  # "linear" or "conv1d"
+    m: int
+    n: int
+    r: int
+    lora_alpha: float
+    scaling: float
+    use_rslora: bool
+    transposed: bool
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base.weight
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    def weight_torch(self) -> Tensor:
+        """The base weight ``W`` as an (m, n) view (transposed view for Conv1D)."""
+        w = self.base.weight
+        return w.t() if self.transposed else w
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "m": self.m, "n": self.n, "r": self.r,
+                "lora_alpha": self.lora_alpha, "scaling": self.scaling, "use_rslora": self.use_rslora,
+                "dtype": str(self.dtype).replace("torch.", "")}
+
+
+def _active_adapter(model: nn.Module, layers: List[nn.Module], adapter: Optional[str]) -> str:
+    if adapter is not None:
+        return adapter
+    active = getattr(model, "active_adapter", None)  # PeftModel / LoraModel
+    if isinstance(active, str):
+        return active
+    names = set()
+    for layer in layers:
+        names.update(a for a in layer.active_adapters if a in layer.lora_A)
+    if len(names) == 1:
+        return names.pop()
+    raise LoRAInitError(f"the model has several active LoRA adapters {sorted(names)}; pass adapter=NAME to choose one")
+
+
+def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, TargetLayer]:
+    """The LoRA target layers of ``model`` (a PeftModel or any module with PEFT LoRA layers), by name.
+
+    Raises LoRAInitError for a model without LoRA layers, a merged adapter, LoRA variants (DoRA, ...)
+    and base layers lorainit cannot write (quantized weights, embeddings, convolutions).
+    """
+    LoraLayer = _lora_layer_class()
+    Conv1D = _conv1d_class()
+    lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
+    if not lora_layers:
+        raise LoRAInitError(f"{type(model).__name__} has no PEFT LoRA layers; wrap it first, e.g. "
+                            f"peft.get_peft_model(model, LoraConfig(target_modules=[...]))")
+    adapter = _active_adapter(model, [m for _, m in lora_layers], adapter)
+    targets: Dict[str, TargetLayer] = {}
+    for name, mod in lora_layers:
+        if adapter not in getattr(mod, "lora_A", {}):
+            continue
+        where = f"module {name!r} (adapter {adapter!r})"
+        if getattr(mod, "merged", False):
+            raise LoRAInitError(f"{where}: the adapter is merged into the base weight; call model.unmerge_adapter() first")
+        if adapter in getattr(mod, "lora_variant", {}):
+            variant = type(mod.lora_variant[adapter]).__name__
+            raise LoRAInitError(f"{where}: LoRA variant {variant} (e.g. DoRA) is not supported; use plain LoRA")
+        base = mod.get_base_layer()
+        w = getattr(base, "weight", None)
+        if Conv1D is not None and isinstance(base, Conv1D):
+            kind, transposed = "conv1d", True
+        elif isinstance(base, nn.Linear):
+            kind, transposed = "linear", False
+        else:
+            raise LoRAInitError(f"{where}: base layer {type(base).__name__} is not supported; lorainit initializes "
+                                f"LoRA on nn.Linear and transformers Conv1D layers")
+        if not isinstance(w, torch.Tensor) or w.dtype not in _FLOATS or w.dim() != 2 or \
+                type(w) not in (torch.Tensor, nn.Parameter):
+            wt = type(w).__name__ if w is not None else "None"
+            dt = getattr(w, "dtype", None)
+            raise LoRAInitError(f"{where}: base layer {type(base).__module__}.{type(base).__name__} has a {wt} weight of "
+                                f"dtype {dt}: quantized or packed base weights cannot be handled; use a float model")
+        if w.is_meta:
+            raise LoRAInitError(f"{where}: base weight is on the meta device (offloaded); load the model's weights first")
+        if kind == "linear":
+            m, n = base.out_features, base.in_features
+        else:
+            n, m = w.shape
+        if tuple((w.t() if transposed else w).shape) != (m, n):
+            raise LoRAInitError(f"{where}: base weight shape {tuple(w.shape)} does not match {kind} ({m}, {n})")
+        A = mod.lora_A[adapter].weight
+        B = mod.lora_B[adapter].weight
+        r = int(mod.r[adapter])
+        if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
+            raise LoRAInitError(f"{where}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not ({r}, {n}) / ({m}, {r})")
+        alpha = float(mod.lora_alpha[adapter])
+        rs = bool(getattr(mod, "use_rslora", {}).get(adapter, False))
+        scaling = float(mod.scaling[adapter])
+        # sigma is read from the layer (lora_alpha / r, or / sqrt(r) with rsLoRA, times any set_scale).
+        if scaling == 0:
+            raise LoRAInitError(f"{where}: PEFT scaling is 0 (lora_alpha={alpha}); the adapter cannot represent any update")
+        targets[name] = TargetLayer(name=name, module=mod, base=base, adapter=adapter, kind=kind, m=m, n=n, r=r,
+                                    lora_alpha=alpha, scaling=scaling, use_rslora=rs, transposed=transposed)
+    if not targets:
+        raise LoRAInitError(f"no LoRA layer of {type(model).__name__} holds adapter {adapter!r}")
+    return targets
+
+
+def check_rank(targets: Dict[str, TargetLayer], method: str) -> None:
+    """Every method here needs ``r <= min(m, n)``."""
+    for t in targets.values():
+        if t.r > min(t.m, t.n):
+            raise LoRAInitError(f"{method}: module {t.name!r} has LoRA rank r={t.r} larger than min(m, n) = "
+                                f"min({t.m}, {t.n}); lower r in the LoraConfig (rank_pattern) for this module")
