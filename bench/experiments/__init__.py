@@ -1,0 +1,1 @@
+"""Small-scale reproductions of the papers' claims (``make experiments``); results in ``results/``."""
