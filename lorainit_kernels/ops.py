@@ -45,7 +45,7 @@ def _kfac_update_op(
     x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = _impl(backend)
-    if impl is None or x.dtype == torch.float64:
+    if impl is None or x.dtype == torch.float64 or (g is not None and g.dtype == torch.float64):
         return reference.kfac_update(x, g, mask, with_input_cov, dtype=_acc_dtype(x))
     return impl.kfac_update(x, g, mask, with_input_cov)
 
@@ -66,7 +66,8 @@ def _(x, g, mask, with_input_cov, backend):
 def _weighted_gram_op(v: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
     impl = _impl(backend)
     if impl is None or v.dtype == torch.float64:
-        return reference.weighted_gram(v, weights, dtype=_acc_dtype(v))
+        out = reference.weighted_gram(v, weights, dtype=_acc_dtype(v))
+        return torch.triu(out) + torch.triu(out, 1).T  # exactly symmetric, like the fused kernels
     return impl.weighted_gram(v, weights)
 
 

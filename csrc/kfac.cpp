@@ -1,0 +1,88 @@
+// Runtime ISA dispatch of the fused Gram kernel (kfac_update, weighted_gram).
+//
+// Levels: portable (any CPU) < avx2 (AVX2+FMA+F16C) < avx512 (AVX-512F/BW/VL/DQ, fp32 FMA)
+// < avx512bf16 (adds vdpbf16ps for bf16 inputs). The best level the CPU supports runs unless the
+// caller asks for a lower one (lorainit_kernels/_native.py maps LORAINIT_NATIVE_ISA to it).
+#include <string>
+
+#include "gram_kernels.h"
+
+namespace lorainit {
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case kPortable: return "portable";
+    case kAVX2: return "avx2";
+    case kAVX512: return "avx512";
+    case kAVX512BF16: return "avx512bf16";
+    default: return "unknown";
+  }
+}
+
+bool isa_supported(int isa) {
+  if (isa == kPortable) return true;
+#if defined(LORAINIT_X86)
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0).
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  switch (isa) {
+    case kAVX2: return avx2;
+    case kAVX512: return avx512;
+    case kAVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+int best_isa() {
+  static const int best = [] {
+    for (int isa = kNumIsa - 1; isa > kPortable; --isa)
+      if (isa_supported(isa)) return isa;
+    return int(kPortable);
+  }();
+  return best;
+}
+
+namespace {
+enum Path { kPathPortable, kPathAVX2, kPathAVX512, kPathBF16P };
+
+Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
+  const int level = isa < 0 ? best_isa() : isa;
+  // bf16 pairs need every operand in bf16; weights would have to be rounded to bf16 with the
+  // products, so weighted problems take the fp32 path.
+  const bool all_bf16 = x_dtype == kBF16 && (g_dtype < 0 || g_dtype == kBF16) && !weighted;
+  if (level >= kAVX512BF16 && all_bf16) return kPathBF16P;
+  if (level >= kAVX512) return kPathAVX512;
+  if (level >= kAVX2) return kPathAVX2;
+  return kPathPortable;
+}
+}  // namespace
+
+std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted) {
+  switch (choose(isa, x_dtype, g_dtype, weighted)) {
+#if defined(LORAINIT_X86)
+    case kPathBF16P: return avx512bf16::name_bf16p();
+    case kPathAVX512: return avx512::name_f32();
+    case kPathAVX2: return avx2::name_f32();
+#endif
+    default: return portable::name_f32();
+  }
+}
+
+std::string run_problem(const Problem& p, int isa, int nthreads) {
+  const int g_dtype = p.G ? p.g.dtype : -1;
+  switch (choose(isa, p.x.dtype, g_dtype, p.w != nullptr)) {
+#if defined(LORAINIT_X86)
+    case kPathBF16P: avx512bf16::run_bf16p(p, nthreads); return avx512bf16::name_bf16p();
+    case kPathAVX512: avx512::run_f32(p, nthreads); return avx512::name_f32();
+    case kPathAVX2: avx2::run_f32(p, nthreads); return avx2::name_f32();
+#endif
+    default: portable::run_f32(p, nthreads); return portable::name_f32();
+  }
+}
+
+}  // namespace lorainit

@@ -1,0 +1,132 @@
+"""CPU backend of ``kfac_update`` and ``weighted_gram``: the C++ extension ``lorainit_kernels._C``.
+
+Torch allocates every tensor here; ``_C`` receives raw addresses, sizes, row strides and dtype
+codes (it links neither libtorch nor a BLAS), compacts the valid tokens, packs each block of them
+once and accumulates all outputs in fp32 with the GIL released (csrc/gram_driver.inc).
+
+The vector path is chosen at run time from the CPU's features: ``portable`` < ``avx2`` <
+``avx512`` < ``avx512bf16`` (bf16 inputs then use ``vdpbf16ps``). ``LORAINIT_NATIVE_ISA`` set to
+one of these names forces that level (it must be one this CPU runs, see ``isa_levels()``); unset,
+empty or ``auto`` picks the best. OpenMP threads follow ``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._backends import native_module
+
+ISA_ENV = "LORAINIT_NATIVE_ISA"
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _C():
+    mod = native_module()
+    if mod is None:
+        raise RuntimeError("lorainit_kernels._C is not built; use backend='torch' or rebuild with `pip install -e .`")
+    return mod
+
+
+def isa_levels() -> list:
+    """The ISA levels this CPU runs, lowest first (e.g. ``['portable', 'avx2', 'avx512', 'avx512bf16']``)."""
+    return list(_C().isa_levels())
+
+
+def cpu_features() -> dict:
+    """The CPU features the dispatcher reads, OpenMP availability and the best level."""
+    return dict(_C().cpu_features())
+
+
+def requested_isa() -> int:
+    """The level forced by ``LORAINIT_NATIVE_ISA`` as an index into ``ISA_LEVELS``, or -1 for the best."""
+    raw = os.environ.get(ISA_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return -1
+    if raw not in ISA_LEVELS:
+        raise ValueError(f"{ISA_ENV}={raw!r} is not one of {ISA_LEVELS} or 'auto'")
+    if raw not in isa_levels():
+        raise ValueError(f"{ISA_ENV}={raw!r} but this CPU runs only {isa_levels()}")
+    return ISA_LEVELS.index(raw)
+
+
+def kernel_name(x_dtype: torch.dtype, g_dtype: Optional[torch.dtype] = None, weighted: bool = False) -> str:
+    """The micro-kernel a call with these input dtypes runs under the current ``LORAINIT_NATIVE_ISA``."""
+    g_code = -1 if g_dtype is None else _dtype_code("kernel_name", "g", g_dtype)
+    return _C().kernel_name(_dtype_code("kernel_name", "x", x_dtype), g_code, weighted, requested_isa())
+
+
+def _dtype_code(op: str, name: str, dtype: torch.dtype) -> int:
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"{op}: native backend takes {name} in bf16, fp16 or fp32, got {dtype}") from None
+
+
+def _check_rows(op: str, name: str, t: Tensor) -> int:
+    """Check a (T, d) CPU input with unit column stride; returns its dtype code."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{op}: native backend runs on CPU tensors, {name} is on {t.device}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D (T, features), got shape {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dimension, got strides {t.stride()} "
+                         f"for shape {tuple(t.shape)}")
+    return _dtype_code(op, name, t.dtype)
+
+
+def kfac_update(
+    x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32; see ``reference.kfac_update``.
+
+    ``x`` (T, n), ``g`` (T, m) or None, ``mask`` (T,) bool or None. Zs is computed on one
+    triangle and mirrored; empty (0, 0) when ``with_input_cov`` is False. Gs, ss are empty
+    (0, n), (0,) when ``g`` is None.
+    """
+    op = "native kfac_update"
+    x_code = _check_rows(op, "x", x)
+    T, n = x.shape
+    if g is not None:
+        g_code = _check_rows(op, "g", g)
+        if g.shape[0] != T:
+            raise ValueError(f"{op}: g has {g.shape[0]} rows (shape {tuple(g.shape)}), x has {T} (shape {tuple(x.shape)})")
+        m = g.shape[1]
+    else:
+        g_code, m = -1, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != (T,) or mask.device.type != "cpu":
+            raise ValueError(f"{op}: mask must be a CPU bool tensor of shape ({T},), got {mask.dtype} "
+                             f"{tuple(mask.shape)} on {mask.device}")
+        mask = mask.contiguous()
+    Zs = torch.empty((n, n) if with_input_cov else (0, 0), dtype=torch.float32)
+    Gs = torch.empty((m, n), dtype=torch.float32)
+    ss = torch.empty((m,), dtype=torch.float32)
+    _C().kfac_update(
+        x.data_ptr(), x.stride(0), x_code, T, n,
+        0 if g is None else g.data_ptr(), 0 if g is None else g.stride(0), g_code, m,
+        0 if mask is None else mask.data_ptr(), with_input_cov,
+        Zs.data_ptr(), Gs.data_ptr(), ss.data_ptr(), requested_isa(), torch.get_num_threads(),
+    )
+    return Zs, Gs, ss
+
+
+def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """``sum_t w_t v_t v_t^T`` (d, d), fp32, symmetric; ``weights`` (T,) fp32 (any sign) or None (ones)."""
+    op = "native weighted_gram"
+    v_code = _check_rows(op, "v", v)
+    T, d = v.shape
+    if weights is not None:
+        if tuple(weights.shape) != (T,) or weights.device.type != "cpu":
+            raise ValueError(f"{op}: weights must be a CPU tensor of shape ({T},), got {tuple(weights.shape)} "
+                             f"on {weights.device}")
+        weights = weights.to(torch.float32).contiguous()
+    out = torch.empty((d, d), dtype=torch.float32)
+    _C().weighted_gram(
+        v.data_ptr(), v.stride(0), v_code, T, d, 0 if weights is None else weights.data_ptr(),
+        out.data_ptr(), requested_isa(), torch.get_num_threads(),
+    )
+    return out

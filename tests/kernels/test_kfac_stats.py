@@ -1,0 +1,244 @@
+"""KFACStats, kfac_update and weighted_gram through the public API, for the CPU backends "torch" and
+"native" (the Triton backend has its own file). Every result is checked against the float64
+reference on fresh random inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorainit_kernels import KFACStats, has_native, kfac_update, reference, weighted_gram
+
+BACKENDS = [
+    "torch",
+    pytest.param("native", marks=pytest.mark.skipif(not has_native(), reason="lorainit_kernels._C is not built")),
+]
+# (dtype, tolerance) per DESIGN.md section 4 (the fp32 bound grows like sqrt(T / 1e3))
+DTYPE_TOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    den = ref.norm().item()
+    num = (out.double() - ref.double()).norm().item()
+    return num / den if den > 0 else num
+
+
+def fp32_tol(base: float, dtype: torch.dtype, T: int) -> float:
+    return base * math.sqrt(max(T, 1000) / 1e3) if dtype == torch.float32 else base
+
+
+def rand(*shape, seed, dtype=torch.float32, scale=1.0, shift=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype)
+
+
+def assert_symmetric(a: torch.Tensor, backend: str):
+    # native computes one triangle and mirrors it; plain torch's matmul is symmetric up to rounding
+    if backend == "native":
+        assert torch.equal(a, a.T)
+    else:
+        assert (a - a.T).abs().max() <= 1e-5 * a.abs().max()
+
+
+def snapshot(stats: KFACStats):
+    return [t.clone() for t in stats.sums()], stats.count
+
+
+def assert_unchanged(stats: KFACStats, snap):
+    sums, count = snap
+    assert stats.count == count
+    for before, after in zip(sums, stats.sums()):
+        assert torch.equal(before, after)
+
+
+# ------------------------------------------------------------------------------------ kfac_update
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,base_tol", DTYPE_TOL, ids=lambda v: str(v))
+@pytest.mark.parametrize("T,n,m,pad", [(1, 37, 129, 0.0), (257, 37, 129, 0.3), (400, 64, 48, 0.0)])
+def test_kfac_update_vs_float64(backend, dtype, base_tol, T, n, m, pad):
+    x = rand(T, n, seed=T + 1, dtype=dtype, shift=0.3)
+    g = rand(T, m, seed=T + 2, dtype=dtype, scale=1e-2)
+    mask = rand(T, seed=T + 3) > -10 if pad == 0 else torch.rand(T, generator=torch.Generator().manual_seed(T)) >= pad
+    Zs, Gs, ss, count = kfac_update(x, g, mask, backend=backend)
+    Zr, Gr, sr = reference.kfac_update(x, g, mask, dtype=torch.float64)
+    assert count == int(mask.sum())
+    tol = fp32_tol(base_tol, dtype, T)
+    for out, ref in ((Zs, Zr), (Gs, Gr), (ss, sr)):
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert rel_err(out, ref) <= tol
+    assert_symmetric(Zs, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kfac_update_zero_valid_tokens(backend):
+    x, g = rand(5, 7, 37, seed=1, dtype=torch.bfloat16), rand(5, 7, 129, seed=2, dtype=torch.bfloat16)
+    Zs, Gs, ss, count = kfac_update(x, g, torch.zeros(5, 7, dtype=torch.bool), backend=backend)
+    assert count == 0
+    assert Zs.shape == (37, 37) and Gs.shape == (129, 37) and ss.shape == (129,)
+    assert not Zs.any() and not Gs.any() and not ss.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kfac_update_4d_noncontiguous(backend):
+    base = rand(3, 2, 11, 40, seed=3, dtype=torch.bfloat16)
+    x = base.transpose(1, 2)[..., 1:38]  # (3, 11, 2, 37): permuted and sliced
+    g = rand(3, 2, 11, 129, seed=4, dtype=torch.float16).transpose(1, 2)
+    mask = torch.rand(3, 11, 2, generator=torch.Generator().manual_seed(5)) > 0.3
+    Zs, Gs, ss, count = kfac_update(x, g, mask, backend=backend)
+    xr, gr, mr = x.reshape(-1, 37), g.reshape(-1, 129), mask.reshape(-1)
+    for out, ref in zip((Zs, Gs, ss), reference.kfac_update(xr, gr, mr, dtype=torch.float64)):
+        assert rel_err(out, ref) < 1e-5
+    assert count == int(mask.sum())
+
+
+# ---------------------------------------------------------------------------------- weighted_gram
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,base_tol", DTYPE_TOL, ids=lambda v: str(v))
+def test_weighted_gram_negative_weights(backend, dtype, base_tol):
+    v = rand(2, 129, 37, seed=7, dtype=dtype)  # batch of 2
+    w = rand(2, 129, seed=8, scale=2.0)  # both signs
+    out = weighted_gram(v, w, backend=backend)
+    assert out.shape == (2, 37, 37) and out.dtype == torch.float32
+    for i in range(2):
+        assert rel_err(out[i], reference.weighted_gram(v[i], w[i], dtype=torch.float64)) <= fp32_tol(base_tol, dtype, 129)
+        assert_symmetric(out[i], backend)
+    plain = weighted_gram(v[0], backend=backend)
+    assert rel_err(plain, reference.weighted_gram(v[0], None, dtype=torch.float64)) <= fp32_tol(base_tol, dtype, 129)
+
+
+# ------------------------------------------------------------------------------------- KFACStats
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_means_over_batches(backend):
+    st_ = KFACStats(37, 129, backend=backend)
+    xs, gs, ms = [], [], []
+    for b in range(3):
+        x = rand(4, 9, 37, seed=10 + b, dtype=torch.bfloat16)
+        g = rand(4, 9, 129, seed=20 + b, dtype=torch.bfloat16, scale=3.0)
+        mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(30 + b)) > 0.3
+        st_.update(x, g, mask)
+        xs.append(x.reshape(-1, 37)), gs.append(g.reshape(-1, 129)), ms.append(mask.reshape(-1))
+    Zr, Gr, sr = reference.kfac_update(torch.cat(xs), torch.cat(gs), torch.cat(ms), dtype=torch.float64)
+    T = int(torch.cat(ms).sum())
+    assert st_.count == T
+    assert rel_err(st_.input_cov(), Zr / T) < 1e-5
+    assert rel_err(st_.grad(), Gr / T) < 1e-5
+    assert rel_err(st_.grad_sq(), sr / T) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_shared_input_and_grad_only(backend):
+    x = rand(50, 37, seed=1)
+    g = rand(50, 20, seed=2)
+    z_only = KFACStats(37, backend=backend)
+    g_only = KFACStats(37, 20, track_input_cov=False, backend=backend)
+    z_only.update(x)
+    g_only.update(x, g)
+    Zr, Gr, sr = reference.kfac_update(x, g, None, dtype=torch.float64)
+    assert rel_err(z_only.input_cov(), Zr / 50) < 1e-5 and z_only.g_sum is None
+    assert rel_err(g_only.grad(), Gr / 50) < 1e-5 and g_only.z_sum is None
+    assert rel_err(g_only.grad_sq(), sr / 50) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_padding_batch_is_noop(backend):
+    st_ = KFACStats(37, 129, backend=backend)
+    st_.update(rand(30, 37, seed=1), rand(30, 129, seed=2))
+    snap = snapshot(st_)
+    assert st_.update(rand(2, 5, 37, seed=3), rand(2, 5, 129, seed=4), torch.zeros(2, 5, dtype=torch.bool)) == 0
+    assert_unchanged(st_, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("track_input_cov", [True, False])
+@pytest.mark.parametrize("where,value", [("x", float("nan")), ("x", float("inf")), ("g", float("nan")),
+                                         ("g", float("-inf"))])
+def test_nonfinite_valid_token_raises_and_leaves_state(backend, track_input_cov, where, value):
+    st_ = KFACStats(37, 129, track_input_cov=track_input_cov, backend=backend)
+    st_.update(rand(3, 8, 37, seed=1, dtype=torch.bfloat16), rand(3, 8, 129, seed=2, dtype=torch.bfloat16))
+    snap = snapshot(st_)
+    x, g = rand(3, 8, 37, seed=3, dtype=torch.bfloat16), rand(3, 8, 129, seed=4, dtype=torch.bfloat16)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :4] = False
+    (x if where == "x" else g)[1, 2, 5] = value
+    with pytest.raises(ValueError, match="non-finite"):
+        st_.update(x, g, mask)
+    assert_unchanged(st_, snap)
+    # the same value in a padding token is never read
+    (x if where == "x" else g)[1, 2, 5] = 0.5
+    (x if where == "x" else g)[0, 1, 5] = value
+    assert st_.update(x, g, mask) == 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise_and_leave_state(backend):
+    st_ = KFACStats(37, 129, backend=backend)
+    st_.update(rand(10, 37, seed=1), rand(10, 129, seed=2))
+    snap = snapshot(st_)
+    x, g = rand(4, 6, 37, seed=3), rand(4, 6, 129, seed=4)
+    bad = [
+        (ValueError, "leading dims", dict(x=x, grad_output=rand(4, 5, 129, seed=5))),
+        (ValueError, "in_features=37", dict(x=rand(4, 6, 36, seed=6), grad_output=g)),
+        (ValueError, "out_features=129", dict(x=x, grad_output=rand(4, 6, 128, seed=7))),
+        (TypeError, "floating", dict(x=torch.randint(0, 5, (4, 6, 37)), grad_output=g)),
+        (TypeError, "floating", dict(x=x, grad_output=torch.ones(4, 6, 129, dtype=torch.int32))),
+        (ValueError, "mask has shape", dict(x=x, grad_output=g, mask=torch.ones(4, 7, dtype=torch.bool))),
+        (TypeError, "torch.bool", dict(x=x, grad_output=g, mask=torch.ones(4, 6, dtype=torch.int64))),
+        (ValueError, "grad_output is required", dict(x=x, grad_output=None)),
+    ]
+    for exc, match, kwargs in bad:
+        with pytest.raises(exc, match=match):
+            st_.update(**kwargs)
+        assert_unchanged(st_, snap)
+
+
+# ----------------------------------------------------------------------------- hypothesis properties
+@st.composite
+def batches(draw):
+    T1 = draw(st.integers(1, 40))
+    T2 = draw(st.integers(1, 40))
+    n = draw(st.integers(1, 45))
+    m = draw(st.integers(1, 45))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 2 ** 16))
+    return T1, T2, n, m, dtype, seed
+
+
+def _backends_available():
+    return ["torch", "native"] if has_native() else ["torch"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(batches(), st.sampled_from(_backends_available()))
+def test_merge_equals_one_update_on_concatenation(spec, backend):
+    T1, T2, n, m, dtype, seed = spec
+    x, g = rand(T1 + T2, n, seed=seed, dtype=dtype), rand(T1 + T2, m, seed=seed + 1, dtype=dtype)
+    mask = torch.rand(T1 + T2, generator=torch.Generator().manual_seed(seed)) > 0.25
+    a, b, whole = (KFACStats(n, m, backend=backend) for _ in range(3))
+    a.update(x[:T1], g[:T1], mask[:T1])
+    b.update(x[T1:], g[T1:], mask[T1:])
+    whole.update(x, g, mask)
+    a.merge(b)
+    assert a.count == whole.count == int(mask.sum())
+    for s1, s2 in zip(a.sums(), whole.sums()):
+        scale = max(s2.abs().max().item(), 1e-30)
+        assert (s1 - s2).abs().max().item() <= 1e-5 * scale
+
+
+@settings(max_examples=12, deadline=None)
+@given(batches(), st.sampled_from(_backends_available()))
+def test_token_order_does_not_matter(spec, backend):
+    T1, T2, n, m, dtype, seed = spec
+    T = T1 + T2
+    x, g = rand(T, n, seed=seed, dtype=dtype), rand(T, m, seed=seed + 1, dtype=dtype)
+    mask = torch.rand(T, generator=torch.Generator().manual_seed(seed)) > 0.25
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed + 2))
+    out = kfac_update(x, g, mask, backend=backend)
+    outp = kfac_update(x[perm], g[perm], mask[perm], backend=backend)
+    assert out[3] == outp[3]
+    for s1, s2 in zip(out[:3], outp[:3]):
+        scale = max(s2.abs().max().item(), 1e-30)
+        assert (s1 - s2).abs().max().item() <= 1e-5 * scale
