@@ -7,8 +7,10 @@
 needs. The numerical core lives in ``lorainit_kernels``.
 """
 from .adapters import LoRAFactors
+from .baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
 from .configs import InitConfig, LoRADAConfig
 from .context import InitContext
+from .hrp import HRPConfig
 from .init import initialize_lora
 from .registry import methods, register_method
 from .report import InitReport
@@ -21,7 +23,8 @@ _LAZY = {
     "LoRAInitCallback": ("lorainit.integrations.trainer", "LoRAInitCallback"),
 }
 
-__all__ = ["InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "initialize_lora",
+__all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
+           "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "initialize_lora",
            "methods", "register_method"]
 
 

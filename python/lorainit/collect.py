@@ -178,6 +178,8 @@ class LossRunner:
 
     # -- forward
     def prepare(self, batch):
+        if self.loss_fn is not None:
+            return batch  # a user loss_fn gets each batch exactly as the dataloader yielded it
         batch = _to_device(batch, self.device)
         if self.loss_fn is None and isinstance(batch, Mapping) and "labels" not in batch and self._takes_labels \
                 and isinstance(batch.get("input_ids"), Tensor):

@@ -121,12 +121,16 @@ def finetune(
     num_samples: int = 256,
     freeze_A: bool = False,
     eval_every: int = 1,
+    target_modules: Sequence[str] = TARGET_MODULES,
+    train_head: bool = False,
 ) -> RunResult:
     """LoRA-fine-tune a copy of ``base`` on the even digits after ``initialize_lora(method)``.
 
     The adapter targets every linear layer (``fc1``, ``fc2``, ``head``); AdamW at a constant
     learning rate; the training loss over the whole even-digit train set is recorded every
     ``eval_every`` steps. ``freeze_A`` trains only ``lora_B`` (LoRA-FA / LoRA-DA-FA).
+    ``train_head`` trains the 10-way head fully (PEFT ``modules_to_save``), for ranks above 10 where
+    the head cannot take an adapter; pass ``target_modules=("fc1", "fc2")`` with it.
     """
     import copy
 
@@ -137,7 +141,8 @@ def finetune(
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base),
                            LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                                      target_modules=list(TARGET_MODULES), lora_dropout=0.0))
+                                      target_modules=list(target_modules), lora_dropout=0.0,
+                                      modules_to_save=["head"] if train_head else None))
     loader = batches(task.train_x, task.train_y, batch_size, seed)
     start = time.perf_counter()
     initialize_lora(model, loader, method=method, config=config, num_samples=num_samples,
@@ -179,6 +184,7 @@ def compare(
     progress: bool = True,
     task: Optional[DigitsTask] = None,
     base: Optional[DigitsMLP] = None,
+    **finetune_kwargs,
 ) -> Dict[str, List[RunResult]]:
     """Fine-tune from every init in ``methods`` over ``seeds``; one pretrained base shared by all."""
     from tqdm.auto import tqdm
@@ -190,7 +196,7 @@ def compare(
     results: Dict[str, List[RunResult]] = {m: [] for m in methods}
     for method, seed in tqdm(runs, desc="digits fine-tuning", disable=not progress):
         results[method].append(finetune(base, task, method.split(":")[0], rank=rank, steps=steps, seed=seed,
-                                        config=configs.get(method), freeze_A=freeze_A))
+                                        config=configs.get(method), freeze_A=freeze_A, **finetune_kwargs))
         results[method][-1].method = method
     return results
 

@@ -1,0 +1,406 @@
+"""The baseline LoRA initializations behind ``initialize_lora(..., method=NAME)``.
+
+Registered here: ``"lora"``, ``"gaussian"``, ``"orthogonal"`` (PEFT's random inits), ``"pissa"``,
+``"milora"`` (weight SVD), ``"lora_ga"``, ``"lora_one"`` (gradient SVD). Importing this module also
+imports :mod:`lorainit.hrp`, which registers ``"hrp"``.
+
+The per-layer math is :mod:`lorainit_kernels.methods` (formulas, papers and reference code in each
+function's docstring); this module only gathers the inputs (base weights in torch orientation,
+full weight gradients), stacks the layers of one shape (same ``m, n, r`` and PEFT scaling ``sigma``)
+into one batched kernel call and hands the factors to ``initialize_lora``, which writes them
+transactionally (``lora_A.weight``, ``lora_B.weight`` and, for PiSSA / MiLoRA / LoRA-GA, the
+residual ``W <- W - sigma B A`` so that the model's output at initialization is unchanged).
+
+Conventions:
+
+* Random methods draw from one ``torch.Generator`` seeded with ``config.seed`` (``None``: torch's
+  global RNG), shape group after shape group (groups in order of their first layer in the model,
+  layers in model order within a group). A batched kernel call consumes the generator one layer
+  after another, so the result is the same as one call per layer in that order.
+* Gradient methods use ``ctx.collect_weight_grads()``: ``G = (1/T) sum_t g_t x_t^T`` with ``g_t``
+  the output gradient of the *summed* loss and ``T`` the number of valid (attention-mask) tokens
+  (DESIGN.md section 2), i.e. the gradient of the per-token mean loss over all samples. The
+  LoRA-GA reference (Outsider565/LoRA-GA ``estimate_gradient``) averages the gradients of the
+  model's *mean* loss over batches instead; the two differ by a positive factor (the ratio of loss
+  tokens to valid tokens, e.g. ``(s - 1)/s`` for a causal LM whose last position has no label, and
+  by how batches of unequal lengths are weighted). LoRA-GA (every ``scale``) and LoRA-One with
+  ``normalize=True`` (the default, as its reference code) only use the singular *vectors* or the
+  ratios ``S_i / S_1``, so they are invariant to that factor; only LoRA-One with
+  ``normalize=False`` (the paper's formula ``B A = [-G]_r / gamma``) depends on the gradient scale.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import lorainit_kernels.methods as lkm
+
+from .adapters import LoRAFactors
+from .configs import InitConfig
+from .context import InitContext
+from .registry import register_method
+from .targets import LoRAInitError, TargetLayer, check_rank
+
+__all__ = ["BaselineConfig", "PiSSAConfig", "MiLoRAConfig", "LoRAGAConfig", "LoRAOneConfig"]
+
+PAPERS = {
+    "lora": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685 (PEFT default)",
+    "gaussian": "PEFT init_lora_weights='gaussian' (A ~ N(0, 1/r^2), B = 0)",
+    "orthogonal": "PEFT init_lora_weights='orthogonal' (B A = 0 with both factors non-zero)",
+    "pissa": "Meng, Wang & Zhang 2024, PiSSA: Principal Singular Values and Singular Vectors Adaptation, "
+             "arXiv 2404.02948",
+    "milora": "Wang et al. 2024, MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM "
+              "Finetuning, arXiv 2406.09044",
+    "lora_ga": "Wang, Li, Wang & Zhou 2024, LoRA-GA: Low-Rank Adaptation with Gradient Approximation, "
+               "arXiv 2407.05000",
+    "lora_one": "Zhang, Liu & Chen 2025, LoRA-One: One-Step Full Gradient Could Suffice for Fine-Tuning LLMs, "
+                "arXiv 2502.01235",
+}
+
+
+# ------------------------------------------------------------------------------------------ configs
+def _check_seed(cls: str, seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{cls}: seed must be an int or None (torch's global RNG), got {seed!r}")
+
+
+def _check_opt_int(cls: str, name: str, value, low: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{cls}: {name} must be None or an int >= {low}, got {value!r}")
+
+
+def _check_positive(cls: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{cls}: {name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BaselineConfig(InitConfig):
+    """Options of the data-free random inits ``"lora"``, ``"gaussian"`` and ``"orthogonal"``.
+
+    Args:
+        seed: seed of the ``torch.Generator`` the factors are drawn from (default 0, reproducible);
+            None draws from torch's global RNG (as PEFT does when it creates the adapter).
+        max_batch: at most this many layers of one shape per kernel call (None: all of them);
+            bounds the memory of the stacked inputs. Does not change the result of random inits.
+    """
+
+    seed: Optional[int] = 0
+    max_batch: Optional[int] = None
+
+    def __post_init__(self):
+        c = type(self).__name__
+        _check_seed(c, self.seed)
+        _check_opt_int(c, "max_batch", self.max_batch, 1)
+
+
+@dataclass(frozen=True)
+class PiSSAConfig(InitConfig):
+    """PiSSA (Meng et al. 2024, arXiv 2404.02948): adapter = top-r singular components of ``W``.
+
+    Args:
+        niter: None (default) = exact SVD (PEFT ``init_lora_weights="pissa"``); an int ``k`` = the
+            fast randomized SVD with ``k`` subspace iterations (PEFT ``"pissa_niter_k"``).
+        oversample: extra sketch columns of the randomized SVD (0 = PEFT's ``torch.svd_lowrank``
+            with ``q = r``; the default 16 is more accurate at the same ``niter``).
+        seed: seed of the sketch (randomized SVD only); None = torch's global RNG.
+        max_batch: at most this many same-shape layers per SVD call (None: all). With the
+            randomized SVD one sketch is shared within a call.
+    """
+
+    niter: Optional[int] = None
+    oversample: int = 16
+    seed: Optional[int] = 0
+    max_batch: Optional[int] = None
+
+    def __post_init__(self):
+        c = "PiSSAConfig"
+        _check_opt_int(c, "niter", self.niter, 0)
+        _check_opt_int(c, "oversample", self.oversample, 0)
+        if self.oversample is None:
+            raise ValueError(f"{c}: oversample must be an int >= 0, got None")
+        _check_seed(c, self.seed)
+        _check_opt_int(c, "max_batch", self.max_batch, 1)
+
+
+@dataclass(frozen=True)
+class MiLoRAConfig(InitConfig):
+    """MiLoRA (Wang et al. 2024, arXiv 2406.09044): adapter = the r *minor* singular components of ``W``.
+
+    Always an exact SVD (randomized SVDs do not resolve the smallest singular values).
+    ``max_batch``: at most this many same-shape layers per SVD call (None: all).
+    """
+
+    max_batch: Optional[int] = None
+
+    def __post_init__(self):
+        _check_opt_int("MiLoRAConfig", "max_batch", self.max_batch, 1)
+
+
+@dataclass(frozen=True)
+class LoRAGAConfig(InitConfig):
+    """LoRA-GA (Wang et al. 2024, arXiv 2407.05000): factors from the top 2r singular vectors of the gradient.
+
+    Defaults follow the reference code (Outsider565/LoRA-GA): ``direction="ArB2r"``,
+    ``scale="stable"`` with ``stable_gamma=16`` and a randomized SVD with ``q = 4r`` sketch columns
+    and ``niter=4`` subspace iterations (``niter=None``: exact SVD). The initial adapter is
+    subtracted from the base weight (the model is unchanged at initialization). The gradient is the
+    per-token mean-loss gradient over the first ``num_samples`` examples (module docstring).
+
+    Args:
+        direction: ``"ArB2r"``, ``"A2rBr"`` or ``"ArBr"`` (which singular vectors go to A and B).
+        scale: ``"stable"`` (``A, B *= m^(1/4) / sqrt(stable_gamma)``), ``"unit"`` or ``"gd"`` (``/ sigma``).
+        stable_gamma: gamma of the stable scale. niter / oversample / seed: the randomized SVD
+            (``oversample=None``: ``q = min(4r, m, n)`` as the reference). token_mask: ``"attention"``
+            or ``"labels"`` (which tokens the gradient averages over). max_batch: layers per SVD call.
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: float = 16.0
+    niter: Optional[int] = 4
+    oversample: Optional[int] = None
+    seed: Optional[int] = 0
+    token_mask: str = "attention"
+    max_batch: Optional[int] = None
+
+    def __post_init__(self):
+        c = "LoRAGAConfig"
+        if self.direction not in ("ArB2r", "A2rBr", "ArBr"):
+            raise ValueError(f"{c}: direction must be 'ArB2r', 'A2rBr' or 'ArBr', got {self.direction!r}")
+        if self.scale not in ("stable", "unit", "gd"):
+            raise ValueError(f"{c}: scale must be 'stable', 'unit' or 'gd', got {self.scale!r}")
+        _check_positive(c, "stable_gamma", self.stable_gamma)
+        _check_opt_int(c, "niter", self.niter, 0)
+        _check_opt_int(c, "oversample", self.oversample, 0)
+        _check_seed(c, self.seed)
+        if self.token_mask not in ("attention", "labels"):
+            raise ValueError(f"{c}: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
+        _check_opt_int(c, "max_batch", self.max_batch, 1)
+
+
+@dataclass(frozen=True)
+class LoRAOneConfig(InitConfig):
+    """LoRA-One (Zhang, Liu & Chen 2025, arXiv 2502.01235): the adapter starts at a best-rank-r GD step.
+
+    ``sigma B A = sigma / (stable_gamma d) [-G]_r`` with ``d = S_1(G)`` when ``normalize`` (the
+    reference code YuanheZ/LoRA-One, default) else 1 (the paper's formula; then the result depends
+    on the gradient's scale, see the module docstring). By default the base weight is *not* changed
+    (the model moves by that step at initialization); ``subtract_init=True`` subtracts it.
+
+    Args:
+        stable_gamma: gamma (default 128, the reference's value). normalize, subtract_init: above.
+        niter / oversample / seed: randomized SVD (``niter=None``, default: exact SVD).
+        token_mask: ``"attention"`` or ``"labels"``. max_batch: layers per SVD call.
+    """
+
+    stable_gamma: float = 128.0
+    normalize: bool = True
+    subtract_init: bool = False
+    niter: Optional[int] = None
+    oversample: int = 16
+    seed: Optional[int] = 0
+    token_mask: str = "attention"
+    max_batch: Optional[int] = None
+
+    def __post_init__(self):
+        c = "LoRAOneConfig"
+        _check_positive(c, "stable_gamma", self.stable_gamma)
+        for name in ("normalize", "subtract_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{c}: {name} must be True or False, got {getattr(self, name)!r}")
+        _check_opt_int(c, "niter", self.niter, 0)
+        if self.oversample is None:
+            raise ValueError(f"{c}: oversample must be an int >= 0, got None")
+        _check_opt_int(c, "oversample", self.oversample, 0)
+        _check_seed(c, self.seed)
+        if self.token_mask not in ("attention", "labels"):
+            raise ValueError(f"{c}: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
+        _check_opt_int(c, "max_batch", self.max_batch, 1)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def shape_groups(targets: Dict[str, TargetLayer], names: Optional[List[str]] = None, *, max_batch: Optional[int] = None,
+                 key: Optional[Callable[[TargetLayer], tuple]] = None) -> List[Tuple[tuple, List[str]]]:
+    """Layers that one batched kernel call can take: same ``(m, n, r, scaling)`` (or ``key(t)``), model order.
+
+    Groups come in the order of their first layer; ``max_batch`` splits a group into chunks.
+    """
+    names = list(targets) if names is None else list(names)
+    key = key or (lambda t: (t.m, t.n, t.r, t.scaling))
+    groups: "OrderedDict[tuple, List[str]]" = OrderedDict()
+    for name in names:
+        groups.setdefault(key(targets[name]), []).append(name)
+    out = []
+    for k, members in groups.items():
+        step = max_batch or len(members)
+        for i in range(0, len(members), step):
+            out.append((k, members[i:i + step]))
+    return out
+
+
+def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def finalize(t: TargetLayer, A: Tensor, B: Tensor, delta: Optional[Tensor]) -> LoRAFactors:
+    """Cast the factors to the adapter's dtype/device; recompute ``base_delta = -sigma B A`` from the *cast*
+    factors (fp32) when a cast changed them, so that residual base + adapter = W still holds."""
+    A2 = A.to(device=t.lora_A.device, dtype=t.lora_A.dtype)
+    B2 = B.to(device=t.lora_B.device, dtype=t.lora_B.dtype)
+    if delta is not None and (A2.dtype != A.dtype or B2.dtype != B.dtype):
+        delta = -(t.scaling * (B2.float() @ A2.float()))
+    return LoRAFactors(A2.contiguous(), B2.contiguous(), delta)
+
+
+def _call(method: str, names: List[str], fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:
+        if isinstance(err, LoRAInitError):
+            raise
+        raise LoRAInitError(f"{method}: modules {names[:4]}{'...' if len(names) > 4 else ''}: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------ random inits
+def _random_init(kernel: Callable, method: str) -> Callable:
+    def init(ctx: InitContext, config: BaselineConfig) -> Dict[str, LoRAFactors]:
+        check_rank(ctx.targets, method)
+        gen = _generator(config.seed)
+        out: Dict[str, LoRAFactors] = {}
+        key = (lambda t: (t.m, t.n, t.r, t.lora_A.dtype))
+        for (m, n, r, dtype), names in shape_groups(ctx.targets, max_batch=config.max_batch, key=key):
+            t0 = time.perf_counter()
+            device = ctx.targets[names[0]].lora_A.device
+            f = _call(method, names, kernel, m, n, r, batch_shape=(len(names),), generator=gen, dtype=dtype,
+                      device=device)
+            dt = (time.perf_counter() - t0) / len(names)
+            for i, name in enumerate(names):
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], None)
+                ctx.record(name, time_s=dt)
+        ctx.info["seed"] = config.seed
+        return out
+
+    init.__name__ = f"{method}_init"
+    init.__doc__ = f"``{method}``: :func:`lorainit_kernels.methods.{kernel.__name__}` per shape group (seeded)."
+    return init
+
+
+# ------------------------------------------------------------------------------------------ weight SVD
+def _weights(ctx: InitContext, names: List[str]) -> Tensor:
+    return torch.stack([ctx.targets[n].weight_torch().detach() for n in names])
+
+
+def pissa_init(ctx: InitContext, config: PiSSAConfig) -> Dict[str, LoRAFactors]:
+    """PiSSA: ``lkm.pissa`` on the stacked base weights of each shape group; the residual goes to the base."""
+    check_rank(ctx.targets, "pissa")
+    gen = _generator(config.seed)
+    out: Dict[str, LoRAFactors] = {}
+    with ctx.timed("svd"):
+        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+            t0 = time.perf_counter()
+            f = _call("pissa", names, lkm.pissa, _weights(ctx, names), r, scaling=scaling, niter=config.niter,
+                      oversample=config.oversample, generator=gen)
+            dt = (time.perf_counter() - t0) / len(names)
+            for i, name in enumerate(names):
+                t = ctx.targets[name]
+                out[name] = finalize(t, f.lora_A[i], f.lora_B[i], f.base_delta[i])
+                sv = (scaling * f.lora_A[i].float().pow(2).sum(-1)).tolist()  # sigma |a_i|^2 = S_i
+                ctx.record(name, singular_values=sv, time_s=dt)
+    ctx.info["svd"] = "exact" if config.niter is None else f"randomized (niter={config.niter}, oversample={config.oversample})"
+    return out
+
+
+def milora_init(ctx: InitContext, config: MiLoRAConfig) -> Dict[str, LoRAFactors]:
+    """MiLoRA: ``lkm.milora`` on the stacked base weights of each shape group; the residual goes to the base."""
+    check_rank(ctx.targets, "milora")
+    out: Dict[str, LoRAFactors] = {}
+    with ctx.timed("svd"):
+        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+            t0 = time.perf_counter()
+            f = _call("milora", names, lkm.milora, _weights(ctx, names), r, scaling=scaling)
+            dt = (time.perf_counter() - t0) / len(names)
+            for i, name in enumerate(names):
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
+                sv = (scaling * f.lora_A[i].float().pow(2).sum(-1)).tolist()
+                ctx.record(name, singular_values=sv, time_s=dt)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ gradient SVD
+def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
+    grads, tokens = ctx.collect_weight_grads(token_mask=token_mask)
+    ctx.info["grad_tokens"] = tokens
+    for name, g in grads.items():
+        ctx.record(name, tokens=tokens, grad_norm=float(g.norm()))
+        if not bool(g.abs().amax() > 0):
+            raise LoRAInitError(f"module {name!r}: its weight gradient is exactly zero over the samples; the loss "
+                                f"does not depend on this layer (cannot take singular vectors of a zero gradient)")
+    return grads
+
+
+def lora_ga_init(ctx: InitContext, config: LoRAGAConfig) -> Dict[str, LoRAFactors]:
+    """LoRA-GA: ``lkm.lora_ga`` on the stacked weight gradients of each shape group; residual to the base."""
+    for t in ctx.targets.values():
+        if 2 * t.r > min(t.m, t.n):
+            raise LoRAInitError(f"lora_ga: module {t.name!r} has r={t.r} but LoRA-GA needs 2r <= min(m, n) = "
+                                f"min({t.m}, {t.n}) (it uses the top 2r singular vectors of the gradient)")
+    grads = _grads(ctx, config.token_mask)
+    gen = _generator(config.seed)
+    out: Dict[str, LoRAFactors] = {}
+    with ctx.timed("svd"):
+        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+            G = torch.stack([grads[k] for k in names])
+            f = _call("lora_ga", names, lkm.lora_ga, G, r, scaling=scaling, direction=config.direction,
+                      scale=config.scale, stable_gamma=config.stable_gamma, niter=config.niter,
+                      oversample=config.oversample, generator=gen)
+            for i, name in enumerate(names):
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
+    ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
+    return out
+
+
+def lora_one_init(ctx: InitContext, config: LoRAOneConfig) -> Dict[str, LoRAFactors]:
+    """LoRA-One: ``lkm.lora_one`` on the stacked weight gradients of each shape group (base unchanged by default)."""
+    check_rank(ctx.targets, "lora_one")
+    grads = _grads(ctx, config.token_mask)
+    gen = _generator(config.seed)
+    out: Dict[str, LoRAFactors] = {}
+    with ctx.timed("svd"):
+        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+            G = torch.stack([grads[k] for k in names])
+            f = _call("lora_one", names, lkm.lora_one, G, r, scaling=scaling, stable_gamma=config.stable_gamma,
+                      normalize=config.normalize, subtract_init=config.subtract_init, niter=config.niter,
+                      oversample=config.oversample, generator=gen)
+            for i, name in enumerate(names):
+                delta = None if f.base_delta is None else f.base_delta[i]
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], delta)
+    ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
+    return out
+
+
+# ------------------------------------------------------------------------------------------ registration
+register_method("lora", fn=_random_init(lkm.lora_default, "lora"), config_cls=BaselineConfig, needs_data=False,
+                paper=PAPERS["lora"], summary="PEFT default: kaiming-uniform A, zero B")
+register_method("gaussian", fn=_random_init(lkm.gaussian, "gaussian"), config_cls=BaselineConfig, needs_data=False,
+                paper=PAPERS["gaussian"], summary="Gaussian A (std 1/r), zero B")
+register_method("orthogonal", fn=_random_init(lkm.orthogonal, "orthogonal"), config_cls=BaselineConfig,
+                needs_data=False, paper=PAPERS["orthogonal"], summary="orthogonal A and B with B A = 0 (even r)")
+register_method("pissa", fn=pissa_init, config_cls=PiSSAConfig, needs_data=False, paper=PAPERS["pissa"],
+                summary="top-r singular components of W in the adapter, residual in the base")
+register_method("milora", fn=milora_init, config_cls=MiLoRAConfig, needs_data=False, paper=PAPERS["milora"],
+                summary="minor r singular components of W in the adapter, residual in the base")
+register_method("lora_ga", fn=lora_ga_init, config_cls=LoRAGAConfig, needs_data=True, needs_grad=True,
+                paper=PAPERS["lora_ga"], summary="top-2r gradient singular vectors, stable scale, residual in the base")
+register_method("lora_one", fn=lora_one_init, config_cls=LoRAOneConfig, needs_data=True, needs_grad=True,
+                paper=PAPERS["lora_one"], summary="best rank-r one-step GD update from the full gradient")
+
+from . import hrp as _hrp  # noqa: E402,F401  (registers "hrp")
