@@ -29,6 +29,7 @@ def _providers(Om, k):
     import scipy.sparse.linalg as ssla
 
     import lorainit_kernels as lk
+    from lorainit_kernels.linalg import shift_invert_preconditioner
 
     b, n, _ = Om.shape
     np_mats = [Om[i].numpy() for i in range(b)]
@@ -39,6 +40,9 @@ def _providers(Om, k):
 
     def p_lorainit():
         return lk.lobpcg(Om, k)[1]
+
+    def p_lorainit_si():   # the preconditioner's estimate + Cholesky are inside the timing
+        return lk.lobpcg(Om, k, M=shift_invert_preconditioner(Om))[1]
 
     def p_eigh():
         return torch.linalg.eigh(Om)[1][..., :k]
@@ -60,7 +64,7 @@ def _providers(Om, k):
             out.append(v)
         return torch.stack(out)
 
-    return {"lorainit.lobpcg": p_lorainit, "torch.linalg.eigh": p_eigh, "scipy.linalg.eigh(subset) loop": p_scipy_eigh,
+    return {"lorainit.lobpcg": p_lorainit, "lorainit.lobpcg + shift_invert": p_lorainit_si, "torch.linalg.eigh": p_eigh, "scipy.linalg.eigh(subset) loop": p_scipy_eigh,
             "scipy.sparse.linalg.lobpcg loop": p_scipy_lobpcg, "torch.lobpcg loop": p_torch_lobpcg}
 
 
@@ -98,17 +102,32 @@ def _table(b, n, k, repeats, providers=None):
 
 
 def run(quick: bool = False) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    # one thread for every provider (torch and scipy's BLAS): the machine's 2 cores are shared with
+    # other jobs, and oversubscribed OpenMP barriers make every small torch op cost ~25 ms
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _run(quick)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _run(quick: bool) -> dict:
     torch.manual_seed(0)
     k = 8
     if quick:
         main = _table(2, 256, k, repeats=2)
         scaling_ns, sb = (128, 256), 2
     else:
-        main = _table(8, 2048, k, repeats=3)
+        main = _table(8, 2048, k, repeats=1)
         scaling_ns, sb = (256, 512, 1024, 2048, 4096), 2
     scaling = []
     for n in scaling_ns:
-        scaling += _table(sb, n, k, repeats=2, providers=("lorainit.lobpcg", "torch.linalg.eigh"))
+        scaling += _table(sb if n < 4096 else 1, n, k, repeats=2 if n < 2048 else 1,
+                          providers=("lorainit.lobpcg", "lorainit.lobpcg + shift_invert", "torch.linalg.eigh"))
     for r in scaling:
         r["provider"] = "scaling: " + r["provider"]
     cols = ["provider", "batch", "n", "k", "median_s", "q25_s", "q75_s", "speedup_vs_eigh", "objective_rel_err",
@@ -122,5 +141,16 @@ def run(quick: bool = False) -> dict:
             "objective_rel_err = max over the batch of |tr(V^T Omega V) - opt| / |opt|, opt from float64 eigvalsh.",
             "scipy/torch LOBPCG loops run with tol=1e-5, maxiter/niter=1000; lorainit with its default tol (sqrt(eps)).",
             "CUDA provider cupyx.scipy.sparse.linalg.lobpcg: skipped (no GPU on this machine).",
+            "All providers single-threaded (torch.set_num_threads(1), threadpoolctl limit 1 for scipy's BLAS): "
+            "2 cores shared with other jobs; main table 1 timed repeat after the accuracy run, scaling n=4096 "
+            "with batch 1 and 1 repeat (time budget).",
+            "lorainit.lobpcg + shift_invert: the preconditioner (lambda_min estimate + batched Cholesky of "
+            "Omega - sigma I) is built inside the timed call. On this spectrum it cuts the iterations by only "
+            "~30% (the wanted eigenvalues lie close to the bulk relative to their distance from lambda_min), "
+            "roughly the price of the factorization and the two triangular solves per step: measured from 0.5x to "
+            "1.2x the speed of plain lorainit.lobpcg depending on n and load.",
+            "Goal (>= 2x over batched torch.linalg.eigh at batch 8, n=2048) NOT reached in the main table "
+            "(single timed repeat on a shared, loaded machine); reached at batch 2 n=2048 (2.0x) and n=4096 (6.3x). "
+            "scipy.sparse.linalg.lobpcg does not reach the 1e-5 objective target (tol=1e-5, maxiter=1000).",
         ],
     }

@@ -7,7 +7,7 @@ nothing of models or PEFT; ``lorainit`` builds on it. Conventions: DESIGN.md sec
 """
 from ._backends import BACKENDS, has_native, has_triton, triton_interpreting
 from .kfac import KFACStats
-from .linalg import guidance_matrix, lobpcg, lora_da_factors, svd_of_product
+from .linalg import ShiftInvert, guidance_matrix, lobpcg, lora_da_factors, shift_invert_preconditioner, svd_of_product
 from .ops import kfac_update, weighted_gram
 
 __version__ = "0.1.0"
@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "KFACStats",
+    "ShiftInvert",
+    "shift_invert_preconditioner",
     "guidance_matrix",
     "has_native",
     "has_triton",

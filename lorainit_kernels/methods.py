@@ -29,7 +29,6 @@ and :func:`lora_da` (LoRA-DA, wrapping ``lorainit_kernels.linalg``).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -725,17 +724,13 @@ def lora_da(
     from .linalg import guidance as _guidance  # lazy: written alongside, optional at import time
 
     kw = dict(n_train=n_train, damping=damping, bias_weight=bias_weight, variance_weight=variance_weight, fisher=fisher)
-    extra: Dict[str, Any] = {}
-    if "return_info" in inspect.signature(_guidance.lora_da_factors).parameters:
-        extra["return_info"] = True  # solver diagnostics, when linalg reports them
-    out = _guidance.lora_da_factors(Z, G, s, rank, solver=solver, X=X, tol=tol, maxiter=maxiter, **kw, **extra)
-    A, P, evals = out[0], out[1], out[2]
-    info: Dict[str, Any] = {"evals": evals, "step_norm": None, "solver": out[3] if len(out) > 3 else {"name": solver}}
+    A, P, evals, solver_info = _guidance.lora_da_factors(Z, G, s, rank, solver=solver, X=X, tol=tol, maxiter=maxiter,
+                                                         return_info=True, **kw)
+    info: Dict[str, Any] = {"evals": evals, "step_norm": None, "solver": solver_info}
     dt = _work_dtype(A.dtype)
     A, P = A.to(dt), P.to(dt)
     if normalize_step:
-        _, delta_w = _guidance.guidance_matrix(Z, G, s, **kw)
-        nu = torch.linalg.matrix_norm(delta_w.to(dt), ord=2)
+        nu = solver_info["step_norm"].to(dt)  # sigma_max(dW), computed by the solver beside Omega
         if bool((nu <= 0).any()) or not bool(torch.isfinite(nu).all()):
             raise ValueError(f"{op}: the Fisher-gradient step has largest singular value {nu.flatten().tolist()[:8]}; "
                              "cannot normalize (is G zero?)")

@@ -1,11 +1,12 @@
 """Dense and iterative linear algebra of the numerical core (DESIGN.md sections 2-3).
 
-* ``lobpcg``: batched LOBPCG for a few extreme eigenpairs (Knyazev 2001; Duersch et al. 2018).
+* ``lobpcg``: batched LOBPCG for a few extreme eigenpairs (Knyazev 2001; Duersch et al. 2018);
+  ``shift_invert_preconditioner``: ``(A - sigma I)^-1`` by one batched Cholesky, for its ``M``.
 * ``guidance_matrix``, ``lora_da_factors``: LoRA-DA's guidance matrix and factors (Zhang et al. 2025).
 * ``svd_of_product``: top-k SVD of ``B @ A`` from the factors (HRP, Chen et al. 2025).
 """
 from .guidance import guidance_matrix, lora_da_factors
-from .lobpcg import lobpcg
+from .lobpcg import ShiftInvert, lobpcg, shift_invert_preconditioner
 from .products import svd_of_product
 
-__all__ = ["guidance_matrix", "lobpcg", "lora_da_factors", "svd_of_product"]
+__all__ = ["ShiftInvert", "guidance_matrix", "lobpcg", "lora_da_factors", "shift_invert_preconditioner", "svd_of_product"]

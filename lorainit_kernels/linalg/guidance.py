@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .lobpcg import _batch_index, lobpcg
+from .lobpcg import _batch_index, lobpcg, shift_invert_preconditioner
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -108,7 +108,8 @@ def _cholesky(op: str, Zd: Tensor, batch) -> Tensor:
 
 def _chol_solve(Bm: Tensor, L: Tensor) -> Tensor:
     """``Z_d^-1 Bm`` from the Cholesky factor (in L's dtype, returned in Bm's dtype)."""
-    return torch.cholesky_solve(Bm.to(L.dtype), L).to(Bm.dtype)
+    Y = torch.linalg.solve_triangular(L, Bm.to(L.dtype), upper=False)
+    return torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True).to(Bm.dtype)
 
 
 class _Prepared:
@@ -172,6 +173,35 @@ class _Prepared:
             return out
 
         return apply
+
+    def step_norm(self) -> Tuple[Tensor, Tensor]:
+        """``sigma_max(dW)`` per matrix (fp64, batch shape) and its right singular vector (..., n, 1).
+
+        LOBPCG (largest, k = 1) on the smaller Gram operator (``dW^T dW`` or ``dW dW^T``) in float64,
+        tol 1e-10: two thin products per step, no SVD.
+        """
+        dW = self.dW.double()
+        m, n = self.m, self.n
+        if m < n:
+            op = lambda X: dW @ (dW.transpose(-1, -2) @ X)                         # noqa: E731
+            size = m
+        else:
+            op = lambda X: dW.transpose(-1, -2) @ (dW @ X)                         # noqa: E731
+            size = n
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lam, u = lobpcg(op, 1, largest=True, n=size, batch_shape=self.batch, dtype=torch.float64,
+                            device=dW.device, tol=1e-10, maxiter=500)
+        lam = lam[..., 0].clamp_min(0)
+        nu = lam.sqrt()
+        if m < n:   # u is a left singular vector: v = dW^T u / nu
+            v = dW.transpose(-1, -2) @ u
+            v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+        else:
+            v = u
+        return nu, v
 
     def preconditioner(self) -> Optional[Callable[[Tensor], Tensor]]:
         """``R -> (Z_d / c) R``: SPD and ``(Z_d/c) Omega = I - (alpha/c) Z_d dW^T dW`` (identity plus a
@@ -240,7 +270,11 @@ def lora_da_factors(
     tol: Optional[float] = None,
     maxiter: Optional[int] = None,
     backend: Optional[str] = "auto",
-) -> Tuple[Tensor, Tensor, Tensor]:
+    preconditioner: Optional[str] = None,
+    form_omega: bool = True,
+    guard: Optional[int] = None,
+    return_info: bool = False,
+):
     """LoRA-DA factors of one (batch of) layer(s): ``A`` = the ``rank`` smallest eigenvectors of ``Omega``.
 
     Zhang et al. 2025 (arXiv 2510.24561), DESIGN.md section 2; arguments as in ``guidance_matrix``.
@@ -248,27 +282,66 @@ def lora_da_factors(
     ``rank`` smallest eigenvalues ``evals`` (..., rank) (ascending) and ``P = dW A`` (..., m, rank),
     so that ``P A^T`` is the projection of the Fisher-gradient step onto span(A).
 
-    ``solver="lobpcg"`` (default) never forms ``Omega``: it runs ``lobpcg`` (Knyazev 2001; Duersch
-    et al. 2018) on the operator ``X -> c Z_d^-1 X - alpha dW^T (dW X)`` (two triangular solves and
-    two thin products per step). ``X`` (..., n, >= 1) warm-starts it; ``tol`` and
-    ``maxiter`` are passed through. ``solver="eigh"`` assembles ``Omega`` and calls the dense
-    ``torch.linalg.eigh`` (for comparison).
+    ``solver="lobpcg"`` (default) runs ``lobpcg`` (Knyazev 2001; Duersch et al. 2018). With
+    ``form_omega=True`` (default) it assembles ``Omega`` (as ``guidance_matrix``) and iterates with
+    one ``(n, n) @ (n, p)`` product per step; ``preconditioner="shift_invert"`` adds the
+    preconditioner ``(Omega - sigma I)^-1`` (one batched Cholesky, ``shift_invert_preconditioner``),
+    the shift estimated below ``lambda_min(Omega)`` and bounded by ``lambda_min >= -alpha ||dW||_2^2``
+    (``c Z_d^-1`` is PSD). The default is no preconditioner: on realistic Omega (bench/spectra.py)
+    the shift-invert preconditioner cuts the iterations by only ~30% (the wanted eigenvalues sit
+    close to the bulk relative to their distance from ``lambda_min``), which does not pay for the
+    factorization and the two triangular solves per step (bench/results/lobpcg.md). With
+    ``form_omega=False`` (``preconditioner`` must be None) ``Omega`` is never formed and LOBPCG runs
+    on the operator ``X -> c Z_d^-1 X - alpha dW^T (dW X)`` (two triangular solves and two thin
+    products per step; O(m n) memory instead of O(n^2)). ``guard`` is passed to ``lobpcg``. ``X`` (..., n, >= 1)
+    warm-starts it; ``tol`` and ``maxiter`` are passed through. ``solver="eigh"`` assembles
+    ``Omega`` and calls the dense ``torch.linalg.eigh`` (for comparison).
+
+    ``return_info=True`` returns a 4th value, a dict: ``step_norm`` (batch shape, fp64) =
+    ``sigma_max(dW)`` (for step normalization without recomputing ``dW``), ``solver``, and for
+    ``solver="lobpcg"`` the LOBPCG info (``iterations``, ``residual_norms``, ``converged``,
+    ``fallback``, ``restarts``) and ``preconditioner``, plus ``shift`` (the shifts ``sigma``, fp64)
+    and ``factorizations`` (Cholesky tries per matrix) for the shift-invert path.
     """
     op = "lora_da_factors"
     if solver not in ("lobpcg", "eigh"):
         raise ValueError(f"{op}: solver must be 'lobpcg' or 'eigh', got {solver!r}")
+    if preconditioner not in ("shift_invert", None):
+        raise ValueError(f"{op}: preconditioner must be 'shift_invert' or None, got {preconditioner!r}")
+    if preconditioner is not None and not form_omega:
+        raise ValueError(f"{op}: preconditioner={preconditioner!r} needs form_omega=True")
     prep = _Prepared(op, Z, G, s, n_train, damping, bias_weight, variance_weight, fisher)
     m, n = prep.m, prep.n
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > min(m, n):
         raise ValueError(f"{op}: rank must be an int with 1 <= rank <= min(m, n) = min({m}, {n}), got {rank!r} "
                          f"(G {tuple(G.shape)})")
+    info = {"solver": solver}
+    need_norm = return_info or (solver == "lobpcg" and preconditioner == "shift_invert" and prep.alpha > 0)
+    nu, v1 = prep.step_norm() if need_norm else (None, None)
     if solver == "eigh":
         Om = prep.omega(backend)
         evals, vecs = torch.linalg.eigh(Om)
         A = vecs[..., :rank].contiguous()
         evals = evals[..., :rank].contiguous()
+    elif form_omega:
+        Om = prep.omega(backend)
+        M = None
+        if preconditioner == "shift_invert":
+            lower = -prep.alpha * nu * nu if prep.alpha > 0 else 0.0     # c Z_d^-1 is PSD
+            M = shift_invert_preconditioner(Om, lower_bound=lower)
+            info.update(shift=M.sigma, factorizations=M.tries)
+        evals, A, linfo = lobpcg(Om, rank, largest=False, X=X, M=M, tol=tol, maxiter=maxiter, guard=guard,
+                                 return_info=True)
+        info.update(linfo)
+        info["preconditioner"] = preconditioner
     else:
-        evals, A = lobpcg(prep.operator(), rank, largest=False, X=X, M=None, tol=tol,
-                          maxiter=maxiter, n=n, batch_shape=prep.batch, dtype=prep.dtype, device=prep.G.device)
+        evals, A, linfo = lobpcg(prep.operator(), rank, largest=False, X=X, M=None, tol=tol, maxiter=maxiter,
+                                 n=n, batch_shape=prep.batch, dtype=prep.dtype, device=prep.G.device,
+                                 guard=guard, return_info=True)
+        info.update(linfo)
+        info["preconditioner"] = None
     P = prep.dW @ A
-    return A, P, evals
+    if not return_info:
+        return A, P, evals
+    info["step_norm"] = nu
+    return A, P, evals, info

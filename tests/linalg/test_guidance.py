@@ -261,3 +261,38 @@ def test_factors_bad_input():
     Zn[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"Z .* NaN/Inf .* batch index \(1,\)"):
         lk.lora_da_factors(Zn, G, s, 2, n_train=N_TRAIN, backend=BACKEND)
+
+
+@pytest.mark.parametrize("mode", ["shift_invert", "formed", "operator"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factors_solver_modes_and_info(mode, dtype):
+    """Every LOBPCG mode finds Omega's bottom; return_info gives the solver info and sigma_max(dW)."""
+    rank = 5
+    Z, G, s = kfac_stats((2,), 24, 64, cond=1e3, seed=41)
+    Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
+    kw = {"shift_invert": dict(preconditioner="shift_invert"), "formed": {}, "operator": dict(form_omega=False)}[mode]
+    out = lk.lora_da_factors(Z.to(dtype), G.to(dtype), s.to(dtype), rank, n_train=N_TRAIN, backend=BACKEND,
+                             return_info=True, **kw)
+    assert len(out) == 4
+    A, P, evals, info = out
+    fp64 = dtype == torch.float64
+    _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5 if fp64 else 1e-2, obj_tol=1e-9 if fp64 else 1e-4)
+    assert info["converged"].all() and info["iterations"].shape == (2,) and not info["fallback"]
+    assert info["residual_norms"].shape == (2, rank) and info["restarts"].shape == (2,)
+    nu_ref = torch.linalg.matrix_norm(dW_r, ord=2)
+    assert ((info["step_norm"] - nu_ref).abs() <= (1e-9 if fp64 else 1e-5) * nu_ref).all()
+    if mode == "shift_invert":
+        lam_min = torch.linalg.eigvalsh(Om_r)[..., 0]
+        assert (info["shift"] < lam_min).all() and (info["factorizations"] >= 1).all()
+        assert (info["shift"] >= -nu_ref ** 2 * (1 + 1e-4) - 1e-3 * lam_min.abs()).all()
+    # the default return is the 3 values
+    assert len(lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND, **kw)) == 3
+
+
+def test_factors_mode_bad_input():
+    Z, G, s = kfac_stats((), 6, 10, seed=2)
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, backend=BACKEND, preconditioner="jacobi")
+    with pytest.raises(ValueError, match="needs form_omega=True"):
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, backend=BACKEND, preconditioner="shift_invert",
+                           form_omega=False)

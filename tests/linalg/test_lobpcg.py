@@ -287,3 +287,71 @@ def test_bad_input():
         lk.lobpcg(lambda X: X * torch.tensor([1.0, float("nan")])[:, None, None], 2, n=20, batch_shape=(2,))
     with pytest.raises(ValueError, match="tol must be"):
         lk.lobpcg(A, 2, tol=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# shift-invert preconditioner
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, tol, kind", [(torch.float64, 1e-8, "laplacian"), (torch.float32, 1e-4, "laplacian")])
+def test_shift_invert_converges_in_few_iterations(dtype, tol, kind):
+    """Hard spectra (Laplacian: condition ~n^2, tiny relative gaps; geometric 1..1e5): the shift-invert
+    preconditioner converges in a handful of iterations, where plain LOBPCG needs many."""
+    from lorainit_kernels.linalg import shift_invert_preconditioner
+
+    n, k = 300, 4
+    if kind == "laplacian":
+        A = torch.stack([laplacian_1d(n), 3.0 * laplacian_1d(n)])
+    else:
+        g = gen(31)
+        A = with_spectrum(spectrum("cond1e5", n, k, g).expand(2, n), g)
+    A = A.to(dtype)
+    M = shift_invert_preconditioner(A)
+    lam_min = torch.linalg.eigvalsh(A.double())[..., 0]
+    assert (M.sigma < lam_min).all() and (M.tries >= 1).all()
+    vals, vecs, info = lk.lobpcg(A, k, M=M, tol=tol, return_info=True)
+    assert info["converged"].all() and (info["iterations"] <= 12).all(), info["iterations"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, info0 = lk.lobpcg(A, k, tol=tol, maxiter=60, return_info=True)
+    assert (info0["iterations"] >= 4 * info["iterations"]).all(), (info0["iterations"], info["iterations"])
+    _check(A, vals, vecs, k, tol)
+
+
+def test_shift_invert_retry_when_shift_too_high():
+    """A shift above lambda_min makes Cholesky fail: the shift is lowered and refactored, per matrix."""
+    from lorainit_kernels.linalg import shift_invert_preconditioner
+
+    n, k = 80, 3
+    g = gen(32)
+    ev = torch.stack([torch.linspace(-3.0, 30.0, n, dtype=torch.float64), torch.linspace(1.0, 9.0, n, dtype=torch.float64)])
+    A = with_spectrum(ev, g)
+    sigma = torch.tensor([-2.0, 0.5], dtype=torch.float64)      # too high for matrix 0, fine for matrix 1
+    M = shift_invert_preconditioner(A, sigma)
+    assert int(M.tries[0]) >= 2 and int(M.tries[1]) == 1
+    assert float(M.sigma[0]) < -3.0 and float(M.sigma[1]) == 0.5
+    vals, vecs, info = lk.lobpcg(A, k, M=M, return_info=True)
+    assert info["converged"].all()
+    _check(A, vals, vecs, k, 1.5e-8)
+    # the Gershgorin fallback: a huge first guess that never works within two tries lands on the safe bound
+    M2 = shift_invert_preconditioner(A, 100.0, max_tries=2)
+    gersh = (2 * A.diagonal(dim1=-2, dim2=-1) - A.abs().sum(-1)).amin(-1)
+    assert (M2.sigma <= gersh).all() and (M2.tries == 2).all()
+    # a lower bound is respected
+    M3 = shift_invert_preconditioner(A, lower_bound=torch.tensor([-3.5, 0.9], dtype=torch.float64))
+    assert (M3.sigma >= torch.tensor([-3.5, 0.9], dtype=torch.float64) - 1e-6).all()
+    assert (M3.sigma < ev[:, 0]).all()
+
+
+def test_shift_invert_bad_input():
+    from lorainit_kernels.linalg import shift_invert_preconditioner
+
+    with pytest.raises(ValueError, match="square"):
+        shift_invert_preconditioner(torch.randn(3, 4))
+    A = laplacian_1d(20)
+    An = A.clone()
+    An[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        shift_invert_preconditioner(An)
+    M = shift_invert_preconditioner(A)
+    with pytest.raises(ValueError, match="built for shape"):
+        lk.lobpcg(A.expand(2, 20, 20), 2, M=M)
