@@ -268,20 +268,18 @@ def lora_default(
     ``loralib/layers.py``); ``lora_B = 0``; ``base_delta = None`` (the adapter starts at zero).
     With the same generator state this reproduces PEFT ``reset_lora_parameters`` bit for bit.
     """
-    op = "lora_default"
-    shape, dev = _random_setup(m, n, rank, batch_shape, generator, dtype, device, op)
     a = math.sqrt(5)
     bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + a * a)) / math.sqrt(n)  # torch's kaiming_uniform_ bound
-    draw_dtype = _work_dtype(dtype)
+    return _random_A_zero_B("lora_default", m, n, rank, batch_shape, generator, dtype, device,
+                            lambda A: A.uniform_(-bound, bound, generator=generator))
+
+
+def _random_A_zero_B(op, m, n, rank, batch_shape, generator, dtype, device, fill) -> LoRAFactors:
+    """``lora_A`` filled in place by ``fill`` layer by layer (PEFT's draw order), ``lora_B = 0``."""
+    shape, dev = _random_setup(m, n, rank, batch_shape, generator, dtype, device, op)
     gdev = generator.device if generator is not None else dev
-
-    def draw():
-        A = torch.empty(rank, n, dtype=draw_dtype, device=gdev).uniform_(-bound, bound, generator=generator)
-        return (A,)
-
-    (A,) = _per_layer_random(shape, draw)
-    A = A.to(device=dev, dtype=dtype)
-    return LoRAFactors(A, torch.zeros(*shape, m, rank, dtype=dtype, device=dev), None)
+    (A,) = _per_layer_random(shape, lambda: (fill(torch.empty(rank, n, dtype=_work_dtype(dtype), device=gdev)),))
+    return LoRAFactors(A.to(device=dev, dtype=dtype), torch.zeros(*shape, m, rank, dtype=dtype, device=dev), None)
 
 
 def gaussian(
@@ -299,18 +297,8 @@ def gaussian(
     Note PEFT uses standard deviation ``1/r`` (``nn.init.normal_(A, std=1 / r)``, so the variance is
     ``1/r^2``); we follow PEFT exactly (bitwise, given the same generator state). ``base_delta = None``.
     """
-    op = "gaussian"
-    shape, dev = _random_setup(m, n, rank, batch_shape, generator, dtype, device, op)
-    draw_dtype = _work_dtype(dtype)
-    gdev = generator.device if generator is not None else dev
-
-    def draw():
-        A = torch.empty(rank, n, dtype=draw_dtype, device=gdev).normal_(0.0, 1.0 / rank, generator=generator)
-        return (A,)
-
-    (A,) = _per_layer_random(shape, draw)
-    A = A.to(device=dev, dtype=dtype)
-    return LoRAFactors(A, torch.zeros(*shape, m, rank, dtype=dtype, device=dev), None)
+    return _random_A_zero_B("gaussian", m, n, rank, batch_shape, generator, dtype, device,
+                            lambda A: A.normal_(0.0, 1.0 / rank, generator=generator))
 
 
 def orthogonal(

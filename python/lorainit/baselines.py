@@ -347,44 +347,38 @@ def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
     return grads
 
 
+def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[str, LoRAFactors]:
+    """``fn`` (``lkm.lora_ga`` or ``lkm.lora_one``) on the stacked weight gradients of each shape group."""
+    grads = _grads(ctx, config.token_mask)
+    gen = _generator(config.seed)
+    out: Dict[str, LoRAFactors] = {}
+    with ctx.timed("svd"):
+        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+            G = torch.stack([grads[k] for k in names])
+            f = _call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
+                      generator=gen, **kwargs)
+            for i, layer in enumerate(names):
+                delta = None if f.base_delta is None else f.base_delta[i]
+                out[layer] = finalize(ctx.targets[layer], f.lora_A[i], f.lora_B[i], delta)
+    ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
+    return out
+
+
 def lora_ga_init(ctx: InitContext, config: LoRAGAConfig) -> Dict[str, LoRAFactors]:
     """LoRA-GA: ``lkm.lora_ga`` on the stacked weight gradients of each shape group; residual to the base."""
     for t in ctx.targets.values():
         if 2 * t.r > min(t.m, t.n):
             raise LoRAInitError(f"lora_ga: module {t.name!r} has r={t.r} but LoRA-GA needs 2r <= min(m, n) = "
                                 f"min({t.m}, {t.n}) (it uses the top 2r singular vectors of the gradient)")
-    grads = _grads(ctx, config.token_mask)
-    gen = _generator(config.seed)
-    out: Dict[str, LoRAFactors] = {}
-    with ctx.timed("svd"):
-        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
-            G = torch.stack([grads[k] for k in names])
-            f = _call("lora_ga", names, lkm.lora_ga, G, r, scaling=scaling, direction=config.direction,
-                      scale=config.scale, stable_gamma=config.stable_gamma, niter=config.niter,
-                      oversample=config.oversample, generator=gen)
-            for i, name in enumerate(names):
-                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
-    ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
-    return out
+    return _gradient_method(ctx, config, "lora_ga", lkm.lora_ga, direction=config.direction, scale=config.scale,
+                            stable_gamma=config.stable_gamma)
 
 
 def lora_one_init(ctx: InitContext, config: LoRAOneConfig) -> Dict[str, LoRAFactors]:
     """LoRA-One: ``lkm.lora_one`` on the stacked weight gradients of each shape group (base unchanged by default)."""
     check_rank(ctx.targets, "lora_one")
-    grads = _grads(ctx, config.token_mask)
-    gen = _generator(config.seed)
-    out: Dict[str, LoRAFactors] = {}
-    with ctx.timed("svd"):
-        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
-            G = torch.stack([grads[k] for k in names])
-            f = _call("lora_one", names, lkm.lora_one, G, r, scaling=scaling, stable_gamma=config.stable_gamma,
-                      normalize=config.normalize, subtract_init=config.subtract_init, niter=config.niter,
-                      oversample=config.oversample, generator=gen)
-            for i, name in enumerate(names):
-                delta = None if f.base_delta is None else f.base_delta[i]
-                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], delta)
-    ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
-    return out
+    return _gradient_method(ctx, config, "lora_one", lkm.lora_one, stable_gamma=config.stable_gamma,
+                            normalize=config.normalize, subtract_init=config.subtract_init)
 
 
 # ------------------------------------------------------------------------------------------ registration
