@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests run every Triton kernel on the CPU through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 OMP_NUM_THREADS=2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench experiments clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m lorainit.demo
+	# tiny models: one thread is faster than two
+	OMP_NUM_THREADS=1 $(PY) -m lorainit.demo
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
+
+experiments: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m bench.experiments
 
 clean:
 	rm -rf build $(VENV) *.egg-info lorainit_kernels/_C*.so
