@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -146,6 +146,31 @@ def _factors(ctx: InitContext, results, eta: float, preserve: bool) -> Dict[str,
     return out
 
 
+def search_step_grid(grid: Sequence[float], loss: Callable[[float], float]) -> Dict[float, float]:
+    """Held-out losses of a coarse-to-fine search over the ascending step sizes ``grid``.
+
+    First ``grid[0]`` and every other point from the largest down to ``grid[2]``; then the unscored points between
+    the best coarse point and its coarse neighbours. When the loss is unimodal along the grid this
+    finds the grid's minimum with fewer forward passes (6 instead of 8 for the default grid with
+    its minimum at 0.1); otherwise it still returns the best point it scored. Returns {eta: loss}.
+    """
+    last = len(grid) - 1
+    coarse = sorted({0, *range(last, 1, -2)})
+    scores = {i: loss(grid[i]) for i in coarse}
+    best = min(scores, key=lambda i: (_finite_or_inf(scores[i]), i))
+    pos = coarse.index(best)
+    left = coarse[pos - 1] if pos > 0 else best
+    right = coarse[pos + 1] if pos + 1 < len(coarse) else best
+    for i in range(left + 1, right):
+        if i not in scores:
+            scores[i] = loss(grid[i])
+    return {grid[i]: scores[i] for i in sorted(scores)}
+
+
+def _finite_or_inf(v: float) -> float:
+    return v if math.isfinite(v) else math.inf
+
+
 def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactors]:
     """LoRA-DA factors of every target (see the module docstring); registered as ``"lora_da"``."""
     check_rank(ctx.targets, "lora_da")
@@ -167,10 +192,11 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
     ctx.info["n_train"] = sorted({ctx.layer_info[n]["n_train"] for n in ctx.names})[:4]
     if auto:
         with ctx.timed("step_search"):
-            scores = {}
-            for eta in (0.0,) + tuple(config.step_grid):
+            def held_out_loss(eta: float) -> float:
                 ctx.write(_factors(ctx, results, eta, preserve=False))
-                scores[eta] = ctx.eval_loss(holdout, token_mask="attention")
+                return ctx.eval_loss(holdout, token_mask="attention")
+
+            scores = search_step_grid((0.0,) + tuple(sorted(config.step_grid)), held_out_loss)
             finite = {k: v for k, v in scores.items() if math.isfinite(v)}
             if not finite:
                 raise LoRAInitError(f"step_scale='auto': every step size gave a NaN/Inf held-out loss: {scores}")

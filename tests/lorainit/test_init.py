@@ -318,3 +318,25 @@ def test_registry_lists_and_plugs_in_methods():
         initialize_lora(model, mlp_batches(), method="test_grad_top", config=LoRADAConfig(), loss_fn=mlp_loss)
     with pytest.raises(ValueError, match="unknown method"):
         initialize_lora(model, mlp_batches(), method="nope")
+
+
+def test_step_grid_search_finds_the_grid_minimum_of_unimodal_losses_with_fewer_passes():
+    import math
+
+    from lorainit.lora_da import search_step_grid
+
+    grid = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+    for best in range(len(grid)):
+        calls = []
+
+        def loss(eta, best=best):
+            calls.append(eta)
+            return abs(grid.index(eta) - best) + 0.1 * math.sin(eta)  # unimodal along the grid
+
+        scores = search_step_grid(grid, loss)
+        assert min(scores, key=scores.get) == grid[best]
+        assert len(calls) == len(set(calls)) <= 7
+        assert set(scores) == set(calls)
+    # a NaN loss counts as worst, never as best
+    scores = search_step_grid(grid, lambda eta: float("nan") if eta > 0.05 else -eta)
+    assert min((v, k) for k, v in scores.items() if math.isfinite(v))[1] == 3e-2
