@@ -72,8 +72,8 @@ class LoRADAConfig(InitConfig):
         damping: relative damping ``delta`` of ``Z`` and ``s``. Default 1e-2: on the digits task
             (3 seeds) it beat 1e-3 at rank 4 (test acc 0.986 vs 0.979 at eta=0.1) and rank 1
             (0.72 vs 0.69 at eta=0); with 1e-3, eta=1 started at a loss 39x that of no step.
-        step_scale: ``eta``, a number >= 0, or ``"auto"`` (default): a line search over
-            ``step_grid`` (and eta = 0) scoring the mean loss of the held-out statistics samples with
+        step_scale: ``eta``, a number >= 0, or ``"auto"`` (default): a coarse-to-fine search over
+            ``step_grid`` (and eta = 0; ``lorainit.lora_da.search_step_grid``) scoring the mean loss of the held-out statistics samples with
             forward passes only; one common eta for all layers. On digits at rank 4 auto reached
             0.980 (eta=1: 0.842, eta=0: 0.970, PEFT default 0.969). At rank 1 every eta > 0 hurt
             (auto 0.47, eta=0 0.72, PEFT default 0.85): for very low ranks use ``step_scale=0``.

@@ -12,7 +12,8 @@ Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC
 The per-layer math is ``lorainit_kernels.methods.lora_da``; this module gathers the statistics,
 stacks layers of one shape into one batched call, spreads the calls over processes, estimates
 ``N`` and searches ``eta`` (``step_scale="auto"``: the mean loss of held-out statistics samples
-after writing ``eta P A^T`` to every layer, forward passes only, over ``{0} U step_grid``).
+after writing ``eta P A^T`` to every layer, forward passes only, coarse-to-fine over
+``{0} U step_grid``).
 """
 from __future__ import annotations
 
