@@ -713,7 +713,7 @@ def lora_da(
 
     kw = dict(n_train=n_train, damping=damping, bias_weight=bias_weight, variance_weight=variance_weight, fisher=fisher)
     A, P, evals, solver_info = _guidance.lora_da_factors(Z, G, s, rank, solver=solver, X=X, tol=tol, maxiter=maxiter,
-                                                         return_info=True, **kw)
+                                                         return_info=True, step_norm=normalize_step, **kw)
     info: Dict[str, Any] = {"evals": evals, "step_norm": None, "solver": solver_info}
     dt = _work_dtype(A.dtype)
     A, P = A.to(dt), P.to(dt)

@@ -274,6 +274,7 @@ def lora_da_factors(
     form_omega: bool = True,
     guard: Optional[int] = None,
     return_info: bool = False,
+    step_norm: Optional[bool] = None,
 ):
     """LoRA-DA factors of one (batch of) layer(s): ``A`` = the ``rank`` smallest eigenvectors of ``Omega``.
 
@@ -298,7 +299,8 @@ def lora_da_factors(
     ``Omega`` and calls the dense ``torch.linalg.eigh`` (for comparison).
 
     ``return_info=True`` returns a 4th value, a dict: ``step_norm`` (batch shape, fp64) =
-    ``sigma_max(dW)`` (for step normalization without recomputing ``dW``), ``solver``, and for
+    ``sigma_max(dW)`` (for step normalization without recomputing ``dW``; computed when
+    ``step_norm`` is True, or None and ``return_info`` is True, else None), ``solver``, and for
     ``solver="lobpcg"`` the LOBPCG info (``iterations``, ``residual_norms``, ``converged``,
     ``fallback``, ``restarts``) and ``preconditioner``, plus ``shift`` (the shifts ``sigma``, fp64)
     and ``factorizations`` (Cholesky tries per matrix) for the shift-invert path.
@@ -316,7 +318,7 @@ def lora_da_factors(
         raise ValueError(f"{op}: rank must be an int with 1 <= rank <= min(m, n) = min({m}, {n}), got {rank!r} "
                          f"(G {tuple(G.shape)})")
     info = {"solver": solver}
-    need_norm = return_info or (solver == "lobpcg" and preconditioner == "shift_invert" and prep.alpha > 0)
+    need_norm = (return_info if step_norm is None else step_norm) or (solver == "lobpcg" and preconditioner == "shift_invert" and prep.alpha > 0)
     nu, v1 = prep.step_norm() if need_norm else (None, None)
     if solver == "eigh":
         Om = prep.omega(backend)

@@ -230,9 +230,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .targets import LoRAInitError
+
     try:
         return args.func(args)
-    except UsageError as err:
+    except (UsageError, LoRAInitError) as err:  # bad arguments, files, or a model/data the init cannot take
         print(f"lorainit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

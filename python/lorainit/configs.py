@@ -74,7 +74,9 @@ class LoRADAConfig(InitConfig):
             (0.72 vs 0.69 at eta=0); with 1e-3, eta=1 started at a loss 39x that of no step.
         step_scale: ``eta``, a number >= 0, or ``"auto"`` (default): a coarse-to-fine search over
             ``step_grid`` (and eta = 0; ``lorainit.lora_da.search_step_grid``) scoring the mean loss of the held-out statistics samples with
-            forward passes only; one common eta for all layers. On digits at rank 4 auto reached
+            forward passes only; one common eta for all layers. With ``preserve_output`` the search
+            scores the adapters without the base correction (the outputs it measures are those of
+            the step), then writes the chosen eta with it. On digits at rank 4 auto reached
             0.980 (eta=1: 0.842, eta=0: 0.970, PEFT default 0.969). At rank 1 every eta > 0 hurt
             (auto 0.47, eta=0 0.72, PEFT default 0.85): for very low ranks use ``step_scale=0``.
         normalize_step: divide each layer's step by the largest singular value of its ``dW``
@@ -91,7 +93,8 @@ class LoRADAConfig(InitConfig):
             positions whose loss label is not -100).
         max_memory: bytes for the statistics of one pass; None = all layers in one pass. Below what
             all layers need, layers are processed in groups with one pass each (identical results).
-        solver: ``"lobpcg"`` (default, never forms Omega) or ``"eigh"`` (dense, for comparison).
+        solver: ``"lobpcg"`` (default; batched LOBPCG on the formed Omega) or ``"eigh"`` (dense, for
+            comparison).
         step_grid: the etas ``"auto"`` tries (besides 0); holdout_fraction: share of the statistics
             samples held out to score them (at least one batch).
         stats_dtype: accumulator dtype of the statistics (float32, or float64 for exactness tests).

@@ -102,8 +102,14 @@ class RunResult:
     method: str
     seed: int
     init_seconds: float
-    losses: List[float] = field(default_factory=list)  # full-train-set loss before step k
+    losses: List[float] = field(default_factory=list)  # full-train-set loss ...
+    loss_steps: List[int] = field(default_factory=list)  # ... before these optimizer steps (last: after the end)
     test_accuracy: float = math.nan
+
+    def loss_at(self, step: int) -> float:
+        """The recorded loss at the latest recorded step <= ``step``."""
+        i = max(j for j, s in enumerate(self.loss_steps) if s <= step) if self.loss_steps[0] <= step else 0
+        return self.losses[i]
 
 
 def finetune(
@@ -162,6 +168,7 @@ def finetune(
         for x, y in batches(task.train_x, task.train_y, batch_size, int(torch.randint(1 << 30, (1,), generator=gen))):
             if step % eval_every == 0:
                 result.losses.append(mean_loss(model, task.train_x, task.train_y))
+                result.loss_steps.append(step)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -169,6 +176,7 @@ def finetune(
             if step == steps:
                 break
     result.losses.append(mean_loss(model, task.train_x, task.train_y))
+    result.loss_steps.append(step)
     result.test_accuracy = accuracy(model.eval(), task.test_x, task.test_y)
     return result
 
@@ -210,7 +218,7 @@ def summarize(results: Dict[str, List[RunResult]], checkpoints: Sequence[int] = 
                "std": float(acc.std()) if len(runs) > 1 else 0.0,
                "loss@0": float(torch.tensor([r.losses[0] for r in runs]).mean())}
         for c in checkpoints:
-            row[f"loss@{c}"] = float(torch.tensor([r.losses[min(c, len(r.losses) - 1)] for r in runs]).mean())
+            row[f"loss@{c}"] = float(torch.tensor([r.loss_at(c) for r in runs]).mean())
         row["final loss"] = float(torch.tensor([r.losses[-1] for r in runs]).mean())
         row["init s"] = float(torch.tensor([r.init_seconds for r in runs]).mean())
         rows.append(row)
@@ -236,7 +244,7 @@ def plot_losses(results: Dict[str, List[RunResult]], path, title: str = "digits:
     for method, runs in results.items():
         curves = torch.tensor([r.losses for r in runs])
         mean = curves.mean(0)
-        ax.plot(range(len(mean)), mean.numpy(), label=method, lw=1.4)
+        ax.plot(runs[0].loss_steps, mean.numpy(), label=method, lw=1.4)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (even digits)")

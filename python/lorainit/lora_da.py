@@ -156,7 +156,7 @@ def search_step_grid(grid: Sequence[float], loss: Callable[[float], float]) -> D
     its minimum at 0.1); otherwise it still returns the best point it scored. Returns {eta: loss}.
     """
     last = len(grid) - 1
-    coarse = sorted({0, *range(last, 1, -2)})
+    coarse = sorted({0, last, *range(last, 1, -2)})
     scores = {i: loss(grid[i]) for i in coarse}
     best = min(scores, key=lambda i: (_finite_or_inf(scores[i]), i))
     pos = coarse.index(best)

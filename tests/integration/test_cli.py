@@ -67,6 +67,7 @@ def test_base_changing_method_saves_the_residual_base(tiny_lm_dir, tmp_path):
     (["init", "--model", "{model}", "--data", "{data}", "--method", "magic", "--target-modules", "q_proj", "--out", "x"], "--method"),
     (["init", "--model", "{model}", "--data", "{data}", "--rank", "0", "--target-modules", "q_proj", "--out", "x"], "--rank"),
     (["init", "--model", "{model}", "--method", "lora_da", "--target-modules", "q_proj", "--out", "x"], "--data is required"),
+    (["init", "--model", "{model}", "--data", "{data}", "--rank", "64", "--target-modules", "q_proj", "--out", "x"], "rank"),
     (["init", "--rank", "notanint"], "error"),
     (["frobnicate"], "error"),
 ])

@@ -337,6 +337,8 @@ def test_step_grid_search_finds_the_grid_minimum_of_unimodal_losses_with_fewer_p
         assert min(scores, key=scores.get) == grid[best]
         assert len(calls) == len(set(calls)) <= 7
         assert set(scores) == set(calls)
+    # a one-value grid still scores its value
+    assert set(search_step_grid((0.0, 0.5), lambda eta: -eta)) == {0.0, 0.5}
     # a NaN loss counts as worst, never as best
     scores = search_step_grid(grid, lambda eta: float("nan") if eta > 0.05 else -eta)
     assert min((v, k) for k, v in scores.items() if math.isfinite(v))[1] == 3e-2

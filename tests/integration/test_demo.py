@@ -1,0 +1,30 @@
+"""`make demo` / `lorainit demo` end to end on a short budget, and the digits task's bookkeeping."""
+import torch
+
+from lorainit import demo, digits
+
+
+def test_demo_writes_table_and_plot(tmp_path, capsys):
+    code = demo.main(["--methods", "lora,lora_da", "--seeds", "1", "--steps", "12", "--out", str(tmp_path)])
+    assert code == 0
+    table = (tmp_path / "digits.md").read_text()
+    assert "| lora |" in table and "| lora_da |" in table
+    assert (tmp_path / "digits_loss.png").stat().st_size > 1000
+    assert "pretrained on odd digits" in capsys.readouterr().out
+
+
+def test_demo_rejects_unknown_methods(tmp_path, capsys):
+    assert demo.main(["--methods", "lora,magic", "--out", str(tmp_path)]) == 2
+    assert "magic" in capsys.readouterr().err
+
+
+def test_finetune_records_losses_at_the_right_steps():
+    task = digits.load_task()
+    base = digits.pretrain(task, steps=20)
+    run = digits.finetune(base, task, "lora", steps=10, eval_every=4, seed=0)
+    assert run.loss_steps == [0, 4, 8, 10]
+    assert run.loss_at(5) == run.losses[1] and run.loss_at(10) == run.losses[-1]
+    assert 0.0 <= run.test_accuracy <= 1.0
+    # the task split: pretraining on odd digits only, fine-tuning on even digits only
+    assert set(task.pre_y.tolist()) == set(digits.ODD) and set(task.train_y.tolist()) == set(digits.EVEN)
+    assert torch.isfinite(torch.tensor(run.losses)).all()
