@@ -90,13 +90,15 @@ class ModelSnapshot:
         self.restore(values=False)
 
 
-def _check(name: str, what: str, t, shape) -> Tensor:
+def _check(name: str, what: str, t, shape, dtype: torch.dtype) -> Tensor:
+    """``t`` cast to ``dtype`` (the parameter's), with its shape checked and no NaN/Inf after the cast."""
     if not isinstance(t, Tensor):
         raise LoRAInitError(f"module {name!r}: {what} must be a tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         raise LoRAInitError(f"module {name!r}: {what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    t = t.to(dtype)
     if not bool(torch.isfinite(t).all()):
-        raise LoRAInitError(f"module {name!r}: {what} has NaN/Inf entries")
+        raise LoRAInitError(f"module {name!r}: {what} has NaN/Inf entries in {dtype} (overflow in the cast?)")
     return t
 
 
@@ -106,17 +108,18 @@ def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactor
     unknown = sorted(set(factors) - set(targets))
     if unknown:
         raise LoRAInitError(f"factors for modules that are not LoRA targets: {unknown[:5]}")
+    checked = {}
     for name, f in factors.items():
         t = targets[name]
-        _check(name, "lora_A", f.lora_A, (t.r, t.n))
-        _check(name, "lora_B", f.lora_B, (t.m, t.r))
-        if f.base_delta is not None:
-            _check(name, "base_delta", f.base_delta, (t.m, t.n))
-    for name, f in factors.items():
+        work = torch.promote_types(t.weight_torch().dtype, torch.float32)  # base update in >= fp32
+        checked[name] = (_check(name, "lora_A", f.lora_A, (t.r, t.n), t.lora_A.dtype),
+                         _check(name, "lora_B", f.lora_B, (t.m, t.r), t.lora_B.dtype),
+                         None if f.base_delta is None else _check(name, "base_delta", f.base_delta, (t.m, t.n), work))
+    for name, (lora_A, lora_B, base_delta) in checked.items():
         t = targets[name]
-        t.lora_A.copy_(f.lora_A.to(device=t.lora_A.device, dtype=t.lora_A.dtype))
-        t.lora_B.copy_(f.lora_B.to(device=t.lora_B.device, dtype=t.lora_B.dtype))
-        if f.base_delta is not None:
+        t.lora_A.copy_(lora_A.to(t.lora_A.device))
+        t.lora_B.copy_(lora_B.to(t.lora_B.device))
+        if base_delta is not None:
             snapshot.save_base(t)
             W = t.weight_torch()
-            W.copy_((W.float() + f.base_delta.to(device=W.device, dtype=torch.float32)).to(W.dtype))
+            W.copy_((W.to(base_delta.dtype) + base_delta.to(W.device)).to(W.dtype))
