@@ -228,7 +228,7 @@ class LossRunner:
             "unshifted": int(labels.ne(-100).sum()),
             "examples": int(labels.shape[0]),
         }
-        if counts["unshifted"] == 0 or counts["shifted"] == 0:
+        if counts["unshifted"] == 0:  # the mode-specific count is checked below
             raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
                                 f"attention_mask)")
         if self.mode is None:
