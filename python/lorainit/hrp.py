@@ -26,7 +26,7 @@ LoRA branches are disabled. So the user's adapter name, active adapter, ``peft_c
 additionally restores the whole model on error).
 
 Loss: ``HRPConfig.loss_fn(model, batch)`` if given (minimized as returned, e.g. a mean loss),
-else ``initialize_lora``'s ``loss_fn`` (a summed loss; Adam is invariant to the constant scale),
+else ``initialize_lora``'s ``loss_fn`` (a summed loss, divided by the batch's number of examples),
 else the model's own mean loss from the batch (``labels`` added from ``input_ids`` for causal LMs
 as in the statistics pass). With a user ``loss_fn`` every batch reaches it exactly as the
 dataloader yielded it. HRP trains on the dataloader itself: ``num_samples`` is not used.
@@ -221,6 +221,12 @@ def _batch_loss(ctx: InitContext, config: HRPConfig, batch, step: int) -> Tensor
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise LoRAInitError(f"hrp: loss_fn(model, batch) must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))} at preheat step {step}")
+        if config.loss_fn is None:
+            # initialize_lora's loss_fn returns a summed loss: train on the per-example mean, so the
+            # step size does not depend on the batch size
+            from .collect import _leading_size
+
+            return loss.reshape(()) / (_leading_size(batch) or 1)
         return loss.reshape(())
     runner = ctx.runner("attention")
     loss, count = runner.summed_loss(runner.prepare(batch), step)
