@@ -9,7 +9,6 @@ the K-FAC kernels inside it, the batched LoRA-DA solves, the step-size search an
 """
 from __future__ import annotations
 
-import time
 import warnings
 
 import torch

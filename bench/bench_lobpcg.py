@@ -8,7 +8,6 @@ relative error <= 1e-5. The CUDA provider (cupyx.scipy.sparse.linalg.lobpcg) is 
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch

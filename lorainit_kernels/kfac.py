@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import check_kfac_inputs, kfac_update
+from .ops import check_kfac_inputs, kfac_update_checked
 
 
 class KFACStats:
@@ -94,8 +94,7 @@ class KFACStats:
         if x.device != self.device:
             raise ValueError(f"{op}: x is on {x.device} but the accumulator is on {self.device}; "
                              f"create KFACStats(..., device={str(x.device)!r})")
-        Zs, Gs, ss, count = kfac_update(x, grad_output, mask, with_input_cov=self.track_input_cov,
-                                        backend=self.backend)
+        Zs, Gs, ss, count = kfac_update_checked(x, grad_output, mask, self.track_input_cov, self.backend)
         if count == 0:
             return 0
         # A non-finite value in a valid token reaches the diagonal of Z (sum of x_i^2) or s (sum of

@@ -8,7 +8,7 @@ inputs whose last dimension is contiguous.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -153,13 +153,18 @@ def kfac_update(
     over the ``count`` valid tokens, accumulated in fp32 (fp64 for fp64 inputs). DESIGN.md section 2.
     """
     check_kfac_inputs(x, grad_output, mask)
-    n = x.shape[-1]
-    x2 = _rows(x, n)
+    return kfac_update_checked(x, grad_output, mask, with_input_cov, backend)
+
+
+def kfac_update_checked(x: Tensor, grad_output: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool,
+                        backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """:func:`kfac_update` for inputs already accepted by :func:`check_kfac_inputs`."""
+    x2 = _rows(x, x.shape[-1])
     g2 = None if grad_output is None else _rows(grad_output, grad_output.shape[-1])
     m2 = None if mask is None else mask.reshape(-1)
-    if m2 is not None and bool(m2.all()):
-        m2 = None  # nothing to compact
     count = x2.shape[0] if m2 is None else int(m2.sum())
+    if m2 is not None and count == m2.numel():
+        m2 = None  # every token is valid: nothing to compact
     name = resolve_backend(backend, x.device, "kfac_update")
     Zs, Gs, ss = torch.ops.lorainit.kfac_update(x2, g2, m2, with_input_cov, name)
     return Zs, Gs, ss, count

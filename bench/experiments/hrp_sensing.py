@@ -65,7 +65,7 @@ def run(seeds: int = 3, n: int = 32, r: int = 4, decay: float = 0.8, steps: int 
     total = 0.5 * float((sig ** 2).sum())
     best = 0.5 * float((sig[r:] ** 2).sum())
     thm31 = 0.5 * (1 - r / n) * float((sig ** 2).sum())
-    curves, limits = {}, {}
+    curves = {}
     preheat_ranks = (r, n // 4, n // 2, n)
     for label in ["random A"] + [f"HRP R={R}" for R in preheat_ranks]:
         runs = []

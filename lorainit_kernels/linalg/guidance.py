@@ -203,19 +203,6 @@ class _Prepared:
             v = u
         return nu, v
 
-    def preconditioner(self) -> Optional[Callable[[Tensor], Tensor]]:
-        """``R -> (Z_d / c) R``: SPD and ``(Z_d/c) Omega = I - (alpha/c) Z_d dW^T dW`` (identity plus a
-        low-rank-ish term), so LOBPCG converges at the rate of the spread of ``dW Z_d^(1/2)``."""
-        if self.beta == 0:
-            return None
-        inv_c = (1.0 / self.c)[..., None, None]
-        Zd = self.Zd
-
-        def apply(R: Tensor) -> Tensor:
-            return (Zd @ R) * inv_c
-
-        return apply
-
 
 def guidance_matrix(
     Z: Tensor,

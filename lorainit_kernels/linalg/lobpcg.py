@@ -187,12 +187,6 @@ def _svqb(V: Tensor, mask: Tensor, drop: float) -> Tuple[Tensor, Tensor]:
     return Q, keep
 
 
-def _project_out(V: Tensor, Qs: Sequence[Tensor]) -> Tensor:
-    for Q in Qs:
-        V = V - Q @ (Q.transpose(-1, -2) @ V)
-    return V
-
-
 def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor]:
     """Dense float64 solve for small n (the callable is applied to the identity)."""
     if A.mat is not None:

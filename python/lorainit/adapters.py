@@ -12,7 +12,6 @@ method returns ``base_delta`` (m, n), ``W <- W + base_delta`` computed in fp32 (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional
 
 import torch

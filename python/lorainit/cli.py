@@ -59,8 +59,6 @@ def read_texts(path: Path, text_field: str) -> List[str]:
 
 def tokenized_batches(tokenizer, texts: List[str], *, batch_size: int, max_length: int, padding: str):
     """Causal-LM batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
-    import torch
-
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.pad_token is None:

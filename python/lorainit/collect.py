@@ -10,12 +10,11 @@ are found at run time on the first batch and share one ``Z``.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch

@@ -34,9 +34,7 @@ dataloader yielded it. HRP trains on the dataloader itself: ``num_samples`` is n
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -51,7 +49,7 @@ from .adapters import LoRAFactors
 from .configs import InitConfig
 from .context import InitContext, _progress
 from .registry import register_method
-from .targets import LoRAInitError, TargetLayer, check_rank
+from .targets import LoRAInitError, check_rank
 
 __all__ = ["HRPConfig", "hrp_init", "HRPDataWarning"]
 

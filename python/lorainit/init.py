@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable, Optional
 
-import torch
 from torch import nn
 
 from .adapters import ModelSnapshot, write_factors

@@ -11,7 +11,7 @@ the factors transactionally, restoring the model on error and the report. Adding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Type
+from typing import Callable, Dict, List, Type
 
 from .configs import InitConfig
 

@@ -1,13 +1,10 @@
 """guidance_matrix and lora_da_factors against a plain float64 formula with explicit inverses."""
-import math
-import warnings
-
 import pytest
 import torch
 
 import lorainit_kernels as lk
 from lorainit_kernels import ops
-from linalg_helpers import (kfac_stats, reference_guidance, ritz_bounds, scipy_eigh, sin_theta, objective,
+from linalg_helpers import (kfac_stats, reference_guidance, scipy_eigh, sin_theta, objective,
                             weighted_gram_backend)
 
 BACKEND = weighted_gram_backend()

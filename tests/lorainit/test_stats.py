@@ -66,7 +66,6 @@ def test_shared_inputs_detected_and_batch_size_invariance():
     assert owner["mlp.up_proj"] == "gate_proj" and owner["mlp.down_proj"] == "down_proj"
     assert owner["self_attn.o_proj"] == "o_proj"
     # the same examples in batches of 2 and of 6 give the same statistics (summed-loss convention)
-    import itertools
     flat = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(4)]
     def rebatch(bs):
         return [{k: torch.cat([f[k] for f in flat[i:i + bs]]) for k in flat[0]} for i in range(0, len(flat), bs)]
