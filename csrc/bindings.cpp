@@ -153,6 +153,33 @@ std::string weighted_gram(std::uintptr_t v_ptr, i64 v_row_stride, int v_dtype, i
   return lorainit::run_problem(p, isa, nt);
 }
 
+std::string sym_matmul(std::uintptr_t a_ptr, i64 batch, i64 n, i64 lda, i64 a_mat_stride, std::uintptr_t w_ptr,
+                       i64 p16, std::uintptr_t y_ptr, int isa, int num_threads) {
+  const char* op = "_C.sym_matmul";
+  LORAINIT_CHECK(batch >= 0 && n >= 0 && p16 >= 0, op, ": negative size (batch=", batch, ", n=", n, ", p16=", p16, ")");
+  LORAINIT_CHECK(p16 % 16 == 0, op, ": p16 must be a multiple of 16 (pad W), got ", p16);
+  LORAINIT_CHECK(lda >= n, op, ": lda=", lda, " < n=", n);
+  LORAINIT_CHECK(batch <= 1 || a_mat_stride >= 0, op, ": a_mat_stride must be >= 0, got ", a_mat_stride);
+  if (batch > 0 && n > 0) check_matrix(op, "A", a_ptr, n, n, lda, lorainit::kF32);
+  if (batch > 0 && n > 0 && p16 > 0) {
+    check_matrix(op, "W", w_ptr, batch * n, p16, p16, lorainit::kF32);
+    check_output(op, "Y", y_ptr, batch * n * p16);
+  }
+  isa = check_isa(op, isa);
+  const int nt = resolve_threads(op, num_threads);
+  lorainit::SymmProblem p;
+  p.A = reinterpret_cast<const float*>(a_ptr);
+  p.batch = batch;
+  p.n = n;
+  p.lda = lda;
+  p.a_mat_stride = a_mat_stride;
+  p.W = reinterpret_cast<const float*>(w_ptr);
+  p.Y = reinterpret_cast<float*>(y_ptr);
+  p.p16 = p16;
+  py::gil_scoped_release release;
+  return lorainit::run_symm(p, isa, nt);
+}
+
 py::dict cpu_features() {
   py::dict f;
 #if defined(LORAINIT_X86)
@@ -180,7 +207,7 @@ py::dict cpu_features() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lorainit C++ CPU kernels (no libtorch: raw pointers and strides)";
-  m.def("version", []() { return 2; });
+  m.def("version", []() { return 3; });
 
   m.attr("ISA_NAMES") = py::make_tuple("portable", "avx2", "avx512", "avx512bf16");
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
@@ -199,6 +226,13 @@ PYBIND11_MODULE(_C, m) {
         "else T contiguous fp32 weights (any sign). Releases the GIL. Returns the kernel name.",
         py::arg("v_ptr"), py::arg("v_row_stride"), py::arg("v_dtype"), py::arg("T"), py::arg("d"), py::arg("w_ptr"),
         py::arg("out_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
+  m.def("sym_matmul", &sym_matmul,
+        "Y = A W for a batch of symmetric fp32 matrices, reading only the upper triangle of each A (the\n"
+        "strictly lower triangle is never read). A: matrix b at a_ptr + 4 * b * a_mat_stride, rows lda floats\n"
+        "apart; W, Y: (batch, n, p16) contiguous fp32 with p16 a multiple of 16 (pad W with zeros); Y is\n"
+        "overwritten. Releases the GIL. Returns the kernel name.",
+        py::arg("a_ptr"), py::arg("batch"), py::arg("n"), py::arg("lda"), py::arg("a_mat_stride"), py::arg("w_ptr"),
+        py::arg("p16"), py::arg("y_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
   m.def("cpu_features", &cpu_features, "CPU features the dispatcher looks at, OpenMP and the best ISA level.");
   m.def("isa_levels", []() {
     py::list out;

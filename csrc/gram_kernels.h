@@ -76,12 +76,30 @@ inline float f16_to_f32_soft(std::uint16_t h) {
   return f;
 }
 
+// Y = A W for a batch of symmetric A, reading the upper triangle only (symm_driver.inc).
+struct SymmProblem {
+  const float* A = nullptr;  // matrix b starts at A + b * a_mat_stride; rows lda floats apart
+  i64 batch = 0, n = 0, lda = 0, a_mat_stride = 0;
+  const float* W = nullptr;  // (batch, n, p16) contiguous, p16 a multiple of 16
+  float* Y = nullptr;        // (batch, n, p16) contiguous, overwritten
+  i64 p16 = 0;
+};
+
 // Per-ISA entry points (defined in kernels_portable.cpp / kernels_x86.cpp).
-namespace portable { void run_f32(const Problem& p, int nthreads); const char* name_f32(); }
+namespace portable {
+void run_f32(const Problem& p, int nthreads); const char* name_f32();
+void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+}
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORAINIT_X86 1
-namespace avx2 { void run_f32(const Problem& p, int nthreads); const char* name_f32(); }
-namespace avx512 { void run_f32(const Problem& p, int nthreads); const char* name_f32(); }
+namespace avx2 {
+void run_f32(const Problem& p, int nthreads); const char* name_f32();
+void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+}
+namespace avx512 {
+void run_f32(const Problem& p, int nthreads); const char* name_f32();
+void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+}
 namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); }
 #endif
 
@@ -93,5 +111,7 @@ bool isa_supported(int isa);
 std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted);
 // Runs the problem; returns the kernel name used. isa = -1 picks the best level.
 std::string run_problem(const Problem& p, int isa, int nthreads);
+// Runs the symmetric block product at the best level <= isa (-1 = best); returns the kernel name.
+std::string run_symm(const SymmProblem& p, int isa, int nthreads);
 
 }  // namespace lorainit

@@ -12,6 +12,7 @@ namespace lorainit {
 namespace portable {
 #define LORAINIT_LEVEL 0
 #include "gram_driver.inc"
+#include "symm_driver.inc"
 #undef LORAINIT_LEVEL
 
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }

@@ -85,4 +85,22 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
   }
 }
 
+std::string run_symm(const SymmProblem& p, int isa, int nthreads) {
+  // The symmetric product has fp32 kernels only; the bf16 level runs the AVX-512 one.
+  const int level = isa < 0 ? best_isa() : isa;
+#if defined(LORAINIT_X86)
+  if (level >= kAVX512) {
+    avx512::run_symm(p, nthreads);
+    return avx512::symm_name();
+  }
+  if (level >= kAVX2) {
+    avx2::run_symm(p, nthreads);
+    return avx2::symm_name();
+  }
+#endif
+  (void)level;
+  portable::run_symm(p, nthreads);
+  return portable::symm_name();
+}
+
 }  // namespace lorainit

@@ -8,7 +8,7 @@ nothing of models or PEFT; ``lorainit`` builds on it. Conventions: DESIGN.md sec
 from ._backends import BACKENDS, has_native, has_triton, triton_interpreting
 from .kfac import KFACStats
 from .linalg import ShiftInvert, guidance_matrix, lobpcg, lora_da_factors, shift_invert_preconditioner, svd_of_product
-from .ops import kfac_update, weighted_gram
+from .ops import kfac_update, sym_matmul, weighted_gram
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "lobpcg",
     "lora_da_factors",
     "svd_of_product",
+    "sym_matmul",
     "triton_interpreting",
     "weighted_gram",
 ]

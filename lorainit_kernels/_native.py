@@ -130,3 +130,34 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
         out.data_ptr(), requested_isa(), torch.get_num_threads(),
     )
     return out
+
+
+def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
+    """``A @ W`` for symmetric fp32 ``A`` (b, n, n) and ``W`` (b, n, p), reading A's upper triangle only.
+
+    ``A`` needs a unit column stride (any row and batch strides, e.g. a slice of a larger batch);
+    ``W`` is copied into a zero-padded (b, n, 16 * ceil(p / 16)) block when p is not a multiple of 16.
+    """
+    op = "native sym_matmul"
+    if A.device.type != "cpu" or W.device.type != "cpu":
+        raise ValueError(f"{op}: runs on CPU tensors, got A on {A.device} and W on {W.device}")
+    if A.dtype != torch.float32 or W.dtype != torch.float32:
+        raise TypeError(f"{op}: takes float32 A and W, got {A.dtype} and {W.dtype}")
+    if A.dim() != 3 or A.shape[-1] != A.shape[-2] or W.dim() != 3 or W.shape[:2] != A.shape[:2]:
+        raise ValueError(f"{op}: A must be (b, n, n) and W (b, n, p), got {tuple(A.shape)} and {tuple(W.shape)}")
+    b, n, p = W.shape
+    if n > 1 and A.stride(-1) != 1:
+        A = A.contiguous()
+    p16 = -(-p // 16) * 16
+    if p16 != p or not W.is_contiguous():
+        Wp = W.new_zeros((b, n, p16))
+        Wp[:, :, :p] = W
+    else:
+        Wp = W
+    Y = torch.empty((b, n, p16), dtype=torch.float32)
+    if b and n and p:
+        _C().sym_matmul(A.data_ptr(), b, n, A.stride(-2) if n > 1 else 1, A.stride(0) if b > 1 else 0, Wp.data_ptr(),
+                        p16, Y.data_ptr(), requested_isa(), torch.get_num_threads())
+    else:
+        Y.zero_()
+    return Y if p16 == p else Y[:, :, :p]

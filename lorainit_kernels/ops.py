@@ -78,6 +78,23 @@ def _(v, weights, backend):
 
 
 # --------------------------------------------------------------------------------------------
+# sym_matmul: A @ W for symmetric A, one triangle read (LOBPCG's block products)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lorainit::sym_matmul", mutates_args=())
+def _sym_matmul_op(A: Tensor, W: Tensor, backend: str) -> Tensor:
+    if backend == "native":
+        from . import _native
+
+        return _native.sym_matmul(A, W).contiguous()
+    return A @ W
+
+
+@_sym_matmul_op.register_fake
+def _(A, W, backend):
+    return W.new_empty(W.shape)
+
+
+# --------------------------------------------------------------------------------------------
 # Public wrappers: argument checks, batch flattening, backend choice
 # --------------------------------------------------------------------------------------------
 def _shape(t: Optional[Tensor]) -> str:
@@ -197,3 +214,40 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optio
         wi = None if wb is None else wb[i].to(_acc_dtype(v)).contiguous()
         outs.append(torch.ops.lorainit.weighted_gram(vi, wi, name))
     return torch.stack(outs).reshape(*batch, d, d)
+
+
+def sym_matmul(A: Tensor, W: Tensor, *, backend: Optional[str] = "auto") -> Tensor:
+    """``A @ W`` for symmetric ``A`` (..., n, n) (or (n, n), shared) and ``W`` (..., n, p).
+
+    The native CPU kernel (fp32) reads only the upper triangle of each ``A``: every element read
+    feeds two FMAs (``Y_i += a_ij w_j`` and ``Y_j += a_ij w_i``), which halves the memory traffic of
+    the thin products LOBPCG is made of (csrc/symm_driver.inc). The torch backend is ``A @ W``, so
+    the two agree only for symmetric ``A``. ``backend="auto"`` takes native for fp32 CPU inputs and
+    torch otherwise (on GPU the product is left to cuBLAS; there is no Triton kernel for it).
+    """
+    op = "sym_matmul"
+    if not isinstance(A, Tensor) or not isinstance(W, Tensor):
+        raise TypeError(f"{op}: A and W must be tensors, got {type(A).__name__} and {type(W).__name__}")
+    _check_float("A", A, op)
+    _check_float("W", W, op)
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{op}: A must be square (..., n, n), got shape {_shape(A)}")
+    n = A.shape[-1]
+    if W.dim() < 2 or W.shape[-2] != n or (A.dim() > 2 and tuple(W.shape[:-2]) != tuple(A.shape[:-2])):
+        raise ValueError(f"{op}: W must have shape {tuple(A.shape[:-2])} + ({n}, p) for A of shape {_shape(A)}, "
+                         f"got {_shape(W)}")
+    if A.device != W.device or A.dtype != W.dtype:
+        raise ValueError(f"{op}: A ({A.dtype}, {A.device}) and W ({W.dtype}, {W.device}) must share dtype and device")
+    if backend in (None, "auto"):
+        name = "native" if A.dtype == torch.float32 and resolve_backend("auto", A.device, op) == "native" else "torch"
+    else:
+        name = resolve_backend(backend, A.device, op)
+        if name == "triton":
+            raise ValueError(f"{op}: there is no Triton kernel for sym_matmul; use backend='torch' (cuBLAS) on GPU")
+        if name == "native" and A.dtype != torch.float32:
+            raise TypeError(f"{op}: the native kernel takes float32, got {A.dtype}; use backend='torch'")
+    batch = tuple(W.shape[:-2])
+    p = W.shape[-1]
+    Ab = A.expand(*batch, n, n).reshape(-1, n, n) if A.dim() > 2 or batch else A.reshape(1, n, n)
+    Wb = W.reshape(-1, n, p)
+    return torch.ops.lorainit.sym_matmul(Ab, Wb, name).reshape(*batch, n, p)

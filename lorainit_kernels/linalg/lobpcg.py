@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .._backends import has_native
+
 Operator = Union[Tensor, Callable[[Tensor], Tensor]]
+
+# smallest n for which lobpcg multiplies fp32 CPU matrices with the native symmetric kernel
+_SYMM_MIN_N = 128
 
 
 def _batch_index(flat: int, batch: Sequence[int]):
@@ -41,58 +46,74 @@ def _batch_index(flat: int, batch: Sequence[int]):
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
 
 
+def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
+    """Sorted flat indices -> contiguous runs ``(start, stop, offset into idx)``."""
+    ids = idx.tolist()
+    runs, start = [], 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or ids[j] != ids[j - 1] + 1:
+            runs.append((ids[start], ids[j - 1] + 1, start))
+            start = j
+    return runs
+
+
 class _Op:
-    """A batch of symmetric operators on (b, n, p) blocks, restricted to an active subset of the batch."""
+    """A batch of symmetric operators on (b, n, p) blocks, applied to any sorted subset of the batch.
+
+    Subsets of a stored batch of matrices are multiplied run by run on views (no copy of the
+    remaining matrices, no work for the converged ones).
+    """
 
     def __init__(self, A: Operator, name: str, batch: Tuple[int, ...], n: int, dtype, device, sign: float = 1.0):
         self.name, self.batch, self.n, self.dtype, self.device, self.sign = name, batch, n, dtype, device, sign
         self.b = math.prod(batch)
         self.si = A if isinstance(A, ShiftInvert) else None
+        self.callable = not isinstance(A, Tensor)
+        self.mat = None
+        self.matmul = torch.bmm
         if self.si is not None:
             self.L = self.si.L.to(dtype).reshape(self.b, n, n)
-            self.L_active = self.L
-        self.callable = not isinstance(A, Tensor)
-        if self.callable:
+        elif self.callable:
             self.fn = A
-            self.mat = None
         else:
             mat = A.to(dtype)
             if mat.dim() == 2:
                 mat = mat.expand(*batch, n, n)
             self.mat = mat.reshape(self.b, n, n)
-        self.active = None  # None = whole batch; else a LongTensor of flat indices
-        self.mat_active = self.mat
-        self.stored = None  # flat indices of the matrices in mat_active (None = all)
-        self.pos = None  # positions of the active matrices within mat_active (None = all of them)
+            # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
+            # traffic of a bmm, which is what bounds these thin products)
+            if self.mat.dtype == torch.float32 and self.mat.device.type == "cpu" and n >= _SYMM_MIN_N and has_native():
+                from .._native import sym_matmul
+
+                self.matmul = sym_matmul
+        self.active = None  # None = whole batch; else a sorted LongTensor of flat indices
+        self.runs = None
 
     def restrict(self, idx: Tensor) -> None:
         self.active = idx
-        if self.si is not None:
-            self.L_active = self.L.index_select(0, idx)
-        if self.mat is not None:
-            # Copying the remaining matrices costs about two matvecs each; re-gather only once the
-            # active set has halved, and until then multiply the stored ones (zero blocks for the
-            # converged), which is cheaper than copying after every convergence.
-            stored = self.stored if self.stored is not None else torch.arange(self.b, device=idx.device)
-            if 2 * idx.numel() <= stored.numel():
-                self.mat_active, self.stored, self.pos = self.mat.index_select(0, idx), idx, None
-            else:
-                self.pos = torch.searchsorted(stored, idx)
+        self.runs = _runs(idx) if idx.numel() != self.b else None
 
-    def __call__(self, X: Tensor) -> Tensor:
+    def _by_runs(self, X: Tensor, runs, apply) -> Tensor:
+        if runs is None:
+            return apply(0, self.b, X)
+        if len(runs) == 1:
+            s, e, _ = runs[0]
+            return apply(s, e, X)
+        return torch.cat([apply(s, e, X[o:o + e - s]) for s, e, o in runs], dim=0)
+
+    def __call__(self, X: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """``A X`` for the matrices ``idx`` (flat indices, sorted; default: the active set)."""
+        runs = self.runs if idx is None else (_runs(idx) if idx.numel() != self.b else None)
         if self.si is not None:
-            return _chol_apply(X, self.L_active)
-        if not self.callable:
-            if self.pos is None:
-                out = self.mat_active @ X
-            else:
-                full = X.new_zeros((self.mat_active.shape[0],) + tuple(X.shape[1:]))
-                full.index_copy_(0, self.pos, X)
-                out = (self.mat_active @ full).index_select(0, self.pos)
+            out = self._by_runs(X, runs, lambda s, e, Xr: _chol_apply(Xr, self.L[s:e]))
+        elif not self.callable:
+            out = self._by_runs(X, runs, lambda s, e, Xr: self.matmul(self.mat[s:e], Xr))
         else:
-            if self.active is not None and self.active.numel() != self.b:
+            sub = idx if idx is not None else self.active
+            partial = sub is not None and sub.numel() != self.b
+            if partial:
                 full = X.new_zeros((self.b,) + tuple(X.shape[1:]))
-                full.index_copy_(0, self.active, X)
+                full.index_copy_(0, sub, X)
             else:
                 full = X
             out = self.fn(full.reshape(*self.batch, self.n, X.shape[-1]))
@@ -101,8 +122,8 @@ class _Op:
                 raise ValueError(f"lobpcg: callable {self.name} returned {got} for an input of shape "
                                  f"{tuple(self.batch) + (self.n, X.shape[-1])}; it must return the same shape")
             out = out.reshape(self.b, self.n, X.shape[-1]).to(X.dtype)
-            if self.active is not None and self.active.numel() != self.b:
-                out = out.index_select(0, self.active)
+            if partial:
+                out = out.index_select(0, sub)
         return out if self.sign == 1.0 else -out
 
 
@@ -158,6 +179,28 @@ def _check_symmetric_finite(A: Tensor, batch, n: int) -> None:
         i = int(big.nonzero()[0, 0])
         raise ValueError(f"lobpcg: A {tuple(A.shape)} is not symmetric at batch index {_batch_index(i, batch)} "
                          f"(||(A - A^T) v|| / (||A v|| + ||A^T v||) = {float(asym[i]):.3g} for random v)")
+
+
+def _check_first_product(AX: Tensor, H: Tensor, shape: Optional[Tuple[int, ...]], batch) -> None:
+    """Input checks from the first block product ``A X`` (b, n, p) and ``H = X^T A X`` (fp64).
+
+    NaN/Inf entries of ``A`` reach ``A X`` for a dense random ``X`` (checked through column sums).
+    For a tensor ``A`` (``shape`` given), an asymmetric part ``K`` shows in ``H - H^T = 2 X^T K X``,
+    nonzero with probability one for random ``X``; callables are trusted to be symmetric.
+    """
+    bad = ~torch.isfinite(AX.sum(dim=-2)).all(dim=-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        what = f"A {shape}" if shape is not None else f"A @ X (callable output) {tuple(batch) + tuple(AX.shape[1:])}"
+        raise ValueError(f"lobpcg: {what} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
+    if shape is None:
+        return
+    asym = (H - H.transpose(-1, -2)).flatten(1).norm(dim=-1) / (2 * H.flatten(1).norm(dim=-1)).clamp_min(1e-300)
+    big = asym > 1e-4
+    if bool(big.any()):
+        i = int(big.nonzero()[0, 0])
+        raise ValueError(f"lobpcg: A {shape} is not symmetric at batch index {_batch_index(i, batch)} "
+                         f"(||X^T (A - A^T) X|| / (2 ||X^T A X||) = {float(asym[i]):.3g} for a random block X)")
 
 
 def _gram(U: Tensor, V: Tensor) -> Tensor:
@@ -255,8 +298,6 @@ def lobpcg(
     batch, n, dt, dev = _check_operator(A, "A", n, batch_shape, dtype, device, k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"lobpcg: k must be an int with 1 <= k <= n = {n}, got {k!r}")
-    if isinstance(A, Tensor):
-        _check_symmetric_finite(A, batch, n)
     if M is not None:
         if isinstance(M, Tensor):
             if M.dim() < 2 or M.shape[-2:] != (n, n) or (M.dim() > 2 and tuple(M.shape[:-2]) != batch):
@@ -288,6 +329,8 @@ def lobpcg(
     info: Dict[str, object] = {}
 
     if n < 5 * k or b == 0:
+        if isinstance(A, Tensor) and b:
+            _check_symmetric_finite(A, batch, n)
         vals, vecs = _dense(op, k, largest)
         if op.callable:
             nonfinite = ~torch.isfinite(vals).all(-1)
@@ -308,7 +351,20 @@ def lobpcg(
     nb = max(k, min(k + guard, n // 3))
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 10
+    # On the CPU a host synchronization costs nothing, so blocks are only copied (torch.where)
+    # when a mask is mixed; on accelerators the selects stay on the device.
+    sync = dev.type == "cpu"
     drop = (100 * torch.finfo(dt).eps) ** 2
+    tiny = torch.finfo(torch.float64).tiny
+
+    def select(mask: Tensor, a: Tensor, b_: Tensor) -> Tensor:
+        """``torch.where`` with a per-matrix mask (ba,), broadcast over the trailing dims."""
+        if sync:
+            if bool(mask.all()):
+                return a
+            if not bool(mask.any()):
+                return b_
+        return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - 1)), a, b_)
 
     # ---- initial block -------------------------------------------------------------------------
     if generator is None:
@@ -320,149 +376,156 @@ def lobpcg(
         X0[:, :, :p] = X.reshape(b, n, X.shape[-1])[:, :, :p].to(device=dev, dtype=dt)
     Xc = torch.linalg.qr(X0.double())[0].to(dt)
     AX = op(Xc)
-    if op.callable:
-        _check_finite(AX.reshape(*batch, n, nb), "A @ X (callable output)", batch)
     H = _gram(Xc, AX)
+    # The first product doubles as the input check: NaN/Inf in A reaches A X, and an asymmetric A
+    # shows in X^T A X - (X^T A X)^T for the random X (an extra pass over A would cost ~2 products).
+    _check_first_product(AX, H, tuple(A.shape) if isinstance(A, Tensor) else None, batch)
     theta, Y = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
     Yd = Y.to(dt)
     Xc, AX = Xc @ Yd, AX @ Yd
     normA = theta.abs().amax(-1)
 
-    # ---- per-matrix state (active subset) --------------------------------------------------------
+    # ---- per-matrix state, in the layout of the active subset -----------------------------------
     out_vals = torch.zeros((b, k), dtype=torch.float64, device=dev)
     out_vecs = torch.zeros((b, n, k), dtype=dt, device=dev)
+    normA_out = torch.zeros(b, dtype=torch.float64, device=dev)
+    out_res = torch.zeros((b, k), dtype=torch.float64, device=dev)
     iters = torch.zeros(b, dtype=torch.long, device=dev)
     restarts = torch.zeros(b, dtype=torch.long, device=dev)
     active = torch.arange(b, device=dev)
 
-    P = torch.zeros_like(Xc)
-    AP = torch.zeros_like(Xc)
+    # [X, P] and [A X, A P] are kept side by side (one GEMM each per update); P is zero where
+    # pmask is False (first step, restarts)
+    XP = torch.cat([Xc, torch.zeros_like(Xc)], dim=-1)
+    AXP = torch.cat([AX, torch.zeros_like(AX)], dim=-1)
     pmask = torch.zeros((b, nb), dtype=torch.bool, device=dev)
     best_err = torch.full((b,), float("inf"), dtype=torch.float64, device=dev)
-    bestX, bestAX, best_theta = Xc.clone(), AX.clone(), theta.clone()
+    bestX, bestAX, best_theta = Xc, AX, theta
 
     def residual(Xc, AX, theta, normA):
         R = AX - Xc * theta.to(dt)[:, None, :]
-        rn = R.double().norm(dim=-2)
-        rel = rn / (normA[:, None] + theta.abs()).clamp_min(torch.finfo(torch.float64).tiny)
-        return R, rel
+        rn = torch.linalg.vector_norm(R, dim=-2, dtype=torch.float64)
+        return R, rn / (normA[:, None] + theta.abs()).clamp_min(tiny)
 
-    normA_out = torch.zeros(b, dtype=torch.float64, device=dev)
-
-    def finalize(sel: Tensor, Xs: Tensor, AXs: Tensor, nA: Tensor) -> None:
-        """Explicit Rayleigh-Ritz on the final block of matrices ``sel`` (indices into the active set)."""
-        g = active.index_select(0, sel)
-        normA_out.index_copy_(0, g, nA.index_select(0, sel))
+    def explicit_rr(Xs: Tensor, idx: Tensor):
+        """Rayleigh-Ritz of the blocks ``Xs`` with an explicit product (the implicit ``A X`` drifts)."""
+        AXs = op(Xs, idx)
         Hs = _gram(Xs, AXs)
         th, Ys = torch.linalg.eigh(0.5 * (Hs + Hs.transpose(-1, -2)))
-        Xf = (Xs.double() @ Ys)[:, :, :k]
-        out_vals.index_copy_(0, g, th[:, :k])
-        out_vecs.index_copy_(0, g, Xf.to(dt))
+        return (Xs.double() @ Ys).to(dt), (AXs.double() @ Ys).to(dt), th
 
-    eye3 = torch.eye(3 * nb, dtype=torch.float64, device=dev)
-    not_x = (torch.arange(3 * nb, device=dev) >= nb).to(torch.float64)
+    def finalize(sel: Tensor, Xs: Tensor, AXs: Tensor, th: Tensor, nA: Tensor) -> None:
+        """Store the returned pairs of the matrices ``sel`` (indices into the active set), with the
+        residual norms from their explicit product."""
+        g = active.index_select(0, sel)
+        normA_out.index_copy_(0, g, nA)
+        out_vals.index_copy_(0, g, th[:, :k])
+        out_vecs.index_copy_(0, g, Xs[:, :, :k])
+        r = AXs[:, :, :k] - Xs[:, :, :k] * th[:, None, :k].to(dt)
+        out_res.index_copy_(0, g, torch.linalg.vector_norm(r, dim=-2, dtype=torch.float64))
+
+    q = 3 * nb
+    eye_q = torch.eye(q, dtype=torch.float64, device=dev)
+    not_x = (torch.arange(q, device=dev) >= nb).to(torch.float64)
     xblock = (1 - not_x)[:, None] * (1 - not_x)[None, :]
 
     it = 0
     while True:
+        Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
         R, rel = residual(Xc, AX, theta, normA)
         conv = rel <= tol                                     # (ba, nb)
         err = rel[:, :k].amax(-1)
         finite = torch.isfinite(err) & torch.isfinite(theta).all(-1)
-        # best iterate / divergence guard (device-side, no host sync)
-        ba_idx = active
-        be = best_err.index_select(0, ba_idx)
-        better = finite & (err < be)
-        diverged = (~finite) | (err > 1e3 * be)
-        upd = better[:, None, None]
-        bestX_a = torch.where(upd, Xc, bestX.index_select(0, ba_idx))
-        bestAX_a = torch.where(upd, AX, bestAX.index_select(0, ba_idx))
-        bth_a = torch.where(better[:, None], theta, best_theta.index_select(0, ba_idx))
-        best_err.index_copy_(0, ba_idx, torch.where(better, err, be))
-        bestX.index_copy_(0, ba_idx, bestX_a)
-        bestAX.index_copy_(0, ba_idx, bestAX_a)
-        best_theta.index_copy_(0, ba_idx, bth_a)
+        # best iterate / divergence guard (no copies while every matrix improves)
+        better = finite & (err < best_err)
+        diverged = (~finite) | (err > 1e3 * best_err)
+        bestX, bestAX = select(better, Xc, bestX), select(better, AX, bestAX)
+        best_theta = select(better, theta, best_theta)
+        best_err = torch.where(better, err, best_err)
 
-        all_conv = conv[:, :k].all(-1) & finite
         stop = it >= maxiter
         if stop or it % check_every == 0:
-            if stop or bool(all_conv.any()):
-                # verify with an explicit product (the implicit A X drifts)
-                AXe = op(Xc)
-                He = _gram(Xc, AXe)
-                th_e, Ye = torch.linalg.eigh(0.5 * (He + He.transpose(-1, -2)))
-                Xc, AX = (Xc.double() @ Ye).to(dt), (AXe.double() @ Ye).to(dt)
-                theta = th_e[:, :nb]
-                R, rel = residual(Xc, AX, theta, normA)
-                conv = rel <= tol
-                err = rel[:, :k].amax(-1)
-                all_conv = conv[:, :k].all(-1) & torch.isfinite(err)
-                fin = all_conv if not stop else torch.ones_like(all_conv)
+            cand = torch.ones_like(finite) if stop else conv[:, :k].all(-1) & finite
+            if bool(cand.any()):
+                # candidates are verified with an explicit product; the refreshed block replaces
+                # the implicit one (also for those that turn out not converged)
+                ci = cand.nonzero().squeeze(-1)
+                Xs, AXs, ths = explicit_rr(Xc.index_select(0, ci), active.index_select(0, ci))
+                nAs = normA.index_select(0, ci)
+                _, rels = residual(Xs, AXs, ths, nAs)
+                errs = rels[:, :k].amax(-1)
+                ok = (rels[:, :k] <= tol).all(-1) & torch.isfinite(errs)
                 if stop:
                     # unconverged matrices return their best iterate when it beats the current one
-                    use_best = ~all_conv & (best_err.index_select(0, active) < err)
+                    use_best = ~ok & (best_err.index_select(0, ci) < errs)
                     if bool(use_best.any()):
-                        Xc = torch.where(use_best[:, None, None], bestX.index_select(0, active), Xc)
-                        AX = op(Xc)
-                        He = _gram(Xc, AX)
-                        th_e, Ye = torch.linalg.eigh(0.5 * (He + He.transpose(-1, -2)))
-                        Xc, AX = (Xc.double() @ Ye).to(dt), (AX.double() @ Ye).to(dt)
-                        theta = th_e
-                        R, rel = residual(Xc, AX, theta, normA)
-                        conv = rel <= tol
-                        all_conv = conv[:, :k].all(-1)
-                if bool(fin.any()):
-                    sel = fin.nonzero().squeeze(-1)
-                    finalize(sel, Xc.index_select(0, sel), AX.index_select(0, sel), normA)
-                    keep = (~fin).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
-                        break
+                        ub = use_best.nonzero().squeeze(-1)
+                        Xb, AXb, thb = explicit_rr(bestX.index_select(0, ci).index_select(0, ub),
+                                                   active.index_select(0, ci).index_select(0, ub))
+                        Xs, AXs, ths = Xs.index_copy(0, ub, Xb), AXs.index_copy(0, ub, AXb), ths.index_copy(0, ub, thb)
+                    ok = torch.ones_like(ok)
+                if bool(ok.any()):
+                    sel = ok.nonzero().squeeze(-1)
+                    finalize(ci.index_select(0, sel), Xs.index_select(0, sel), AXs.index_select(0, sel),
+                             ths.index_select(0, sel), nAs.index_select(0, sel))
+                fin = torch.zeros_like(cand).index_copy(0, ci, ok)
+                keep = (~fin).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                # refresh the candidates that go on
+                XP = XP.index_copy(0, ci, torch.cat([Xs, XP.index_select(0, ci)[:, :, nb:]], dim=-1))
+                AXP = AXP.index_copy(0, ci, torch.cat([AXs, AXP.index_select(0, ci)[:, :, nb:]], dim=-1))
+                theta = theta.index_copy(0, ci, ths[:, :nb])
+                if keep.numel() < fin.numel():
                     active = active.index_select(0, keep)
                     op.restrict(active)
                     if prec is not None:
                         prec.restrict(active)
-                    Xc, AX, theta, P, AP, pmask, R, rel, conv, normA = (
-                        t.index_select(0, keep) for t in (Xc, AX, theta, P, AP, pmask, R, rel, conv, normA))
-                    diverged = diverged.index_select(0, keep)
+                    XP, AXP, theta, pmask, normA, diverged, best_err, bestX, bestAX, best_theta = (
+                        t.index_select(0, keep) for t in
+                        (XP, AXP, theta, pmask, normA, diverged, best_err, bestX, bestAX, best_theta))
+                Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
+                R, rel = residual(Xc, AX, theta, normA)
+                conv = rel <= tol
         it += 1
 
         # restart matrices that diverged: back to the best iterate, drop P
-        if it > 1:
-            rs = diverged[:, None, None]
-            Xc = torch.where(rs, bestX.index_select(0, active), Xc)
-            AX = torch.where(rs, bestAX.index_select(0, active), AX)
-            theta = torch.where(diverged[:, None], best_theta.index_select(0, active), theta)
-            pmask = pmask & ~diverged[:, None]
+        if it > 1 and (not sync or bool(diverged.any())):
+            ok_ = ~diverged
+            XP = torch.cat([select(ok_, Xc, bestX), XP[:, :, nb:] * ok_.to(dt)[:, None, None]], dim=-1)
+            AXP = torch.cat([select(ok_, AX, bestAX), AXP[:, :, nb:] * ok_.to(dt)[:, None, None]], dim=-1)
+            theta = select(ok_, theta, best_theta)
+            pmask = pmask & ok_[:, None]
             restarts.index_add_(0, active, diverged.long())
-            R = torch.where(rs, AX - Xc * theta.to(dt)[:, None, :], R)
-            conv = conv & ~diverged[:, None]
+            Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
+            R = AX - Xc * theta.to(dt)[:, None, :]
+            conv = conv & ok_[:, None]
 
-        # ---- search directions W = M R, soft-locked, orthonormalized against [X, P] ----------------
-        wmask = ~conv
-        W = R if prec is None else prec(R)
-        W = torch.nan_to_num(W, nan=0.0, posinf=0.0, neginf=0.0)
-        pm = pmask.to(dt)[:, None, :]
-        XP = torch.cat([Xc, P * pm], dim=-1)
-        for _ in range(2):
-            W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)  # W - XP (XP^T W), one GEMM
-            W, wmask = _svqb(W, wmask, drop)
+        # ---- search directions W = M R, soft-locked, orthogonal to [X, P] --------------------------
+        # projection, SVQB, projection: W ends up orthogonal to [X, P] to working precision; what
+        # SVQB's rescaling leaves of non-orthonormality inside W is absorbed by the fp64 Rayleigh-Ritz
+        # (Cholesky of the explicit Gram) below.
+        W = R if prec is None else torch.nan_to_num(prec(R), nan=0.0, posinf=0.0, neginf=0.0)
+        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)   # W - XP (XP^T W), one GEMM
+        W, wmask = _svqb(W, ~conv, drop)
+        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
         # NaN guard: only the new product can be non-finite (X, P, AX, AP are combinations of finite
-        # blocks); a matrix whose A W is not finite keeps its X (and P) for this step
+        # blocks); a matrix whose A W is not finite keeps its X (and P) for this step. NaN/Inf in a
+        # block reaches its column sums: one reduction instead of an elementwise pass.
         AW = op(W)
-        # NaN/Inf anywhere in a matrix's block reaches its column sums: one reduction instead of an
-        # elementwise isfinite over the whole block
         nonfin = ~torch.isfinite(AW.sum(dim=-2)).all(-1)
-        AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
-        S = torch.cat([XP, W], dim=-1)
-        AS = torch.cat([AX, AP * pm, AW], dim=-1)
+        if not sync or bool(nonfin.any()):
+            AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
+            restarts.index_add_(0, active, nonfin.long())
+        # [S, A S] with S = [X, P, W] in one buffer: one conversion and one fp64 GEMM give both Grams
+        SAS = torch.cat([XP, W, AXP, AW], dim=-1)
+        S, AS = SAS[:, :, :q], SAS[:, :, q:]
         valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
 
         # ---- Rayleigh-Ritz in fp64 on span[X, P, W] ----------------------------------------------
-        Sd = S.double()
-        Sdt = Sd.transpose(-1, -2)
-        Hs = Sdt @ AS.double()
-        Bs = Sdt @ Sd
-        restarts.index_add_(0, active, nonfin.long())
+        SASd = SAS.double()
+        G = SASd[:, :, :q].transpose(-1, -2) @ SASd
+        Bs, Hs = G[:, :, :q], G[:, :, q:]
         vf = valid.to(torch.float64)
         outer = vf[:, :, None] * vf[:, None, :]
         Hs = 0.5 * (Hs + Hs.transpose(-1, -2)) * outer
@@ -473,9 +536,10 @@ def lobpcg(
         Bs = Bs + torch.diag_embed(inv)
         Lb, binfo = torch.linalg.cholesky_ex(Bs)
         badB = binfo > 0
-        # a basis that lost definiteness: fall back to X only for that matrix (restart)
-        Lb = torch.where(badB[:, None, None], eye3, Lb)
-        Hs = torch.where(badB[:, None, None], Hs * xblock + torch.diag_embed(not_x * penalty[:, None]), Hs)
+        if not sync or bool(badB.any()):
+            # a basis that lost definiteness: that matrix restarts from X alone
+            Lb = torch.where(badB[:, None, None], eye_q, Lb)
+            Hs = torch.where(badB[:, None, None], Hs * xblock + torch.diag_embed(not_x * penalty[:, None]), Hs)
         Linv_H = torch.linalg.solve_triangular(Lb, Hs, upper=False)
         Hh = torch.linalg.solve_triangular(Lb, Linv_H.transpose(-1, -2), upper=False)
         th_all, Yh = torch.linalg.eigh(0.5 * (Hh + Hh.transpose(-1, -2)))
@@ -488,21 +552,20 @@ def lobpcg(
         Cp_raw = Cx.clone()
         Cp_raw[:, :nb, :] = 0
         Yq = Lb.transpose(-1, -2) @ torch.cat([Cx, Cp_raw], dim=-1)
-        Q, _ = torch.linalg.qr(Yq)
-        Cp = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Q[:, :, nb:], upper=True)
-        Cxd, Cpd = Cx.to(dt), Cp.to(dt)
-        Xc, AX = S @ Cxd, AS @ Cxd
-        P, AP = S @ Cpd, AS @ Cpd
+        Qy, _ = torch.linalg.qr(Yq)
+        Cp = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Qy[:, :, nb:], upper=True)
         pmask = ~badB[:, None].expand(-1, nb)
+        if not sync or bool(badB.any()):
+            Cp = Cp * (~badB).to(torch.float64)[:, None, None]
+        Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
+        XP, AXP = S @ Cxp, AS @ Cxp
         iters.index_add_(0, active, torch.ones_like(active))
 
     # ---- outputs -------------------------------------------------------------------------------
     vals = out_vals * sign
     vecs = out_vecs
-    # explicit residuals of what is returned
-    opf = _Op(A, "A", batch, n, dt, dev, 1.0)
-    AV = opf(vecs)
-    rn = (AV - vecs * vals.to(dt)[:, None, :]).double().norm(dim=-2)
+    # residuals of what is returned, from the explicit products of the final Rayleigh-Ritz
+    rn = out_res
     # ||A|| estimate: the largest magnitude seen, floored by the returned values
     rel = rn / (torch.maximum(normA_out, vals.abs().amax(-1))[:, None] + vals.abs()).clamp_min(1e-300)
     converged = rel <= tol * 1.0001
