@@ -102,9 +102,9 @@ def kfac_update(
             raise ValueError(f"{op}: mask must be a CPU bool tensor of shape ({T},), got {mask.dtype} "
                              f"{tuple(mask.shape)} on {mask.device}")
         mask = mask.contiguous()
-    Zs = torch.empty((n, n) if with_input_cov else (0, 0), dtype=torch.float32)
-    Gs = torch.empty((m, n), dtype=torch.float32)
-    ss = torch.empty((m,), dtype=torch.float32)
+    Zs = torch.empty((n, n) if with_input_cov else (0, 0), dtype=torch.float32, device="cpu")
+    Gs = torch.empty((m, n), dtype=torch.float32, device="cpu")
+    ss = torch.empty((m,), dtype=torch.float32, device="cpu")
     _C().kfac_update(
         x.data_ptr(), x.stride(0), x_code, T, n,
         0 if g is None else g.data_ptr(), 0 if g is None else g.stride(0), g_code, m,
@@ -124,7 +124,7 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
             raise ValueError(f"{op}: weights must be a CPU tensor of shape ({T},), got {tuple(weights.shape)} "
                              f"on {weights.device}")
         weights = weights.to(torch.float32).contiguous()
-    out = torch.empty((d, d), dtype=torch.float32)
+    out = torch.empty((d, d), dtype=torch.float32, device="cpu")
     _C().weighted_gram(
         v.data_ptr(), v.stride(0), v_code, T, d, 0 if weights is None else weights.data_ptr(),
         out.data_ptr(), requested_isa(), torch.get_num_threads(),
@@ -146,7 +146,7 @@ def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     if A.dim() != 3 or A.shape[-1] != A.shape[-2] or W.dim() != 3 or W.shape[:2] != A.shape[:2]:
         raise ValueError(f"{op}: A must be (b, n, n) and W (b, n, p), got {tuple(A.shape)} and {tuple(W.shape)}")
     b, n, p = W.shape
-    if n > 1 and A.stride(-1) != 1:
+    if n > 1 and (A.stride(-1) != 1 or A.stride(-2) < n):
         A = A.contiguous()
     p16 = -(-p // 16) * 16
     if p16 != p or not W.is_contiguous():
@@ -154,7 +154,7 @@ def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
         Wp[:, :, :p] = W
     else:
         Wp = W
-    Y = torch.empty((b, n, p16), dtype=torch.float32)
+    Y = torch.empty((b, n, p16), dtype=torch.float32, device="cpu")
     if b and n and p:
         _C().sym_matmul(A.data_ptr(), b, n, A.stride(-2) if n > 1 else 1, A.stride(0) if b > 1 else 0, Wp.data_ptr(),
                         p16, Y.data_ptr(), requested_isa(), torch.get_num_threads())

@@ -8,6 +8,7 @@ inputs whose last dimension is contiguous.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -248,6 +249,7 @@ def sym_matmul(A: Tensor, W: Tensor, *, backend: Optional[str] = "auto") -> Tens
             raise TypeError(f"{op}: the native kernel takes float32, got {A.dtype}; use backend='torch'")
     batch = tuple(W.shape[:-2])
     p = W.shape[-1]
-    Ab = A.expand(*batch, n, n).reshape(-1, n, n) if A.dim() > 2 or batch else A.reshape(1, n, n)
-    Wb = W.reshape(-1, n, p)
+    nb = math.prod(batch)
+    Ab = A.expand(*batch, n, n).reshape(nb, n, n) if A.dim() > 2 or batch else A.reshape(1, n, n)
+    Wb = W.reshape(nb, n, p)
     return torch.ops.lorainit.sym_matmul(Ab, Wb, name).reshape(*batch, n, p)

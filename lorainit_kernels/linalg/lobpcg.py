@@ -11,15 +11,19 @@ direction, preconditioned residual). This implementation:
   soft locking (converged columns stop contributing residual directions);
 * stops a column when ``||A x - theta x|| <= tol (||A|| + |theta|) ||x||``, scale-invariant, with
   ``||A||`` estimated by the largest Rayleigh-Ritz value magnitude seen so far;
-* orthonormalizes ``W`` against ``[X, P]`` and itself twice with SVQB (Stathopoulos & Wu 2002),
-  dropping numerically dependent directions through masks (no shape changes, no host sync);
+* makes ``W`` orthogonal to ``[X, P]`` by a projection, SVQB (Stathopoulos & Wu 2002; dropping
+  numerically dependent directions through masks, no shape changes) and a second projection; what
+  is left of non-orthonormality is absorbed by the Rayleigh-Ritz step's Cholesky of the exact Gram;
 * builds ``P`` from the Ritz coefficients (Duersch et al., Alg. 4) so it is orthonormal and
   orthogonal to ``X`` without amplifying errors, and updates ``A P`` and ``A X`` implicitly (one
   operator application per step, on ``W``);
 * does the Rayleigh-Ritz step (Gram matrices and their eigenproblem) in float64;
 * keeps the best iterate per matrix and restarts from it (dropping ``P``) on NaN/Inf or divergence;
 * uses ``k`` plus guard vectors (faster convergence, and the k-th pair is not the block's last);
-* solves densely (``torch.linalg.eigh`` in float64) when ``n < 5 k``.
+* solves densely (``torch.linalg.eigh`` in float64) when ``n < 5 k``;
+* multiplies fp32 CPU matrices with the native one-triangle kernel (``lk.sym_matmul``: half the
+  memory traffic of a bmm, which bounds these thin products), and checks the input (NaN/Inf,
+  symmetry through ``X^T A X``) on the first product, which uses a general bmm.
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._backends import has_native
+from .._backends import has_native, native_module
 
 Operator = Union[Tensor, Callable[[Tensor], Tensor]]
 
 # smallest n for which lobpcg multiplies fp32 CPU matrices with the native symmetric kernel
-_SYMM_MIN_N = 128
+_SYMM_MIN_N = 256
 
 
 def _batch_index(flat: int, batch: Sequence[int]):
@@ -44,6 +48,15 @@ def _batch_index(flat: int, batch: Sequence[int]):
     if not batch:
         return ()
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
+
+
+def _native_sym_matmul():
+    """The native one-triangle product, or None (extension not built, or built before it existed)."""
+    if not has_native() or not hasattr(native_module(), "sym_matmul"):
+        return None
+    from .._native import sym_matmul
+
+    return sym_matmul
 
 
 def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
@@ -64,7 +77,8 @@ class _Op:
     remaining matrices, no work for the converged ones).
     """
 
-    def __init__(self, A: Operator, name: str, batch: Tuple[int, ...], n: int, dtype, device, sign: float = 1.0):
+    def __init__(self, A: Operator, name: str, batch: Tuple[int, ...], n: int, dtype, device, sign: float = 1.0,
+                 one_triangle: bool = True):
         self.name, self.batch, self.n, self.dtype, self.device, self.sign = name, batch, n, dtype, device, sign
         self.b = math.prod(batch)
         self.si = A if isinstance(A, ShiftInvert) else None
@@ -82,10 +96,11 @@ class _Op:
             self.mat = mat.reshape(self.b, n, n)
             # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
             # traffic of a bmm, which is what bounds these thin products)
-            if self.mat.dtype == torch.float32 and self.mat.device.type == "cpu" and n >= _SYMM_MIN_N and has_native():
-                from .._native import sym_matmul
-
-                self.matmul = sym_matmul
+            if (one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu"
+                    and n >= _SYMM_MIN_N and _native_sym_matmul() is not None):
+                if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
+                    self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
+                self.matmul = _native_sym_matmul()
         self.active = None  # None = whole batch; else a sorted LongTensor of flat indices
         self.runs = None
 
@@ -101,13 +116,23 @@ class _Op:
             return apply(s, e, X)
         return torch.cat([apply(s, e, X[o:o + e - s]) for s, e, o in runs], dim=0)
 
-    def __call__(self, X: Tensor, idx: Optional[Tensor] = None) -> Tensor:
-        """``A X`` for the matrices ``idx`` (flat indices, sorted; default: the active set)."""
+    def left_product(self, Ut: Tensor) -> Tensor:
+        """``U^T A`` (b, q, n) for the whole batch of a tensor ``A`` (its transpose's action on ``U``)."""
+        out = torch.bmm(Ut, self.mat)
+        return out if self.sign == 1.0 else -out
+
+    def __call__(self, X: Tensor, idx: Optional[Tensor] = None, both_triangles: bool = False) -> Tensor:
+        """``A X`` for the matrices ``idx`` (flat indices, sorted; default: the active set).
+
+        ``both_triangles``: multiply with a general bmm even where the symmetric kernel would read
+        one triangle (so that an asymmetric ``A`` shows in ``X^T A X``).
+        """
         runs = self.runs if idx is None else (_runs(idx) if idx.numel() != self.b else None)
         if self.si is not None:
             out = self._by_runs(X, runs, lambda s, e, Xr: _chol_apply(Xr, self.L[s:e]))
         elif not self.callable:
-            out = self._by_runs(X, runs, lambda s, e, Xr: self.matmul(self.mat[s:e], Xr))
+            matmul = torch.bmm if both_triangles else self.matmul
+            out = self._by_runs(X, runs, lambda s, e, Xr: matmul(self.mat[s:e], Xr))
         else:
             sub = idx if idx is not None else self.active
             partial = sub is not None and sub.numel() != self.b
@@ -158,35 +183,13 @@ def _check_finite(t: Tensor, name: str, batch) -> None:
         raise ValueError(f"lobpcg: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
 
 
-def _check_symmetric_finite(A: Tensor, batch, n: int) -> None:
-    """NaN/Inf and symmetry checks of ``A`` by two random probes instead of elementwise passes.
+def _check_input_products(AX: Tensor, shape: Optional[Tuple[int, ...]], batch, UtA: Optional[Tensor] = None) -> None:
+    """NaN/Inf and symmetry checks of ``A`` from thin products instead of elementwise passes.
 
-    With Gaussian probes ``v``, a NaN/Inf entry of ``A`` reaches ``A v`` and an asymmetry shows in
-    ``A v - A^T v`` with probability one; two thin products cost far less than ``A - A^T``.
-    """
-    b0 = math.prod(batch)
-    Af = A.reshape(b0, n, n)
-    gen = torch.Generator(device=A.device).manual_seed(0x10B)
-    v = torch.randn(b0, n, 2, generator=gen, device=A.device, dtype=Af.dtype)
-    Av, ATv = Af @ v, Af.transpose(-1, -2) @ v
-    bad = ~torch.isfinite(Av).flatten(1).all(dim=-1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"lobpcg: A {tuple(A.shape)} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
-    asym = (Av - ATv).flatten(1).norm(dim=-1) / (Av.flatten(1).norm(dim=-1) + ATv.flatten(1).norm(dim=-1)).clamp_min(1e-300)
-    big = asym > 1e-4
-    if bool(big.any()):
-        i = int(big.nonzero()[0, 0])
-        raise ValueError(f"lobpcg: A {tuple(A.shape)} is not symmetric at batch index {_batch_index(i, batch)} "
-                         f"(||(A - A^T) v|| / (||A v|| + ||A^T v||) = {float(asym[i]):.3g} for random v)")
-
-
-def _check_first_product(AX: Tensor, H: Tensor, shape: Optional[Tuple[int, ...]], batch) -> None:
-    """Input checks from the first block product ``A X`` (b, n, p) and ``H = X^T A X`` (fp64).
-
-    NaN/Inf entries of ``A`` reach ``A X`` for a dense random ``X`` (checked through column sums).
-    For a tensor ``A`` (``shape`` given), an asymmetric part ``K`` shows in ``H - H^T = 2 X^T K X``,
-    nonzero with probability one for random ``X``; callables are trusted to be symmetric.
+    ``AX`` (b, n, p) is ``A`` applied to dense random columns: a NaN/Inf entry of ``A`` reaches it
+    (checked through column sums). For a tensor ``A`` (``shape`` given), the last two columns of
+    ``AX`` are ``A U`` for random probes ``U`` and ``UtA`` is ``U^T A``: an asymmetric ``A`` shows in
+    ``||A U - A^T U||`` with probability one. Callables (``shape`` None) are trusted to be symmetric.
     """
     bad = ~torch.isfinite(AX.sum(dim=-2)).all(dim=-1)
     if bool(bad.any()):
@@ -195,12 +198,22 @@ def _check_first_product(AX: Tensor, H: Tensor, shape: Optional[Tuple[int, ...]]
         raise ValueError(f"lobpcg: {what} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
     if shape is None:
         return
-    asym = (H - H.transpose(-1, -2)).flatten(1).norm(dim=-1) / (2 * H.flatten(1).norm(dim=-1)).clamp_min(1e-300)
+    Av, ATv = AX[:, :, -2:].double(), UtA.transpose(-1, -2).double()
+    asym = (Av - ATv).flatten(1).norm(dim=-1) / (Av.flatten(1).norm(dim=-1) + ATv.flatten(1).norm(dim=-1)).clamp_min(1e-300)
     big = asym > 1e-4
     if bool(big.any()):
         i = int(big.nonzero()[0, 0])
         raise ValueError(f"lobpcg: A {shape} is not symmetric at batch index {_batch_index(i, batch)} "
-                         f"(||X^T (A - A^T) X|| / (2 ||X^T A X||) = {float(asym[i]):.3g} for a random block X)")
+                         f"(||(A - A^T) v|| / (||A v|| + ||A^T v||) = {float(asym[i]):.3g} for random v)")
+
+
+def _check_symmetric_finite(A: Tensor, batch, n: int) -> None:
+    """The input checks of ``_check_input_products`` on two random probes alone (dense path)."""
+    b0 = math.prod(batch)
+    Af = A.reshape(b0, n, n)
+    gen = torch.Generator(device=A.device).manual_seed(0x10B)
+    U = torch.randn(b0, n, 2, generator=gen, device=A.device, dtype=Af.dtype)
+    _check_input_products(Af @ U, tuple(A.shape), batch, U.transpose(-1, -2) @ Af)
 
 
 def _gram(U: Tensor, V: Tensor) -> Tensor:
@@ -282,8 +295,8 @@ def lobpcg(
             (3.5e-4 in fp32, 1.5e-8 in fp64).
         maxiter: iteration cap (default 1000). Non-convergence warns and shows in the info.
         return_info: also return a dict: ``iterations`` (...,) int, ``residual_norms`` (..., k)
-            relative residuals ``||r|| / (||A|| + |theta|)`` of the returned pairs (explicitly
-            recomputed), ``converged`` (..., k) bool, ``fallback`` (dense solve used), ``restarts``
+            relative residuals ``||r|| / (||A|| + |theta|)`` of the returned pairs (from the
+            explicit product of the final Rayleigh-Ritz step), ``converged`` (..., k) bool, ``fallback`` (dense solve used), ``restarts``
             (...,) int.
         guard: extra block vectors beyond ``k`` (default ``min(k, 8)`` capped so that ``3 (k + guard) <= n``).
         generator: random generator for the initial block (default: a fixed seed, so results are
@@ -345,7 +358,8 @@ def lobpcg(
                 "restarts": torch.zeros(batch, dtype=torch.long)}
         return vals, vecs, info
 
-    prec = None if M is None else _Op(M, "M", batch, n, dt, dev, 1.0)
+    # a tensor M is multiplied as given (no one-triangle kernel: its symmetry is not checked)
+    prec = None if M is None else _Op(M, "M", batch, n, dt, dev, 1.0, one_triangle=False)
     if guard is None:
         guard = min(k, 8)
     nb = max(k, min(k + guard, n // 3))
@@ -375,11 +389,19 @@ def lobpcg(
         p = min(X.shape[-1], nb)
         X0[:, :, :p] = X.reshape(b, n, X.shape[-1])[:, :, :p].to(device=dev, dtype=dt)
     Xc = torch.linalg.qr(X0.double())[0].to(dt)
-    AX = op(Xc)
+    # The first product doubles as the input check: NaN/Inf in A reaches A X, and for a tensor A two
+    # random probe columns U appended to X give A U, compared with (U^T A)^T.
+    if op.callable:
+        AX = op(Xc)
+        _check_input_products(AX, None, batch)
+    else:
+        U = torch.randn((b, n, 2), generator=generator, dtype=torch.float64).to(device=dev, dtype=dt)
+        AXU = op(torch.cat([Xc, U], dim=-1), both_triangles=True)
+        # U^T A streams A once more, row-major (a thin product: ~1% of a solve)
+        UtA = op.left_product(U.transpose(-1, -2))
+        _check_input_products(AXU, tuple(A.shape), batch, UtA)
+        AX = AXU[:, :, :nb]
     H = _gram(Xc, AX)
-    # The first product doubles as the input check: NaN/Inf in A reaches A X, and an asymmetric A
-    # shows in X^T A X - (X^T A X)^T for the random X (an extra pass over A would cost ~2 products).
-    _check_first_product(AX, H, tuple(A.shape) if isinstance(A, Tensor) else None, batch)
     theta, Y = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
     Yd = Y.to(dt)
     Xc, AX = Xc @ Yd, AX @ Yd

@@ -260,6 +260,49 @@ def test_nan_from_operator_recovers_by_restart():
     _check(A, vals, vecs, k, 1.5e-8)
 
 
+@pytest.mark.parametrize("kind", ["cond1e5", "indefinite", "clustered"])
+def test_fp32_symmetric_kernel_path_matches_bmm_path(kind, monkeypatch):
+    """fp32 CPU matrices with n >= 128 are multiplied by the native one-triangle kernel (when built):
+    it meets the same checks as the general bmm path, with a lower triangle it never reads."""
+    import importlib
+
+    lob = importlib.import_module("lorainit_kernels.linalg.lobpcg")  # the module (the package exports the function)
+
+    n, k = 200, 5
+    g = gen(sum(map(ord, kind)) + 7)
+    A = with_spectrum(spectrum(kind, n, k, g).expand(3, n), g).float()
+    out = {}
+    for path, min_n in (("symm", 128), ("bmm", 10 ** 9)):
+        monkeypatch.setattr(lob, "_SYMM_MIN_N", min_n)
+        vals, vecs, info = lk.lobpcg(A, k, tol=1e-4, maxiter=3000, return_info=True)
+        assert info["converged"].all(), (path, info["residual_norms"])
+        _check(A, vals, vecs, k, 1e-4)
+        out[path] = vals.double()
+    normA = A.double().abs().sum(-1).amax()
+    assert (out["symm"] - out["bmm"]).abs().max() <= 1e-4 * float(normA)
+
+
+def test_fp32_asymmetric_input_is_caught_on_the_symmetric_kernel_path():
+    g = gen(77)
+    A = with_spectrum(torch.linspace(1.0, 5.0, 256, dtype=torch.float64), g).float()
+    A[3, 200] += 0.5
+    with pytest.raises(ValueError, match=r"A \(256, 256\) is not symmetric at batch index \(\)"):
+        lk.lobpcg(A, 4)
+
+
+def test_asymmetry_caught_with_a_one_column_block_or_a_full_warm_start():
+    """The symmetry check probes with two random columns besides the block, so neither a one-column
+    block (k=1) nor a warm start of unit vectors that fills the block hides an asymmetric entry."""
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    A[1, 3] += 0.7
+    with pytest.raises(ValueError, match="not symmetric"):
+        lk.lobpcg(A, 1)
+    B = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    B[30, 31] += 0.7
+    with pytest.raises(ValueError, match="not symmetric"):
+        lk.lobpcg(B, 2, X=torch.eye(40, dtype=torch.float64)[:, :8])
+
+
 def test_bad_input():
     A = torch.randn(2, 3, 20, 20, dtype=torch.float64)
     A = A + A.transpose(-1, -2)

@@ -1,0 +1,149 @@
+"""lk.sym_matmul: the native symmetric block product (upper triangle only) on every ISA path this
+CPU runs, against float64 ``A @ W`` and against torch's own fp32 error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorainit_kernels as lk
+from lorainit_kernels import _backends
+from lorainit_kernels._backends import has_native
+
+if not has_native():
+    pytest.skip(f"lorainit_kernels._C is not built ({_backends._load_native()[1]})", allow_module_level=True)
+
+from lorainit_kernels import _native  # noqa: E402
+
+ISAS = _native.isa_levels()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv(_native.ISA_ENV, request.param)
+    return request.param
+
+
+def sym(batch, n, gen, dtype=torch.float64):
+    A = torch.randn(*batch, n, n, generator=gen, dtype=dtype)
+    return A + A.transpose(-1, -2)
+
+
+def poison_lower(A: torch.Tensor) -> torch.Tensor:
+    """A copy with NaN in the strictly lower triangle: a kernel that reads it returns NaN."""
+    n = A.shape[-1]
+    out = A.clone()
+    out[..., torch.ones(n, n, dtype=torch.bool).tril(-1)] = float("nan")
+    return out
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+# n around the register block (8 rows on AVX-512, 2 on AVX2/portable) and the thread split;
+# p around the 16-lane vectors (padding)
+@pytest.mark.parametrize("batch, n, p", [((), 1, 1), ((), 5, 3), ((3,), 17, 16), ((2,), 100, 20), ((4,), 333, 33),
+                                         ((), 1031, 7), ((2, 3), 64, 17), ((1,), 9, 48)])
+def test_matches_float64_and_never_reads_the_lower_triangle(isa, batch, n, p):
+    gen = torch.Generator().manual_seed(n * 131 + p)
+    A = sym(batch, n, gen)
+    W = torch.randn(*batch, n, p, generator=gen, dtype=torch.float64)
+    ref = A @ W
+    out = lk.sym_matmul(poison_lower(A.float()), W.float())
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    e, e_torch = rel_err(out, ref), rel_err(A.float() @ W.float(), ref)
+    # fp32 accumulation over n terms: the DESIGN.md fp32 class, and within a few x torch's error
+    assert e <= 1e-5 * max(1.0, (n / 1e3) ** 0.5), e
+    assert e <= 4 * e_torch + 2.0 ** -23, (e, e_torch)
+
+
+def test_shared_matrix_strided_slices_and_threads():
+    gen = torch.Generator().manual_seed(3)
+    big = sym((5,), 300, gen).float()
+    W = torch.randn(3, 300, 16, generator=gen)
+    # a batch slice (row and batch strides of the parent) and one (n, n) matrix shared by the batch
+    assert rel_err(lk.sym_matmul(big[1:4], W), big[1:4].double() @ W.double()) < 1e-5
+    out_shared = lk.sym_matmul(big[0], W)
+    assert rel_err(out_shared, big[0].double() @ W.double()) < 1e-5
+    # a column-sliced view: rows lda = 400 floats apart
+    wide = torch.randn(400, 400, generator=gen)
+    wide = wide + wide.T
+    view = wide[:250, :250]
+    assert view.stride() == (400, 1)
+    Wv = torch.randn(250, 8, generator=gen)
+    assert rel_err(lk.sym_matmul(view, Wv), view.double() @ Wv.double()) < 1e-5
+    # one thread and two threads give the same numbers up to summation order
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lk.sym_matmul(big[:1], W[:1])
+        torch.set_num_threads(2)
+        two = lk.sym_matmul(big[:1], W[:1])
+    finally:
+        torch.set_num_threads(prev)
+    assert rel_err(two, one.double()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_empty_and_transposed_inputs(backend):
+    for A, W in [(torch.randn(0, 0), torch.randn(0, 3)), (torch.randn(2, 4, 4), torch.randn(2, 4, 0)),
+                 (torch.randn(0, 5, 5), torch.randn(0, 5, 2))]:
+        out = lk.sym_matmul(A, W, backend=backend)
+        assert out.shape == W.shape and out.dtype == W.dtype
+    gen = torch.Generator().manual_seed(8)
+    S = sym((3,), 40, gen, torch.float32)
+    W = torch.randn(3, 40, 6, generator=gen)
+    # a column-major view (A.mT of a symmetric A) and an expanded (stride-0) batch of one matrix
+    assert rel_err(lk.sym_matmul(S.mT, W, backend=backend), S.double() @ W.double()) < 1e-5
+    assert rel_err(lk.sym_matmul(S[0].expand(3, 40, 40), W, backend=backend), S[0].double() @ W.double()) < 1e-5
+
+
+def test_backends_agree_and_auto_choice():
+    gen = torch.Generator().manual_seed(4)
+    A = sym((2,), 70, gen)
+    W = torch.randn(2, 70, 5, generator=gen, dtype=torch.float64)
+    # fp64 goes to torch under auto; native refuses it by name
+    assert torch.equal(lk.sym_matmul(A, W), A @ W)
+    with pytest.raises(TypeError, match="native kernel takes float32"):
+        lk.sym_matmul(A, W, backend="native")
+    a32, w32 = A.float(), W.float()
+    assert rel_err(lk.sym_matmul(a32, w32, backend="torch"), A @ W) < 1e-5
+    assert rel_err(lk.sym_matmul(a32, w32, backend="native"), A @ W) < 1e-5
+    # no Triton kernel for this op (or no Triton here at all): a clear error either way
+    with pytest.raises(ValueError, match="no Triton kernel|cannot run here"):
+        lk.sym_matmul(a32, w32, backend="triton")
+
+
+@pytest.mark.parametrize("args, err, match", [
+    ((torch.randn(4, 5), torch.randn(5, 2)), ValueError, r"A must be square .* \(4, 5\)"),
+    ((torch.randn(2, 4, 4), torch.randn(3, 4, 2)), ValueError, r"W must have shape \(2,\) \+ \(4, p\)"),
+    ((torch.randn(4, 4), torch.randn(5, 2)), ValueError, r"W must have shape"),
+    ((torch.randn(4, 4), torch.randn(4, 2, dtype=torch.float64)), ValueError, "must share dtype"),
+    ((torch.randn(4, 4).int(), torch.randn(4, 2)), TypeError, "A must be a floating tensor"),
+    (("A", torch.randn(4, 2)), TypeError, "must be tensors"),
+])
+def test_bad_input(args, err, match):
+    with pytest.raises(err, match=match):
+        lk.sym_matmul(*args)
+
+
+def test_C_argument_checks():
+    C = _backends.native_module()
+    A, W, Y = torch.randn(4, 4), torch.zeros(4, 16), torch.empty(4, 16)
+    ok = dict(a_ptr=A.data_ptr(), batch=1, n=4, lda=4, a_mat_stride=0, w_ptr=W.data_ptr(), p16=16,
+              y_ptr=Y.data_ptr(), isa=-1, num_threads=1)
+    assert C.sym_matmul(**ok).startswith("symm_")
+    for over, match in [(dict(p16=8), "multiple of 16"), (dict(lda=3), "lda=3 < n=4"), (dict(y_ptr=0), "output Y"),
+                        (dict(a_ptr=A.data_ptr() + 1), "not aligned"), (dict(n=-1), "negative size"),
+                        (dict(isa=9), "isa must be")]:
+        with pytest.raises(ValueError, match=match):
+            C.sym_matmul(**{**ok, **over})
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    A = sym((2,), 19, gen, torch.float32)
+    W = torch.randn(2, 19, 3, generator=gen)
+    torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "native"))
+    torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "torch"))
