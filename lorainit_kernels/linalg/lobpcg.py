@@ -296,8 +296,8 @@ def lobpcg(
         maxiter: iteration cap (default 1000). Non-convergence warns and shows in the info.
         return_info: also return a dict: ``iterations`` (...,) int, ``residual_norms`` (..., k)
             relative residuals ``||r|| / (||A|| + |theta|)`` of the returned pairs (from the
-            explicit product of the final Rayleigh-Ritz step), ``converged`` (..., k) bool, ``fallback`` (dense solve used), ``restarts``
-            (...,) int.
+            explicit product of the final Rayleigh-Ritz step), ``converged`` (..., k) bool,
+            ``fallback`` (dense solve used), ``restarts`` (...,) int.
         guard: extra block vectors beyond ``k`` (default ``min(k, 8)`` capped so that ``3 (k + guard) <= n``).
         generator: random generator for the initial block (default: a fixed seed, so results are
             reproducible).
