@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <tuple>
+#include <utility>
+
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -180,6 +183,46 @@ std::string sym_matmul(std::uintptr_t a_ptr, i64 batch, i64 n, i64 lda, i64 a_ma
   return lorainit::run_symm(p, isa, nt);
 }
 
+using PartTuple = std::tuple<std::uintptr_t, i64, i64, i64>;  // (ptr, cols, row_stride, mat_stride)
+
+std::string rr_grams(const std::vector<PartTuple>& s_parts, const std::vector<PartTuple>& a_parts, i64 batch, i64 n,
+                     i64 q, std::uintptr_t b_ptr, std::uintptr_t h_ptr, int isa, int num_threads) {
+  const char* op = "_C.rr_grams";
+  LORAINIT_CHECK(batch >= 0 && n >= 0 && q >= 0, op, ": negative size (batch=", batch, ", n=", n, ", q=", q, ")");
+  LORAINIT_CHECK(!s_parts.empty() && s_parts.size() <= 4 && !a_parts.empty() && a_parts.size() <= 4, op,
+                 ": 1 to 4 column parts each for S and AS, got ", s_parts.size(), " and ", a_parts.size());
+  lorainit::Gram64Problem p;
+  p.batch = batch;
+  p.n = n;
+  p.q = q;
+  auto fill = [&](const std::vector<PartTuple>& parts, lorainit::Gram64Part* out, const char* name) {
+    i64 total = 0;
+    for (size_t k = 0; k < parts.size(); ++k) {
+      const auto& [ptr, cols, row_stride, mat_stride] = parts[k];
+      LORAINIT_CHECK(cols >= 0 && row_stride >= cols && mat_stride >= 0, op, ": ", name, " part ", k, " has cols=", cols,
+                     ", row_stride=", row_stride, ", mat_stride=", mat_stride);
+      if (batch > 0 && n > 0 && cols > 0) check_matrix(op, name, ptr, n, cols, row_stride, lorainit::kF32);
+      out[k] = {reinterpret_cast<const float*>(ptr), cols, row_stride, mat_stride};
+      total += cols;
+    }
+    LORAINIT_CHECK(total == q, op, ": the ", name, " parts have ", total, " columns in all, q=", q);
+    return int(parts.size());
+  };
+  p.ns = fill(s_parts, p.s, "S");
+  p.na = fill(a_parts, p.a, "AS");
+  if (batch > 0 && q > 0) {
+    for (const auto& [ptr, name] : {std::pair<std::uintptr_t, const char*>{b_ptr, "B"}, {h_ptr, "H"}}) {
+      LORAINIT_CHECK(ptr != 0 && ptr % 8 == 0, op, ": output ", name, " must be a non-null, 8-byte aligned float64 buffer");
+    }
+  }
+  p.B = reinterpret_cast<double*>(b_ptr);
+  p.H = reinterpret_cast<double*>(h_ptr);
+  isa = check_isa(op, isa);
+  const int nt = resolve_threads(op, num_threads);
+  py::gil_scoped_release release;
+  return lorainit::run_gram64(p, isa, nt);
+}
+
 py::dict cpu_features() {
   py::dict f;
 #if defined(LORAINIT_X86)
@@ -207,7 +250,7 @@ py::dict cpu_features() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lorainit C++ CPU kernels (no libtorch: raw pointers and strides)";
-  m.def("version", []() { return 3; });
+  m.def("version", []() { return 4; });
 
   m.attr("ISA_NAMES") = py::make_tuple("portable", "avx2", "avx512", "avx512bf16");
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
@@ -233,6 +276,12 @@ PYBIND11_MODULE(_C, m) {
         "overwritten. Releases the GIL. Returns the kernel name.",
         py::arg("a_ptr"), py::arg("batch"), py::arg("n"), py::arg("lda"), py::arg("a_mat_stride"), py::arg("w_ptr"),
         py::arg("p16"), py::arg("y_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
+  m.def("rr_grams", &rr_grams,
+        "B = S^T S and H = S^T AS (q x q each, float64 accumulation, upper triangles mirrored) for a batch of\n"
+        "fp32 blocks S, AS (n, q) given as 1 to 4 column parts (ptr, cols, row_stride, mat_stride) each;\n"
+        "B, H: (batch, q, q) contiguous float64 outputs. Releases the GIL. Returns the kernel name.",
+        py::arg("s_parts"), py::arg("a_parts"), py::arg("batch"), py::arg("n"), py::arg("q"), py::arg("b_ptr"),
+        py::arg("h_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
   m.def("cpu_features", &cpu_features, "CPU features the dispatcher looks at, OpenMP and the best ISA level.");
   m.def("isa_levels", []() {
     py::list out;

@@ -85,20 +85,36 @@ struct SymmProblem {
   i64 p16 = 0;
 };
 
+// LOBPCG's Rayleigh-Ritz Grams B = S^T S, H = S^T AS in fp64 from fp32 column parts (gram64_driver.inc).
+struct Gram64Part {
+  const float* ptr = nullptr;  // element (m, t, j) at ptr + m * mat_stride + t * row_stride + j
+  i64 cols = 0, row_stride = 0, mat_stride = 0;
+};
+struct Gram64Problem {
+  i64 batch = 0, n = 0, q = 0;  // q = total columns of the S parts = of the AS parts
+  Gram64Part s[4], a[4];
+  int ns = 0, na = 0;
+  double* B = nullptr;  // (batch, q, q) contiguous, overwritten
+  double* H = nullptr;  // (batch, q, q) contiguous, overwritten
+};
+
 // Per-ISA entry points (defined in kernels_portable.cpp / kernels_x86.cpp).
 namespace portable {
 void run_f32(const Problem& p, int nthreads); const char* name_f32();
 void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORAINIT_X86 1
 namespace avx2 {
 void run_f32(const Problem& p, int nthreads); const char* name_f32();
 void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 namespace avx512 {
 void run_f32(const Problem& p, int nthreads); const char* name_f32();
 void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
+void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); }
 #endif
@@ -113,5 +129,7 @@ std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted);
 std::string run_problem(const Problem& p, int isa, int nthreads);
 // Runs the symmetric block product at the best level <= isa (-1 = best); returns the kernel name.
 std::string run_symm(const SymmProblem& p, int isa, int nthreads);
+// Runs the fp64 Rayleigh-Ritz Gram kernel at the best level <= isa (-1 = best); returns its name.
+std::string run_gram64(const Gram64Problem& p, int isa, int nthreads);
 
 }  // namespace lorainit

@@ -13,6 +13,7 @@ namespace portable {
 #define LORAINIT_LEVEL 0
 #include "gram_driver.inc"
 #include "symm_driver.inc"
+#include "gram64_driver.inc"
 #undef LORAINIT_LEVEL
 
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }

@@ -21,6 +21,7 @@ namespace avx2 {
 #define LORAINIT_LEVEL 1
 #include "gram_driver.inc"
 #include "symm_driver.inc"
+#include "gram64_driver.inc"
 #undef LORAINIT_LEVEL
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }
 const char* name_f32() { return KernelF32::name; }
@@ -33,6 +34,7 @@ namespace avx512 {
 #define LORAINIT_LEVEL 2
 #include "gram_driver.inc"
 #include "symm_driver.inc"
+#include "gram64_driver.inc"
 #undef LORAINIT_LEVEL
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }
 const char* name_f32() { return KernelF32::name; }

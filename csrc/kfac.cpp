@@ -103,4 +103,21 @@ std::string run_symm(const SymmProblem& p, int isa, int nthreads) {
   return portable::symm_name();
 }
 
+std::string run_gram64(const Gram64Problem& p, int isa, int nthreads) {
+  const int level = isa < 0 ? best_isa() : isa;
+#if defined(LORAINIT_X86)
+  if (level >= kAVX512) {
+    avx512::run_gram64(p, nthreads);
+    return avx512::gram64_name();
+  }
+  if (level >= kAVX2) {
+    avx2::run_gram64(p, nthreads);
+    return avx2::gram64_name();
+  }
+#endif
+  (void)level;
+  portable::run_gram64(p, nthreads);
+  return portable::gram64_name();
+}
+
 }  // namespace lorainit

@@ -161,3 +161,39 @@ def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     else:
         Y.zero_()
     return Y if p16 == p else Y[:, :, :p]
+
+
+def rr_grams(S_parts, AS_parts) -> Tuple[Tensor, Tensor]:
+    """``(S^T S, S^T AS)`` in float64 for fp32 blocks given as column parts (LOBPCG's Rayleigh-Ritz).
+
+    ``S_parts``, ``AS_parts``: 1 to 4 fp32 CPU tensors (b, n, c_k) each with unit column stride;
+    ``S = cat(S_parts, -1)``, ``AS = cat(AS_parts, -1)`` (both (b, n, q)) are never formed. Returns
+    ``B`` and ``H`` (b, q, q) fp64, symmetric (upper triangles mirrored).
+    """
+    op = "native rr_grams"
+
+    alive = []  # contiguous copies made here must outlive the call
+
+    def parts(ts, name):
+        out = []
+        for t in ts:
+            if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 3:
+                raise ValueError(f"{op}: {name} parts must be fp32 CPU tensors (b, n, c), got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+            if t.shape[-1] > 1 and t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) < t.shape[-1]):
+                t = t.contiguous()
+            alive.append(t)
+            out.append((t.data_ptr(), t.shape[-1], t.stride(-2) if t.shape[-2] > 1 else t.shape[-1],
+                        t.stride(0) if t.shape[0] > 1 else 0))
+        return out
+
+    b, n = S_parts[0].shape[:2]
+    q = sum(t.shape[-1] for t in S_parts)
+    for t in list(S_parts) + list(AS_parts):
+        if tuple(t.shape[:2]) != (b, n):
+            raise ValueError(f"{op}: every part must be ({b}, {n}, c), got {tuple(t.shape)}")
+    B = torch.empty((b, q, q), dtype=torch.float64, device="cpu")
+    H = torch.empty((b, q, q), dtype=torch.float64, device="cpu")
+    s_parts, a_parts = parts(S_parts, "S"), parts(AS_parts, "AS")
+    _C().rr_grams(s_parts, a_parts, b, n, q, B.data_ptr(), H.data_ptr(), requested_isa(), torch.get_num_threads())
+    return B, H

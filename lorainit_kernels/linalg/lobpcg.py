@@ -50,13 +50,13 @@ def _batch_index(flat: int, batch: Sequence[int]):
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
 
 
-def _native_sym_matmul():
-    """The native one-triangle product, or None (extension not built, or built before it existed)."""
-    if not has_native() or not hasattr(native_module(), "sym_matmul"):
+def _native_op(name: str):
+    """``lorainit_kernels._native.<name>``, or None (extension not built, or built before it existed)."""
+    if not has_native() or not hasattr(native_module(), name):
         return None
-    from .._native import sym_matmul
+    from .. import _native
 
-    return sym_matmul
+    return getattr(_native, name)
 
 
 def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
@@ -97,10 +97,10 @@ class _Op:
             # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
             # traffic of a bmm, which is what bounds these thin products)
             if (one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu"
-                    and n >= _SYMM_MIN_N and _native_sym_matmul() is not None):
+                    and n >= _SYMM_MIN_N and _native_op("sym_matmul") is not None):
                 if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
                     self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
-                self.matmul = _native_sym_matmul()
+                self.matmul = _native_op("sym_matmul")
         self.active = None  # None = whole batch; else a sorted LongTensor of flat indices
         self.runs = None
 
@@ -447,6 +447,7 @@ def lobpcg(
         out_res.index_copy_(0, g, torch.linalg.vector_norm(r, dim=-2, dtype=torch.float64))
 
     q = 3 * nb
+    rr_grams = _native_op("rr_grams") if dt == torch.float32 and dev.type == "cpu" else None
     eye_q = torch.eye(q, dtype=torch.float64, device=dev)
     not_x = (torch.arange(q, device=dev) >= nb).to(torch.float64)
     xblock = (1 - not_x)[:, None] * (1 - not_x)[None, :]
@@ -539,15 +540,18 @@ def lobpcg(
         if not sync or bool(nonfin.any()):
             AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
             restarts.index_add_(0, active, nonfin.long())
-        # [S, A S] with S = [X, P, W] in one buffer: one conversion and one fp64 GEMM give both Grams
-        SAS = torch.cat([XP, W, AXP, AW], dim=-1)
-        S, AS = SAS[:, :, :q], SAS[:, :, q:]
         valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
 
         # ---- Rayleigh-Ritz in fp64 on span[X, P, W] ----------------------------------------------
-        SASd = SAS.double()
-        G = SASd[:, :, :q].transpose(-1, -2) @ SASd
-        Bs, Hs = G[:, :, :q], G[:, :, q:]
+        # S = [X, P, W], A S = [A X, A P, A W]: Bs = S^T S and Hs = S^T A S
+        if rr_grams is not None:
+            # native: fp64 accumulation straight from the fp32 parts, one triangle each
+            Bs, Hs = rr_grams((XP, W), (AXP, AW))
+        else:
+            # one conversion and one fp64 GEMM give both Grams
+            SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
+            G = SASd[:, :, :q].transpose(-1, -2) @ SASd
+            Bs, Hs = G[:, :, :q], G[:, :, q:]
         vf = valid.to(torch.float64)
         outer = vf[:, :, None] * vf[:, None, :]
         Hs = 0.5 * (Hs + Hs.transpose(-1, -2)) * outer
@@ -580,7 +584,7 @@ def lobpcg(
         if not sync or bool(badB.any()):
             Cp = Cp * (~badB).to(torch.float64)[:, None, None]
         Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
-        XP, AXP = S @ Cxp, AS @ Cxp
+        XP, AXP = torch.baddbmm(XP @ Cxp[:, :2 * nb], W, Cxp[:, 2 * nb:]), torch.baddbmm(AXP @ Cxp[:, :2 * nb], AW, Cxp[:, 2 * nb:])
         iters.index_add_(0, active, torch.ones_like(active))
 
     # ---- outputs -------------------------------------------------------------------------------

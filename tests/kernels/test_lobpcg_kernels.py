@@ -1,5 +1,6 @@
-"""lk.sym_matmul: the native symmetric block product (upper triangle only) on every ISA path this
-CPU runs, against float64 ``A @ W`` and against torch's own fp32 error."""
+"""The native kernels behind LOBPCG on every ISA path this CPU runs: lk.sym_matmul (symmetric block
+product reading the upper triangle only) against float64 ``A @ W`` and torch's own fp32 error, and
+_native.rr_grams (the Rayleigh-Ritz Grams in fp64 from fp32 parts) against float64 GEMMs."""
 from __future__ import annotations
 
 import pytest
@@ -147,3 +148,60 @@ def test_opcheck():
     W = torch.randn(2, 19, 3, generator=gen)
     torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "native"))
     torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "torch"))
+
+
+# --------------------------------------------------------------------------------------------
+# rr_grams: B = S^T S, H = S^T AS in fp64 from fp32 column parts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b, n, cols", [(1, 1, [1]), (1, 5, [3, 2]), (3, 17, [7, 4, 2]), (2, 300, [10, 5]),
+                                        (1, 1000, [24, 12, 5, 7]), (4, 130, [32, 16])])
+def test_rr_grams_match_float64(isa, b, n, cols):
+    gen = torch.Generator().manual_seed(n + len(cols))
+    S_parts = [torch.randn(b, n, c, generator=gen) for c in cols]
+    A_parts = [torch.randn(b, n, c, generator=gen) for c in cols]
+    S, AS = torch.cat(S_parts, -1).double(), torch.cat(A_parts, -1).double()
+    B, H = _native.rr_grams(S_parts, A_parts)
+    B_ref, H_ref = S.mT @ S, S.mT @ AS
+    assert B.dtype == H.dtype == torch.float64 and B.shape == H.shape == B_ref.shape
+    assert torch.equal(B, B.mT) and torch.equal(H, H.mT)
+    # fp64 accumulation of exact fp32 products: fp64 rounding only
+    assert (B - B_ref).abs().max() <= 1e-13 * B_ref.abs().max()
+    H_upper = torch.triu(H_ref) + torch.triu(H_ref, 1).mT
+    assert (H - H_upper).abs().max() <= 1e-13 * H_ref.abs().max()
+
+
+def test_rr_grams_strided_parts_and_threads():
+    gen = torch.Generator().manual_seed(9)
+    big = torch.randn(3, 400, 40, generator=gen)
+    S_parts = [big[:, :, :16], big[:, :, 20:28]]               # column slices: row stride 40
+    A_parts = [big[:, :, 28:36].mT.contiguous().mT, big[:, :, 0:16]]   # a column-major part
+    S, AS = torch.cat(S_parts, -1).double(), torch.cat(A_parts, -1).double()
+    B_ref, H_ref = S.mT @ S, S.mT @ AS
+    H_ref = torch.triu(H_ref) + torch.triu(H_ref, 1).mT
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            B, H = _native.rr_grams(S_parts, A_parts)
+            assert (B - B_ref).abs().max() <= 1e-12 * B_ref.abs().max()
+            assert (H - H_ref).abs().max() <= 1e-12 * H_ref.abs().max()
+            # one matrix: its tokens are split across the threads
+            B1, H1 = _native.rr_grams([p[1:2] for p in S_parts], [p[1:2] for p in A_parts])
+            assert (B1 - B_ref[1:2]).abs().max() <= 1e-12 * B_ref.abs().max()
+            assert (H1 - H_ref[1:2]).abs().max() <= 1e-12 * H_ref.abs().max()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_rr_grams_bad_input():
+    with pytest.raises(ValueError, match="every part must be"):
+        _native.rr_grams([torch.randn(2, 5, 3)], [torch.randn(2, 6, 3)])
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        _native.rr_grams([torch.randn(2, 5, 3, dtype=torch.float64)], [torch.randn(2, 5, 3)])
+    C = _backends.native_module()
+    with pytest.raises(ValueError, match="parts have 3 columns in all, q=4"):
+        x = torch.randn(1, 5, 3)
+        out = torch.empty(1, 4, 4, dtype=torch.float64)
+        C.rr_grams([(x.data_ptr(), 3, 3, 0)], [(x.data_ptr(), 3, 3, 0)], 1, 5, 4, out.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="1 to 4 column parts"):
+        C.rr_grams([], [], 1, 5, 0, 0, 0)
