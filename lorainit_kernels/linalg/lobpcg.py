@@ -17,7 +17,8 @@ direction, preconditioned residual). This implementation:
 * builds ``P`` from the Ritz coefficients (Duersch et al., Alg. 4) so it is orthonormal and
   orthogonal to ``X`` without amplifying errors, and updates ``A P`` and ``A X`` implicitly (one
   operator application per step, on ``W``);
-* does the Rayleigh-Ritz step (Gram matrices and their eigenproblem) in float64;
+* does the Rayleigh-Ritz step (Gram matrices and their eigenproblem) in float64 (for fp32 CPU
+  blocks the Grams are accumulated in fp64 by a native kernel straight from the fp32 parts);
 * keeps the best iterate per matrix and restarts from it (dropping ``P``) on NaN/Inf or divergence;
 * uses ``k`` plus guard vectors (faster convergence, and the k-th pair is not the block's last);
 * solves densely (``torch.linalg.eigh`` in float64) when ``n < 5 k``;
