@@ -219,7 +219,8 @@ def _check_symmetric_finite(A: Tensor, batch, n: int) -> None:
 
 def _gram(U: Tensor, V: Tensor) -> Tensor:
     """``U^T V`` in float64."""
-    return U.transpose(-1, -2).double() @ V.double()
+    Ud = U.double()
+    return Ud.transpose(-1, -2) @ (Ud if V is U else V.double())
 
 
 def _svqb(V: Tensor, mask: Tensor, drop: float) -> Tuple[Tensor, Tensor]:
@@ -533,15 +534,7 @@ def lobpcg(
         W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)   # W - XP (XP^T W), one GEMM
         W, wmask = _svqb(W, ~conv, drop)
         W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
-        # NaN guard: only the new product can be non-finite (X, P, AX, AP are combinations of finite
-        # blocks); a matrix whose A W is not finite keeps its X (and P) for this step. NaN/Inf in a
-        # block reaches its column sums: one reduction instead of an elementwise pass.
         AW = op(W)
-        nonfin = ~torch.isfinite(AW.sum(dim=-2)).all(-1)
-        if not sync or bool(nonfin.any()):
-            AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
-            restarts.index_add_(0, active, nonfin.long())
-        valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
 
         # ---- Rayleigh-Ritz in fp64 on span[X, P, W] ----------------------------------------------
         # S = [X, P, W], A S = [A X, A P, A W]: Bs = S^T S and Hs = S^T A S
@@ -553,6 +546,15 @@ def lobpcg(
             SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
             G = SASd[:, :, :q].transpose(-1, -2) @ SASd
             Bs, Hs = G[:, :, :q], G[:, :, q:]
+        # NaN guard: only the new product can be non-finite (X, P, AX, AP are combinations of finite
+        # blocks), and a NaN/Inf anywhere in a matrix's A W reaches its whole A W column block of Hs
+        # (a q x q check instead of a pass over A W). Such a matrix keeps its X (and P) for this step.
+        nonfin = ~torch.isfinite(Hs[:, :, 2 * nb:]).flatten(1).all(-1)
+        if not sync or bool(nonfin.any()):
+            AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
+            Hs = torch.nan_to_num(Hs, nan=0.0, posinf=0.0, neginf=0.0)
+            restarts.index_add_(0, active, nonfin.long())
+        valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
         vf = valid.to(torch.float64)
         outer = vf[:, :, None] * vf[:, None, :]
         Hs = 0.5 * (Hs + Hs.transpose(-1, -2)) * outer

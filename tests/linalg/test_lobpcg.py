@@ -303,6 +303,29 @@ def test_asymmetry_caught_with_a_one_column_block_or_a_full_warm_start():
         lk.lobpcg(B, 2, X=torch.eye(40, dtype=torch.float64)[:, :8])
 
 
+def test_nan_and_inf_from_operator_recover_on_the_fp32_native_path():
+    """fp32 CPU blocks take the native Gram kernel: a NaN in one matrix's A W and an Inf in the
+    other's (different steps) are caught from the Gram, each matrix restarts once and converges."""
+    n, k = 300, 3
+    g = gen(14)
+    A = with_spectrum(torch.linspace(-3.0, 30.0, n, dtype=torch.float64).expand(2, n), g).float()
+    calls = {"n": 0}
+    poison = {4: (0, float("nan")), 6: (1, float("inf"))}   # call number -> (matrix, value)
+
+    def flaky(X):
+        calls["n"] += 1
+        Y = A @ X
+        if calls["n"] in poison:
+            i, v = poison[calls["n"]]
+            Y = Y.clone()
+            Y[i, 5, 0] = v
+        return Y
+
+    vals, vecs, info = lk.lobpcg(flaky, k, n=n, batch_shape=(2,), dtype=torch.float32, tol=1e-4, return_info=True)
+    assert info["converged"].all() and (info["restarts"] == 1).all(), info["restarts"]
+    _check(A, vals, vecs, k, 1e-4)
+
+
 def test_bad_input():
     A = torch.randn(2, 3, 20, 20, dtype=torch.float64)
     A = A + A.transpose(-1, -2)
