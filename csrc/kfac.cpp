@@ -85,39 +85,41 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
   }
 }
 
-std::string run_symm(const SymmProblem& p, int isa, int nthreads) {
-  // The symmetric product has fp32 kernels only; the bf16 level runs the AVX-512 one.
-  const int level = isa < 0 ? best_isa() : isa;
+// The LOBPCG kernels (fp32/fp64 only: the bf16 level runs the AVX-512 ones).
+namespace {
+struct LinalgKernels {
+  void (*symm)(const SymmProblem&, int);
+  const char* (*symm_name)();
+  void (*gram64)(const Gram64Problem&, int);
+  const char* (*gram64_name)();
+};
+
+const LinalgKernels& linalg_kernels(int isa) {
+  static const LinalgKernels portable_k{portable::run_symm, portable::symm_name, portable::run_gram64,
+                                        portable::gram64_name};
 #if defined(LORAINIT_X86)
-  if (level >= kAVX512) {
-    avx512::run_symm(p, nthreads);
-    return avx512::symm_name();
-  }
-  if (level >= kAVX2) {
-    avx2::run_symm(p, nthreads);
-    return avx2::symm_name();
-  }
+  static const LinalgKernels avx2_k{avx2::run_symm, avx2::symm_name, avx2::run_gram64, avx2::gram64_name};
+  static const LinalgKernels avx512_k{avx512::run_symm, avx512::symm_name, avx512::run_gram64, avx512::gram64_name};
+  const int level = isa < 0 ? best_isa() : isa;
+  if (level >= kAVX512) return avx512_k;
+  if (level >= kAVX2) return avx2_k;
+#else
+  (void)isa;
 #endif
-  (void)level;
-  portable::run_symm(p, nthreads);
-  return portable::symm_name();
+  return portable_k;
+}
+}  // namespace
+
+std::string run_symm(const SymmProblem& p, int isa, int nthreads) {
+  const LinalgKernels& k = linalg_kernels(isa);
+  k.symm(p, nthreads);
+  return k.symm_name();
 }
 
 std::string run_gram64(const Gram64Problem& p, int isa, int nthreads) {
-  const int level = isa < 0 ? best_isa() : isa;
-#if defined(LORAINIT_X86)
-  if (level >= kAVX512) {
-    avx512::run_gram64(p, nthreads);
-    return avx512::gram64_name();
-  }
-  if (level >= kAVX2) {
-    avx2::run_gram64(p, nthreads);
-    return avx2::gram64_name();
-  }
-#endif
-  (void)level;
-  portable::run_gram64(p, nthreads);
-  return portable::gram64_name();
+  const LinalgKernels& k = linalg_kernels(isa);
+  k.gram64(p, nthreads);
+  return k.gram64_name();
 }
 
 }  // namespace lorainit
