@@ -187,6 +187,12 @@ def rr_grams(S_parts, AS_parts) -> Tuple[Tensor, Tensor]:
                         t.stride(0) if t.shape[0] > 1 else 0))
         return out
 
+    if not S_parts or not AS_parts:
+        raise ValueError(f"{op}: S_parts and AS_parts need 1 to 4 tensors each, got {len(S_parts)} and {len(AS_parts)}")
+    for t in list(S_parts) + list(AS_parts):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{op}: parts must be (b, n, c) tensors, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     b, n = S_parts[0].shape[:2]
     q = sum(t.shape[-1] for t in S_parts)
     for t in list(S_parts) + list(AS_parts):

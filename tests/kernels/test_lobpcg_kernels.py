@@ -196,6 +196,10 @@ def test_rr_grams_strided_parts_and_threads():
 def test_rr_grams_bad_input():
     with pytest.raises(ValueError, match="every part must be"):
         _native.rr_grams([torch.randn(2, 5, 3)], [torch.randn(2, 6, 3)])
+    with pytest.raises(ValueError, match="1 to 4 tensors each"):
+        _native.rr_grams([], [torch.randn(2, 5, 3)])
+    with pytest.raises(ValueError, match=r"\(b, n, c\) tensors, got \(5, 3\)"):
+        _native.rr_grams([torch.randn(5, 3)], [torch.randn(2, 5, 3)])
     with pytest.raises(ValueError, match="fp32 CPU tensors"):
         _native.rr_grams([torch.randn(2, 5, 3, dtype=torch.float64)], [torch.randn(2, 5, 3)])
     C = _backends.native_module()
