@@ -547,9 +547,9 @@ def lobpcg(
             G = SASd[:, :, :q].transpose(-1, -2) @ SASd
             Bs, Hs = G[:, :, :q], G[:, :, q:]
         # NaN guard: only the new product can be non-finite (X, P, AX, AP are combinations of finite
-        # blocks), and a NaN/Inf anywhere in column c of a matrix's A W reaches Hs[0, 2 nb + c] (x_1, the
-        # first column of S, is dense; a q x q check instead of a pass over A W). Such a matrix keeps its X (and P)
-        # for this step.
+        # blocks), and a NaN/Inf anywhere in column c of a matrix's A W reaches Hs[0, 2 nb + c] (x_1,
+        # the first column of S, is dense): a q x q check instead of a pass over A W. Such a matrix
+        # keeps its X (and P) for this step.
         nonfin = ~torch.isfinite(Hs[:, :, 2 * nb:]).flatten(1).all(-1)
         if not sync or bool(nonfin.any()):
             AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
