@@ -223,12 +223,16 @@ def _gram(U: Tensor, V: Tensor) -> Tensor:
     return Ud.transpose(-1, -2) @ (Ud if V is U else V.double())
 
 
-def _svqb(V: Tensor, mask: Tensor, drop: float) -> Tuple[Tensor, Tensor]:
+def _svqb(V: Tensor, mask: Tensor, drop: float, cholesky_first: bool = False) -> Tuple[Tensor, Tensor]:
     """Orthonormalize the columns of ``V`` (b, n, p) by SVQB (Stathopoulos & Wu 2002), fp64 Gram.
 
     ``mask`` (b, p) marks the columns to keep. Directions whose Gram eigenvalue (after unit column
     scaling) is below ``drop`` are dropped: their column becomes zero and their mask False.
     Returns ``(Q, mask)``; ``Q`` has orthonormal (or zero) columns spanning the kept directions.
+
+    ``cholesky_first`` (a host synchronization): when every scaled Gram factors with Cholesky pivots
+    ``>= 1e-3`` (no direction close to dependent), return Cholesky-QR's ``V D^-1/2 L^-T`` instead
+    (a triangular solve instead of an eigendecomposition; same span, the mask kept as is).
     """
     mf = mask.to(torch.float64)
     Gm = _gram(V, V) * (mf[:, :, None] * mf[:, None, :])
@@ -236,6 +240,12 @@ def _svqb(V: Tensor, mask: Tensor, drop: float) -> Tuple[Tensor, Tensor]:
     good = mask & (d > 0)
     dinv = torch.where(good, d.clamp_min(1e-300).rsqrt(), torch.zeros_like(d))
     Gs = Gm * dinv[:, :, None] * dinv[:, None, :]
+    if cholesky_first:
+        Lc, info = torch.linalg.cholesky_ex(Gs + torch.diag_embed((~good).to(torch.float64)))  # unit rows for the dropped
+        if bool((info == 0).all()) and bool((Lc.diagonal(dim1=-2, dim2=-1) >= 1e-3).all()):
+            eye = torch.eye(V.shape[-1], dtype=torch.float64, device=V.device).expand_as(Lc)
+            T = dinv[:, :, None] * torch.linalg.solve_triangular(Lc.transpose(-1, -2), eye, upper=True)
+            return V @ T.to(V.dtype), good
     Gs = Gs + torch.diag_embed((~good).to(torch.float64) * -1.0)  # dropped columns: eigenvalue -1
     theta, U = torch.linalg.eigh(Gs)
     keep = theta > drop
@@ -527,12 +537,12 @@ def lobpcg(
             conv = conv & ok_[:, None]
 
         # ---- search directions W = M R, soft-locked, orthogonal to [X, P] --------------------------
-        # projection, SVQB, projection: W ends up orthogonal to [X, P] to working precision; what
-        # SVQB's rescaling leaves of non-orthonormality inside W is absorbed by the fp64 Rayleigh-Ritz
-        # (Cholesky of the explicit Gram) below.
+        # projection, SVQB (Cholesky-QR when W is well conditioned, on the CPU), projection: W ends
+        # up orthogonal to [X, P] to working precision; what is left of non-orthonormality inside W
+        # is absorbed by the fp64 Rayleigh-Ritz (Cholesky of the explicit Gram) below.
         W = R if prec is None else torch.nan_to_num(prec(R), nan=0.0, posinf=0.0, neginf=0.0)
         W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)   # W - XP (XP^T W), one GEMM
-        W, wmask = _svqb(W, ~conv, drop)
+        W, wmask = _svqb(W, ~conv, drop, cholesky_first=sync)
         W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
         AW = op(W)
 
@@ -588,7 +598,7 @@ def lobpcg(
         if not sync or bool(badB.any()):
             Cp = Cp * (~badB).to(torch.float64)[:, None, None]
         Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
-        XP, AXP = torch.baddbmm(XP @ Cxp[:, :2 * nb], W, Cxp[:, 2 * nb:]), torch.baddbmm(AXP @ Cxp[:, :2 * nb], AW, Cxp[:, 2 * nb:])
+        XP, AXP = torch.cat([XP, W], dim=-1) @ Cxp, torch.cat([AXP, AW], dim=-1) @ Cxp
         iters.index_add_(0, active, torch.ones_like(active))
 
     # ---- outputs -------------------------------------------------------------------------------

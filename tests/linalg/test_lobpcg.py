@@ -326,6 +326,34 @@ def test_nan_and_inf_from_operator_recover_on_the_fp32_native_path():
     _check(A, vals, vecs, k, 1e-4)
 
 
+@pytest.mark.parametrize("cholesky_first", [False, True])
+def test_orthonormalization_drops_dependent_directions(cholesky_first):
+    """The W orthonormalization: a well-conditioned block takes Cholesky-QR (when allowed) and a block
+    with a dependent column falls back to SVQB, which drops it; masked columns stay out."""
+    import importlib
+
+    lob = importlib.import_module("lorainit_kernels.linalg.lobpcg")
+    g = gen(21)
+    V = torch.randn(2, 50, 4, generator=g, dtype=torch.float64).float()
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2] = False
+    drop = (100 * torch.finfo(torch.float32).eps) ** 2
+    Q, keep = lob._svqb(V, mask, drop, cholesky_first=cholesky_first)
+    assert keep.sum(-1).tolist() == [4, 3]
+    for i in range(2):
+        Qi = Q[i][:, keep[i]].double()
+        assert (Qi.T @ Qi - torch.eye(Qi.shape[1], dtype=torch.float64)).abs().max() < 1e-5
+        Vi = V[i][:, mask[i]].double()
+        assert sin_theta(Qi, torch.linalg.qr(Vi)[0]).max() < 1e-5   # same span as the kept columns
+    # a dependent column (exact combination of two others): dropped, never amplified noise
+    Vd = V.clone()
+    Vd[0, :, 3] = Vd[0, :, 0] - 2 * Vd[0, :, 1]
+    Q, keep = lob._svqb(Vd, torch.ones(2, 4, dtype=torch.bool), drop, cholesky_first=cholesky_first)
+    assert keep[0].sum() == 3 and keep[1].sum() == 4
+    Q0 = Q[0][:, keep[0]].double()
+    assert (Q0.T @ Q0 - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-5
+
+
 def test_bad_input():
     A = torch.randn(2, 3, 20, 20, dtype=torch.float64)
     A = A + A.transpose(-1, -2)
