@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch
 
-from bench.common import timeit
+from bench.common import interleaved_times, median_ratio, timeit
 
 COLUMNS = ["case", "T", "n=m", "valid", "native ms", "torch ms", "torch/native", "scipy floor ms",
            "scipy/native", "err native", "err torch", "native GFLOP/s"]
@@ -62,15 +62,13 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _measure(providers: Dict[str, object], rounds: int, repeats: int) -> Dict[str, float]:
     """Median seconds per provider over ``rounds`` interleaved rounds (each a median of ``repeats``)."""
-    per: Dict[str, List[float]] = {k: [] for k in providers}
-    for _ in range(rounds):
-        for name, fn in providers.items():
-            # min_time: many samples for small sizes, so one lost timeslice does not set the median
-            per[name].append(timeit(fn, repeats=repeats, warmup=1, min_time=0.2)["median"])
+    # min_time: many samples for small sizes, so one lost timeslice does not set the median
+    per = interleaved_times(providers, rounds,
+                            sample=lambda fn: timeit(fn, repeats=repeats, warmup=1, min_time=0.2)["median"])
     out = {k: statistics.median(v) for k, v in per.items()}
     for other in providers:
         if other != "native":
-            out[f"{other}/native"] = statistics.median(a / b for a, b in zip(per[other], per["native"]))
+            out[f"{other}/native"] = median_ratio(per[other], per["native"])
     return out
 
 

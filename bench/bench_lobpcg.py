@@ -8,16 +8,10 @@ relative error <= 1e-5. The CUDA provider (cupyx.scipy.sparse.linalg.lobpcg) is 
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-# pause between timed calls: OpenBLAS (scipy) and OpenMP worker threads spin for a while after a
-# call and would steal the 2 cores from the next provider
-SETTLE_S = 0.3
-
-import statistics
-import time
+from bench.common import SETTLE_S, interleaved_times, median_ratio, summarize
 
 TARGET = 1e-5
 
@@ -96,7 +90,7 @@ def _table(b, n, k, rounds, providers=None):
     Om64 = Om.double()
     opt = torch.linalg.eigvalsh(Om64)[..., :k].sum(-1)
     fns = {name: fn for name, fn in _providers(Om, k).items() if providers is None or name in providers}
-    rows, errs, times = {}, {}, {name: [] for name in fns}
+    rows, errs = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, fn in list(fns.items()):
@@ -105,20 +99,15 @@ def _table(b, n, k, rounds, providers=None):
             except Exception as e:  # a provider that breaks is reported, not fatal
                 rows[name] = {"provider": name, "batch": b, "n": n, "k": k, "note": f"failed: {type(e).__name__}: {e}"[:120]}
                 del fns[name]
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                time.sleep(SETTLE_S)  # let the previous provider's BLAS/OpenMP threads stop spinning
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved_times(fns, rounds, settle_s=SETTLE_S)
     base = times.get("torch.linalg.eigh")
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        row = {"provider": name, "batch": b, "n": n, "k": k, "median_s": statistics.median(ts), "q25_s": q[0],
-               "q75_s": q[2], "objective_rel_err": errs[name], "reaches_1e-5": "yes" if errs[name] <= TARGET else "NO",
+        st = summarize(ts)
+        row = {"provider": name, "batch": b, "n": n, "k": k, "median_s": st["median"], "q25_s": st["q25"],
+               "q75_s": st["q75"], "objective_rel_err": errs[name], "reaches_1e-5": "yes" if errs[name] <= TARGET else "NO",
                "times_s": ts}
         if base:
-            row["speedup_vs_eigh"] = statistics.median(bt / t for bt, t in zip(base, ts))
+            row["speedup_vs_eigh"] = median_ratio(base, ts)
         rows[name] = row
     return [rows[name] for name in _providers_order(providers) if name in rows]
 
@@ -139,16 +128,13 @@ def _verdict(main: list) -> list:
     by = {r["provider"]: r for r in main}
     ours = by["lorainit.lobpcg"]
 
-    def ratio(name):
-        return statistics.median(t / o for t, o in zip(by[name]["times_s"], ours["times_s"]))
-
     lines = [f"lorainit.lobpcg vs batched torch.linalg.eigh: {ours['speedup_vs_eigh']:.2f}x "
              f"(required >= 2x: {'met' if ours['speedup_vs_eigh'] >= 2 else 'NOT met'}; goal 5x: "
              f"{'met' if ours['speedup_vs_eigh'] >= 5 else 'not met'})."]
     for name in ("scipy.linalg.eigh(subset) loop", "scipy.sparse.linalg.lobpcg loop", "torch.lobpcg loop",
                  "lorainit.lobpcg (bmm products)"):
         if name in by and "times_s" in by[name]:
-            r = ratio(name)
+            r = median_ratio(by[name]["times_s"], ours["times_s"])
             lines.append(f"vs {name}: {r:.2f}x ({'at least as fast' if r >= 1 else 'SLOWER'}"
                          f"{'' if by[name]['reaches_1e-5'] == 'yes' else '; that provider misses the 1e-5 target'}).")
     missed = [r["provider"] for r in main if r.get("reaches_1e-5") != "yes"]

@@ -7,13 +7,10 @@ median over rounds of the per-round ratio.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-# pause between timed calls: OpenBLAS (scipy) and OpenMP worker threads spin for a while after a
-# call and would steal the 2 cores from the next provider
-SETTLE_S = 0.3
+from bench.common import SETTLE_S, interleaved_times, median_ratio, timeit
 
 
 def _providers(A, W):
@@ -32,16 +29,6 @@ def _providers(A, W):
             "scipy ssymm loop": ssymm}
 
 
-def _burst(fn, min_s: float = 0.1) -> float:
-    """Steady-state time per call: one untimed call (thread wake-up, caches), then calls for min_s."""
-    fn()
-    calls, t0 = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - t0 < min_s:
-        fn()
-        calls += 1
-    return (time.perf_counter() - t0) / calls
-
-
 def run(quick: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
     cases = [(2, 256, 16)] if quick else [(8, 2048, 8), (8, 2048, 16), (8, 2048, 32), (2, 1024, 16), (1, 4096, 16)]
@@ -53,28 +40,26 @@ def run(quick: bool = False) -> dict:
         W = torch.randn(b, n, p, generator=g)
         ref = A.double() @ W.double()
         fns = _providers(A, W)
-        times = {name: [] for name in fns}
         errs = {}
         for name, fn in fns.items():
             out = torch.as_tensor(fn())
             errs[name] = float((out.double() - ref).norm() / ref.norm())
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                time.sleep(SETTLE_S)  # let the previous provider's BLAS/OpenMP threads stop spinning
-                times[name].append(_burst(fn))
+        # steady state: per round, the median call over >= 0.1 s after one untimed call (thread wake-up)
+        times = interleaved_times(fns, rounds, settle_s=SETTLE_S,
+                                  sample=lambda fn: timeit(fn, repeats=3, warmup=1, min_time=0.1)["median"])
         base = times["torch bmm (A @ W)"]
         for name in fns:
             ts = times[name]
             rows.append({"provider": name, "batch": b, "n": n, "p": p, "median_ms": 1e3 * statistics.median(ts),
-                         "speedup_vs_bmm": statistics.median(bt / t for bt, t in zip(base, ts)),
+                         "speedup_vs_bmm": median_ratio(base, ts),
                          "rel_err": errs[name]})
     return {
         "title": "sym_matmul: Y = A W for symmetric A, fp32, CPU",
         "columns": ["provider", "batch", "n", "p", "median_ms", "speedup_vs_bmm", "rel_err"],
         "rows": rows,
         "notes": [
-            f"{rounds} interleaved rounds, each provider timed over a burst of calls (>= 0.1 s, after one untimed "
-            "call and a pause); speedup_vs_bmm = median over rounds of the per-round time ratio.",
+            f"{rounds} interleaved rounds, each provider sampled as the median call over >= 0.1 s (after a pause and "
+            "one untimed call); speedup_vs_bmm = median over rounds of the per-round time ratio.",
             "rel_err = ||Y - Y_ref|| / ||Y_ref||, Y_ref in float64. torch threads: "
             f"{torch.get_num_threads()}; scipy's BLAS uses its own threads.",
             "The product is bound by memory traffic when the batch does not fit in the last-level cache: reading "

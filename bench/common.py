@@ -13,7 +13,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,8 +31,44 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_t
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return summarize(times)
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    """Median and 25/75% quantiles of a list of times."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median": statistics.median(times), "q25": q[0], "q75": q[2], "n": len(times)}
+
+
+# An untimed pause before each timed sample in interleaved rounds: OpenBLAS (scipy) and OpenMP
+# worker threads spin for a while after a call and would steal the 2 cores from the next provider.
+SETTLE_S = 0.3
+
+
+def _one_call(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_times(providers: Dict[str, Callable[[], object]], rounds: int, *,
+                      sample: Optional[Callable[[Callable[[], object]], float]] = None,
+                      settle_s: float = 0.0) -> Dict[str, List[float]]:
+    """Seconds per provider over ``rounds`` rounds, every provider sampled once per round, so that
+    machine noise hits all of them alike. ``sample(fn)`` gives one sample (default: one timed call);
+    ``settle_s`` is an untimed pause before each sample."""
+    times: Dict[str, List[float]] = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            if settle_s:
+                time.sleep(settle_s)
+            times[name].append((sample or _one_call)(fn))
+    return times
+
+
+def median_ratio(num: List[float], den: List[float]) -> float:
+    """Median over rounds of the per-round ratio ``num / den`` (a same-run speedup)."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def cpu_model() -> str:
