@@ -97,11 +97,12 @@ class _Op:
             self.mat = mat.reshape(self.b, n, n)
             # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
             # traffic of a bmm, which is what bounds these thin products)
-            if (one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu"
-                    and n >= _SYMM_MIN_N and _native_op("sym_matmul") is not None):
-                if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
-                    self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
-                self.matmul = _native_op("sym_matmul")
+            if one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu" and n >= _SYMM_MIN_N:
+                sym_matmul = _native_op("sym_matmul")
+                if sym_matmul is not None:
+                    if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
+                        self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
+                    self.matmul = sym_matmul
         self.active = None  # None = whole batch; else a sorted LongTensor of flat indices
         self.runs = None
 
