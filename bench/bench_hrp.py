@@ -54,7 +54,7 @@ def _lora_step_time(model, batch, repeats: int) -> float:
 
 
 def _preheat_step_time(hidden, layers, r, R, batch, steps: int) -> float:
-    from lorainit.hrp import HRPConfig
+    from lorainit.methods.hrp import HRPConfig
     from lorainit.init import initialize_lora
 
     model = _llama(hidden, layers, r)

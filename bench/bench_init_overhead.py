@@ -65,7 +65,7 @@ def _plain_fwd_bwd(model, batches, targets):
 
 
 def run(quick: bool = False) -> dict:
-    from lorainit.configs import LoRADAConfig
+    from lorainit.methods.lora_da import LoRADAConfig
     from lorainit.init import initialize_lora
     from lorainit.targets import find_targets
 

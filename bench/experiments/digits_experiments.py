@@ -1,9 +1,10 @@
-"""LoRA-DA and HRP claims on the digits task (lorainit.digits): rank sweep, ablations, FA variants."""
+"""LoRA-DA and HRP claims on the digits task (lorainit.examples.digits): rank sweep, ablations, FA variants."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from lorainit import LoRADAConfig, digits
+from lorainit import LoRADAConfig
+from lorainit.examples import digits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

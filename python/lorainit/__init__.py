@@ -4,28 +4,33 @@
     report = initialize_lora(peft_model, dataloader, method="lora_da", config=LoRADAConfig())
 
 ``lorainit.methods()`` lists every registered method (LoRA-DA, HRP and the baselines) with what it
-needs. The numerical core lives in ``lorainit_kernels``.
+needs (``lorainit.methods`` is the package of the methods; calling it lists them). Layout: ``init`` (``initialize_lora``), ``methods/`` (one module per method family with its
+config), ``registry`` (name -> method), ``context`` (what a method sees), ``passes/`` (statistics,
+loss/eval and weight-gradient passes), ``adapters`` (transactional writes), ``targets``,
+``report``, ``distributed``, ``integrations/``, ``cli``, ``examples/``. The numerical core lives
+in ``lorainit_kernels``.
 """
 from .adapters import LoRAFactors
-from .baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
-from .configs import InitConfig, LoRADAConfig
+from .configs import InitConfig
 from .context import InitContext
-from .hrp import HRPConfig
 from .init import initialize_lora
-from .registry import methods, register_method
+from .methods.baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
+from .methods.hrp import HRPConfig
+from .methods.lora_da import LoRADAConfig
+from .registry import register_method
 from .report import InitReport
 from .targets import LoRAInitError
 
 __version__ = "0.1.0"
 
-# Names defined by modules that need optional packages (transformers) or register methods on import.
+# Names defined by modules that need optional packages (transformers).
 _LAZY = {
     "LoRAInitCallback": ("lorainit.integrations.trainer", "LoRAInitCallback"),
 }
 
 __all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
-           "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "initialize_lora",
-           "methods", "register_method"]
+           "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError",
+           "initialize_lora", "methods", "register_method"]
 
 
 def __getattr__(name):

@@ -12,28 +12,38 @@ method returns ``base_delta`` (m, n), ``W <- W + base_delta`` computed in fp32 (
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
+from lorainit_kernels.methods import LoRAFactors
+
 from .targets import LoRAInitError, TargetLayer
 
-__all__ = ["LoRAFactors", "ModelSnapshot", "write_factors"]
+__all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
                "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
-try:  # the numerical core's container, when it exists
-    from lorainit_kernels.methods import LoRAFactors  # type: ignore
-except Exception:  # pragma: no cover - until lorainit_kernels.methods lands
-    class LoRAFactors(NamedTuple):
-        """Per-layer init: ``lora_A`` (r, n), ``lora_B`` (m, r), ``base_delta`` (m, n) or None."""
 
-        lora_A: Tensor
-        lora_B: Tensor
-        base_delta: Optional[Tensor] = None
+class ModuleState:
+    """A model's ``requires_grad`` and ``.grad`` of every parameter, train/eval modes and LoRA disable flags."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.disable_flags = [(m, m._disable_adapters) for m in model.modules() if hasattr(m, "_disable_adapters")]
+
+    def restore(self) -> None:
+        for p, rg, g in self.params:
+            p.requires_grad_(rg)
+            p.grad = g
+        for m, training in self.modes:
+            m.training = training
+        for m, flag in self.disable_flags:
+            m._disable_adapters = flag
 
 
 class ModelSnapshot:
@@ -42,15 +52,13 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module, targets: Dict[str, TargetLayer]):
         self.model = model
         self.targets = targets
-        self.params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-        self.modes = [(m, m.training) for m in model.modules()]
+        self.state = ModuleState(model)
         self.hooks = []
         for m in model.modules():
             for attr in _HOOK_DICTS:
                 d = getattr(m, attr, None)
                 if isinstance(d, dict):
                     self.hooks.append((d, dict(d)))
-        self.disable_flags = [(m, m._disable_adapters) for m in model.modules() if hasattr(m, "_disable_adapters")]
         self.lora = {}
         for name, t in targets.items():
             self.lora[name] = (t.lora_A.detach().clone(), t.lora_B.detach().clone())
@@ -63,19 +71,13 @@ class ModelSnapshot:
     @torch.no_grad()
     def restore(self, *, values: bool = True) -> None:
         """Put back modes, hooks, requires_grad, grads, disable flags and (``values``) the weights."""
-        for p, rg, g in self.params:
-            p.requires_grad_(rg)
-            p.grad = g
-        for m, training in self.modes:
-            m.training = training
+        self.state.restore()
         for d, saved in self.hooks:
             for k in [k for k in d if k not in saved]:
                 del d[k]
             for k, v in saved.items():
                 if k not in d:
                     d[k] = v
-        for m, flag in self.disable_flags:
-            m._disable_adapters = flag
         if values:
             for name, (A, B) in self.lora.items():
                 t = self.targets[name]

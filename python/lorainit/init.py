@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from .adapters import ModelSnapshot, write_factors
+from .adapters import ModelSnapshot
 from .configs import InitConfig
 from .context import InitContext
 from .registry import get_method
@@ -64,8 +64,8 @@ def initialize_lora(
         raise LoRAInitError(f"model must be a torch.nn.Module (a PEFT model), got {type(model).__name__}")
     targets = find_targets(model, adapter)
     snapshot = ModelSnapshot(model, targets)
-    ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress)
-    ctx.write = lambda factors: write_factors(targets, factors, snapshot)
+    ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress,
+                      snapshot=snapshot)
     try:
         factors = spec.fn(ctx, config)
         if not isinstance(factors, dict):
@@ -74,7 +74,7 @@ def initialize_lora(
         if missing:
             raise LoRAInitError(f"method {method!r} returned no factors for {missing[:5]}")
         with ctx.timed("write"):
-            write_factors(targets, factors, snapshot)
+            ctx.write(factors)
         snapshot.restore_state()  # passes may have touched modes/flags/grad: back to the user's state
         if getattr(config, "freeze_A", False):
             for t in targets.values():

@@ -2,42 +2,49 @@
 
 A method is a function ``fn(ctx, config) -> {layer name: LoRAFactors}`` (see
 :class:`lorainit.context.InitContext` for what ``ctx`` offers) plus a config class and what it
-needs. ``initialize_lora`` owns everything around it: finding the targets, the snapshot, writing
-the factors transactionally, restoring the model on error and the report. Adding a method::
+needs, together a :class:`~lorainit.methods.common.MethodSpec`. ``initialize_lora`` owns
+everything around it: finding the targets, the snapshot, writing the factors transactionally,
+restoring the model on error and the report.
 
-    register_method("pissa", fn=_pissa, config_cls=PiSSAConfig, needs_data=False,
-                    paper="Meng et al. 2024, PiSSA, arXiv 2404.02948")
+The built-in methods are one static table, ``BUILTIN``: name -> ``"module:attribute"`` of the spec
+their method module declares. A spec's module is imported the first time the name is looked up,
+so the registry imports no method module at import time and no method module imports the
+registry. User methods join through :func:`register_method`::
+
+    register_method("my_init", fn=my_init, config_cls=MyConfig, needs_data=False,
+                    paper="Me et al. 2026, arXiv ...")
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 from typing import Callable, Dict, List, Type
 
 from .configs import InitConfig
+from .methods.common import MethodSpec
 
-__all__ = ["MethodSpec", "register_method", "get_method", "methods"]
+__all__ = ["BUILTIN", "MethodSpec", "register_method", "get_method", "methods"]
 
+BUILTIN: Dict[str, str] = {
+    "lora_da": "lorainit.methods.lora_da:LORA_DA",
+    "hrp": "lorainit.methods.hrp:HRP",
+    "lora": "lorainit.methods.baselines:LORA",
+    "gaussian": "lorainit.methods.baselines:GAUSSIAN",
+    "orthogonal": "lorainit.methods.baselines:ORTHOGONAL",
+    "pissa": "lorainit.methods.baselines:PISSA",
+    "milora": "lorainit.methods.baselines:MILORA",
+    "lora_ga": "lorainit.methods.baselines:LORA_GA",
+    "lora_one": "lorainit.methods.baselines:LORA_ONE",
+}
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """One registered method: its function, config class and needs (data, gradients, training steps)."""
-
-    name: str
-    fn: Callable
-    config_cls: Type[InitConfig]
-    needs_data: bool
-    needs_grad: bool = False
-    needs_training: bool = False
-    paper: str = ""
-    summary: str = ""
-
-    def describe(self) -> Dict[str, object]:
-        return {"name": self.name, "needs_data": self.needs_data, "needs_grad": self.needs_grad,
-                "needs_training": self.needs_training, "paper": self.paper, "summary": self.summary,
-                "config": self.config_cls.__name__}
+_REGISTERED: Dict[str, MethodSpec] = {}  # register_method(); takes precedence over BUILTIN
 
 
-_REGISTRY: Dict[str, MethodSpec] = {}
+def _builtin(name: str) -> MethodSpec:
+    module, attr = BUILTIN[name].split(":")
+    spec = getattr(importlib.import_module(module), attr)
+    if not isinstance(spec, MethodSpec) or spec.name != name:
+        raise RuntimeError(f"lorainit.registry: {BUILTIN[name]} is not the MethodSpec of {name!r}")
+    return spec
 
 
 def register_method(name: str, *, fn: Callable, config_cls: Type[InitConfig], needs_data: bool,
@@ -51,31 +58,22 @@ def register_method(name: str, *, fn: Callable, config_cls: Type[InitConfig], ne
     if not (isinstance(config_cls, type) and issubclass(config_cls, InitConfig)):
         raise TypeError(f"register_method({name!r}): config_cls must subclass lorainit.configs.InitConfig, "
                         f"got {config_cls!r}")
-    if name in _REGISTRY and not replace:
+    if (name in _REGISTERED or name in BUILTIN) and not replace:
         raise ValueError(f"register_method: method {name!r} is already registered (pass replace=True to override)")
     spec = MethodSpec(name, fn, config_cls, bool(needs_data), bool(needs_grad), bool(needs_training), paper, summary)
-    _REGISTRY[name] = spec
+    _REGISTERED[name] = spec
     return spec
 
 
-def _ensure_builtin() -> None:
-    # Built-in methods register themselves on import; importing here avoids import cycles.
-    import importlib
-    import importlib.util
-
-    from . import lora_da  # noqa: F401
-    if importlib.util.find_spec("lorainit.baselines") is not None:  # issue 5's methods, once they exist
-        importlib.import_module("lorainit.baselines")
-
-
 def get_method(name: str) -> MethodSpec:
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    """The spec registered under ``name`` (ValueError listing the registered names otherwise)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in BUILTIN:
+        return _builtin(name)
+    raise ValueError(f"unknown method {name!r}; registered methods: {sorted({*BUILTIN, *_REGISTERED})}")
 
 
 def methods() -> List[Dict[str, object]]:
     """The registered methods: name, what each needs (data, gradients, training steps) and its paper."""
-    _ensure_builtin()
-    return [spec.describe() for spec in sorted(_REGISTRY.values(), key=lambda s: s.name)]
+    return [get_method(name).describe() for name in sorted({*BUILTIN, *_REGISTERED})]

@@ -1,7 +1,7 @@
 """`make demo` / `lorainit demo` end to end on a short budget, and the digits task's bookkeeping."""
 import torch
 
-from lorainit import demo, digits
+from lorainit.examples import digits, digits_demo as demo
 
 
 def test_demo_writes_table_and_plot(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lorainit_kernels.methods as lkm
-from lorainit.baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
+from lorainit.methods.baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
 from lorainit.init import initialize_lora
 from lorainit.registry import methods
 from lorainit.targets import LoRAInitError, find_targets

@@ -17,7 +17,7 @@ def _free_port() -> int:
 
 
 def _config(**kw):
-    from lorainit.configs import LoRADAConfig
+    from lorainit.methods.lora_da import LoRADAConfig
 
     return LoRADAConfig(n_train=2000.0, stats_dtype=torch.float64, solver="eigh", **kw)
 

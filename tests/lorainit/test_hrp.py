@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorainit_kernels.methods as lkm
-from lorainit.hrp import HRPConfig, HRPDataWarning
+from lorainit.methods.hrp import HRPConfig, HRPDataWarning
 from lorainit.init import initialize_lora
 from lorainit.targets import LoRAInitError, find_targets
 

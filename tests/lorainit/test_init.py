@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorainit_kernels as lk
-from lorainit.configs import LoRADAConfig
+from lorainit.methods.lora_da import LoRADAConfig
 from lorainit.init import initialize_lora
 from lorainit.registry import methods, register_method
 from lorainit.targets import LoRAInitError, find_targets
@@ -323,7 +323,7 @@ def test_registry_lists_and_plugs_in_methods():
 def test_step_grid_search_finds_the_grid_minimum_of_unimodal_losses_with_fewer_passes():
     import math
 
-    from lorainit.lora_da import search_step_grid
+    from lorainit.methods.lora_da import search_step_grid
 
     grid = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
     for best in range(len(grid)):

@@ -2,7 +2,7 @@
 
 An MLP is pretrained on the odd digits, then LoRA-fine-tuned on the even digits from each
 initialization, with the same seeds, data order and optimizer for every init. Everything ships
-with scikit-learn; nothing is downloaded. Used by ``make demo`` (``lorainit.demo``) and by the
+with scikit-learn; nothing is downloaded. Used by ``make demo`` (:mod:`lorainit.examples.digits_demo`) and by the
 experiments under ``bench/experiments``.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def finetune(
 
     from peft import LoraConfig, get_peft_model
 
-    from .init import initialize_lora
+    from ..init import initialize_lora
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base),

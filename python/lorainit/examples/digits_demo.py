@@ -1,6 +1,6 @@
 """``make demo`` / ``lorainit demo``: every init on the digits task, a table and a PNG of loss curves.
 
-The LoRA-DA paper's Appendix E setup at small scale (see ``lorainit.digits``): an MLP pretrained
+The LoRA-DA paper's Appendix E setup at small scale (see :mod:`lorainit.examples.digits`): an MLP pretrained
 on the odd digits of scikit-learn's bundled 8x8 digits is LoRA-fine-tuned (rank 4) on the even
 digits from each initialization, over several seeds, with the same data order and optimizer.
 Runs in a few minutes on 2 CPU cores; nothing is downloaded.
@@ -29,7 +29,7 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from . import digits
-    from .registry import methods as registered
+    from ..registry import methods as registered
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = {spec["name"] for spec in registered()}
@@ -44,7 +44,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import warnings
 
-    from .hrp import HRPDataWarning
+    from ..methods.hrp import HRPDataWarning
 
     # 20 batches of digits are fewer than HRP's preheat steps: cycling them is expected here.
     warnings.filterwarnings("ignore", category=HRPDataWarning)

@@ -1,8 +1,7 @@
-"""The baseline LoRA initializations behind ``initialize_lora(..., method=NAME)``.
+"""The baseline LoRA initializations behind ``initialize_lora(..., method=NAME)``, with their configs.
 
-Registered here: ``"lora"``, ``"gaussian"``, ``"orthogonal"`` (PEFT's random inits), ``"pissa"``,
-``"milora"`` (weight SVD), ``"lora_ga"``, ``"lora_one"`` (gradient SVD). Importing this module also
-imports :mod:`lorainit.hrp`, which registers ``"hrp"``.
+Declared here: ``"lora"``, ``"gaussian"``, ``"orthogonal"`` (PEFT's random inits), ``"pissa"``,
+``"milora"`` (weight SVD), ``"lora_ga"``, ``"lora_one"`` (gradient SVD).
 
 The per-layer math is :mod:`lorainit_kernels.methods` (formulas, papers and reference code in each
 function's docstring); this module only gathers the inputs (base weights in torch orientation,
@@ -30,24 +29,22 @@ Conventions:
 """
 from __future__ import annotations
 
-import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 import lorainit_kernels.methods as lkm
 
-from .adapters import LoRAFactors
-from .configs import InitConfig
-from .context import InitContext
-from .registry import register_method
-from .targets import LoRAInitError, TargetLayer, check_rank
+from ..adapters import LoRAFactors
+from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
+from ..context import InitContext
+from ..targets import LoRAInitError, check_rank
+from .common import MethodSpec, finalize, generator, kernel_call, layer_groups
 
-__all__ = ["BaselineConfig", "PiSSAConfig", "MiLoRAConfig", "LoRAGAConfig", "LoRAOneConfig"]
+__all__ = ["BaselineConfig", "PiSSAConfig", "MiLoRAConfig", "LoRAGAConfig", "LoRAOneConfig", "SPECS"]
 
 PAPERS = {
     "lora": "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685 (PEFT default)",
@@ -65,23 +62,6 @@ PAPERS = {
 
 
 # ------------------------------------------------------------------------------------------ configs
-def _check_seed(cls: str, seed) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{cls}: seed must be an int or None (torch's global RNG), got {seed!r}")
-
-
-def _check_opt_int(cls: str, name: str, value, low: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{cls}: {name} must be None or an int >= {low}, got {value!r}")
-
-
-def _check_positive(cls: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{cls}: {name} must be a finite number > 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class BaselineConfig(InitConfig):
     """Options of the data-free random inits ``"lora"``, ``"gaussian"`` and ``"orthogonal"``.
@@ -98,8 +78,8 @@ class BaselineConfig(InitConfig):
 
     def __post_init__(self):
         c = type(self).__name__
-        _check_seed(c, self.seed)
-        _check_opt_int(c, "max_batch", self.max_batch, 1)
+        check_seed(c, self.seed)
+        check_int(c, "max_batch", self.max_batch, minimum=1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -123,12 +103,10 @@ class PiSSAConfig(InitConfig):
 
     def __post_init__(self):
         c = "PiSSAConfig"
-        _check_opt_int(c, "niter", self.niter, 0)
-        _check_opt_int(c, "oversample", self.oversample, 0)
-        if self.oversample is None:
-            raise ValueError(f"{c}: oversample must be an int >= 0, got None")
-        _check_seed(c, self.seed)
-        _check_opt_int(c, "max_batch", self.max_batch, 1)
+        check_int(c, "niter", self.niter, minimum=0, allow_none=True)
+        check_int(c, "oversample", self.oversample, minimum=0)
+        check_seed(c, self.seed)
+        check_int(c, "max_batch", self.max_batch, minimum=1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -142,7 +120,17 @@ class MiLoRAConfig(InitConfig):
     max_batch: Optional[int] = None
 
     def __post_init__(self):
-        _check_opt_int("MiLoRAConfig", "max_batch", self.max_batch, 1)
+        check_int("MiLoRAConfig", "max_batch", self.max_batch, minimum=1, allow_none=True)
+
+
+def _check_gradient_options(c: str, config) -> None:
+    """The fields LoRA-GA and LoRA-One share: stable_gamma, the randomized SVD, token_mask, max_batch."""
+    check_number(c, "stable_gamma", config.stable_gamma, positive=True)
+    check_int(c, "niter", config.niter, minimum=0, allow_none=True)
+    check_int(c, "oversample", config.oversample, minimum=0, allow_none=True)
+    check_seed(c, config.seed)
+    check_choice(c, "token_mask", config.token_mask, ("attention", "labels"))
+    check_int(c, "max_batch", config.max_batch, minimum=1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -174,17 +162,9 @@ class LoRAGAConfig(InitConfig):
 
     def __post_init__(self):
         c = "LoRAGAConfig"
-        if self.direction not in ("ArB2r", "A2rBr", "ArBr"):
-            raise ValueError(f"{c}: direction must be 'ArB2r', 'A2rBr' or 'ArBr', got {self.direction!r}")
-        if self.scale not in ("stable", "unit", "gd"):
-            raise ValueError(f"{c}: scale must be 'stable', 'unit' or 'gd', got {self.scale!r}")
-        _check_positive(c, "stable_gamma", self.stable_gamma)
-        _check_opt_int(c, "niter", self.niter, 0)
-        _check_opt_int(c, "oversample", self.oversample, 0)
-        _check_seed(c, self.seed)
-        if self.token_mask not in ("attention", "labels"):
-            raise ValueError(f"{c}: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
-        _check_opt_int(c, "max_batch", self.max_batch, 1)
+        check_choice(c, "direction", self.direction, ("ArB2r", "A2rBr", "ArBr"))
+        check_choice(c, "scale", self.scale, ("stable", "unit", "gd"))
+        _check_gradient_options(c, self)
 
 
 @dataclass(frozen=True)
@@ -213,78 +193,27 @@ class LoRAOneConfig(InitConfig):
 
     def __post_init__(self):
         c = "LoRAOneConfig"
-        _check_positive(c, "stable_gamma", self.stable_gamma)
         for name in ("normalize", "subtract_init"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{c}: {name} must be True or False, got {getattr(self, name)!r}")
-        _check_opt_int(c, "niter", self.niter, 0)
-        if self.oversample is None:
-            raise ValueError(f"{c}: oversample must be an int >= 0, got None")
-        _check_opt_int(c, "oversample", self.oversample, 0)
-        _check_seed(c, self.seed)
-        if self.token_mask not in ("attention", "labels"):
-            raise ValueError(f"{c}: token_mask must be 'attention' or 'labels', got {self.token_mask!r}")
-        _check_opt_int(c, "max_batch", self.max_batch, 1)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def shape_groups(targets: Dict[str, TargetLayer], names: Optional[List[str]] = None, *, max_batch: Optional[int] = None,
-                 key: Optional[Callable[[TargetLayer], tuple]] = None) -> List[Tuple[tuple, List[str]]]:
-    """Layers that one batched kernel call can take: same ``(m, n, r, scaling)`` (or ``key(t)``), model order.
-
-    Groups come in the order of their first layer; ``max_batch`` splits a group into chunks.
-    """
-    names = list(targets) if names is None else list(names)
-    key = key or (lambda t: (t.m, t.n, t.r, t.scaling))
-    groups: "OrderedDict[tuple, List[str]]" = OrderedDict()
-    for name in names:
-        groups.setdefault(key(targets[name]), []).append(name)
-    out = []
-    for k, members in groups.items():
-        step = max_batch or len(members)
-        for i in range(0, len(members), step):
-            out.append((k, members[i:i + step]))
-    return out
-
-
-def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def finalize(t: TargetLayer, A: Tensor, B: Tensor, delta: Optional[Tensor]) -> LoRAFactors:
-    """Cast the factors to the adapter's dtype/device; recompute ``base_delta = -sigma B A`` from the *cast*
-    factors (fp32) when a cast changed them, so that residual base + adapter = W still holds."""
-    A2 = A.to(device=t.lora_A.device, dtype=t.lora_A.dtype)
-    B2 = B.to(device=t.lora_B.device, dtype=t.lora_B.dtype)
-    if delta is not None and (A2.dtype != A.dtype or B2.dtype != B.dtype):
-        delta = -(t.scaling * (B2.float() @ A2.float()))
-    return LoRAFactors(A2.contiguous(), B2.contiguous(), delta)
-
-
-def _call(method: str, names: List[str], fn: Callable, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError, RuntimeError) as err:
-        if isinstance(err, LoRAInitError):
-            raise
-        raise LoRAInitError(f"{method}: modules {names[:4]}{'...' if len(names) > 4 else ''}: {err}") from err
+            check_bool(c, name, getattr(self, name))
+        check_int(c, "oversample", self.oversample, minimum=0)
+        _check_gradient_options(c, self)
 
 
 # ------------------------------------------------------------------------------------------ random inits
 def _random_init(kernel: Callable, method: str) -> Callable:
     def init(ctx: InitContext, config: BaselineConfig) -> Dict[str, LoRAFactors]:
         check_rank(ctx.targets, method)
-        gen = _generator(config.seed)
+        gen = generator(config.seed)
         out: Dict[str, LoRAFactors] = {}
-        key = (lambda t: (t.m, t.n, t.r, t.lora_A.dtype))
-        for (m, n, r, dtype), names in shape_groups(ctx.targets, max_batch=config.max_batch, key=key):
+        key = (lambda t: (t.m, t.n, t.r))
+        for (m, n, r), names in layer_groups(ctx.targets, max_batch=config.max_batch, key=key):
             t0 = time.perf_counter()
-            device = ctx.targets[names[0]].lora_A.device
-            f = _call(method, names, kernel, m, n, r, batch_shape=(len(names),), generator=gen, dtype=dtype,
-                      device=device)
+            lora_A = ctx.targets[names[0]].lora_A
+            f = kernel_call(method, names, kernel, m, n, r, batch_shape=(len(names),), generator=gen,
+                            dtype=lora_A.dtype, device=lora_A.device)
             dt = (time.perf_counter() - t0) / len(names)
             for i, name in enumerate(names):
-                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], None)
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i])
                 ctx.record(name, time_s=dt)
         ctx.info["seed"] = config.seed
         return out
@@ -299,40 +228,33 @@ def _weights(ctx: InitContext, names: List[str]) -> Tensor:
     return torch.stack([ctx.targets[n].weight_torch().detach() for n in names])
 
 
-def pissa_init(ctx: InitContext, config: PiSSAConfig) -> Dict[str, LoRAFactors]:
-    """PiSSA: ``lkm.pissa`` on the stacked base weights of each shape group; the residual goes to the base."""
-    check_rank(ctx.targets, "pissa")
-    gen = _generator(config.seed)
+def _weight_svd(ctx: InitContext, method: str, fn: Callable, max_batch: Optional[int], **kwargs):
+    """``fn`` (``lkm.pissa`` or ``lkm.milora``) on the stacked base weights of each shape group."""
+    check_rank(ctx.targets, method)
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
-        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+        for (m, n, r, scaling), names in layer_groups(ctx.targets, max_batch=max_batch):
             t0 = time.perf_counter()
-            f = _call("pissa", names, lkm.pissa, _weights(ctx, names), r, scaling=scaling, niter=config.niter,
-                      oversample=config.oversample, generator=gen)
+            f = kernel_call(method, names, fn, _weights(ctx, names), r, scaling=scaling, **kwargs)
             dt = (time.perf_counter() - t0) / len(names)
             for i, name in enumerate(names):
-                t = ctx.targets[name]
-                out[name] = finalize(t, f.lora_A[i], f.lora_B[i], f.base_delta[i])
+                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
                 sv = (scaling * f.lora_A[i].float().pow(2).sum(-1)).tolist()  # sigma |a_i|^2 = S_i
                 ctx.record(name, singular_values=sv, time_s=dt)
+    return out
+
+
+def pissa_init(ctx: InitContext, config: PiSSAConfig) -> Dict[str, LoRAFactors]:
+    """PiSSA: ``lkm.pissa`` on the stacked base weights of each shape group; the residual goes to the base."""
+    out = _weight_svd(ctx, "pissa", lkm.pissa, config.max_batch, niter=config.niter, oversample=config.oversample,
+                      generator=generator(config.seed))
     ctx.info["svd"] = "exact" if config.niter is None else f"randomized (niter={config.niter}, oversample={config.oversample})"
     return out
 
 
 def milora_init(ctx: InitContext, config: MiLoRAConfig) -> Dict[str, LoRAFactors]:
     """MiLoRA: ``lkm.milora`` on the stacked base weights of each shape group; the residual goes to the base."""
-    check_rank(ctx.targets, "milora")
-    out: Dict[str, LoRAFactors] = {}
-    with ctx.timed("svd"):
-        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
-            t0 = time.perf_counter()
-            f = _call("milora", names, lkm.milora, _weights(ctx, names), r, scaling=scaling)
-            dt = (time.perf_counter() - t0) / len(names)
-            for i, name in enumerate(names):
-                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
-                sv = (scaling * f.lora_A[i].float().pow(2).sum(-1)).tolist()
-                ctx.record(name, singular_values=sv, time_s=dt)
-    return out
+    return _weight_svd(ctx, "milora", lkm.milora, config.max_batch)
 
 
 # ------------------------------------------------------------------------------------------ gradient SVD
@@ -350,13 +272,13 @@ def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
 def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[str, LoRAFactors]:
     """``fn`` (``lkm.lora_ga`` or ``lkm.lora_one``) on the stacked weight gradients of each shape group."""
     grads = _grads(ctx, config.token_mask)
-    gen = _generator(config.seed)
+    gen = generator(config.seed)
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
-        for (m, n, r, scaling), names in shape_groups(ctx.targets, max_batch=config.max_batch):
+        for (m, n, r, scaling), names in layer_groups(ctx.targets, max_batch=config.max_batch):
             G = torch.stack([grads[k] for k in names])
-            f = _call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
-                      generator=gen, **kwargs)
+            f = kernel_call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
+                            generator=gen, **kwargs)
             for i, layer in enumerate(names):
                 delta = None if f.base_delta is None else f.base_delta[i]
                 out[layer] = finalize(ctx.targets[layer], f.lora_A[i], f.lora_B[i], delta)
@@ -381,20 +303,20 @@ def lora_one_init(ctx: InitContext, config: LoRAOneConfig) -> Dict[str, LoRAFact
                             normalize=config.normalize, subtract_init=config.subtract_init)
 
 
-# ------------------------------------------------------------------------------------------ registration
-register_method("lora", fn=_random_init(lkm.lora_default, "lora"), config_cls=BaselineConfig, needs_data=False,
-                paper=PAPERS["lora"], summary="PEFT default: kaiming-uniform A, zero B")
-register_method("gaussian", fn=_random_init(lkm.gaussian, "gaussian"), config_cls=BaselineConfig, needs_data=False,
-                paper=PAPERS["gaussian"], summary="Gaussian A (std 1/r), zero B")
-register_method("orthogonal", fn=_random_init(lkm.orthogonal, "orthogonal"), config_cls=BaselineConfig,
-                needs_data=False, paper=PAPERS["orthogonal"], summary="orthogonal A and B with B A = 0 (even r)")
-register_method("pissa", fn=pissa_init, config_cls=PiSSAConfig, needs_data=False, paper=PAPERS["pissa"],
-                summary="top-r singular components of W in the adapter, residual in the base")
-register_method("milora", fn=milora_init, config_cls=MiLoRAConfig, needs_data=False, paper=PAPERS["milora"],
-                summary="minor r singular components of W in the adapter, residual in the base")
-register_method("lora_ga", fn=lora_ga_init, config_cls=LoRAGAConfig, needs_data=True, needs_grad=True,
-                paper=PAPERS["lora_ga"], summary="top-2r gradient singular vectors, stable scale, residual in the base")
-register_method("lora_one", fn=lora_one_init, config_cls=LoRAOneConfig, needs_data=True, needs_grad=True,
-                paper=PAPERS["lora_one"], summary="best rank-r one-step GD update from the full gradient")
+# ------------------------------------------------------------------------------------------ specs
+def _spec(name: str, fn: Callable, config_cls, summary: str, needs_data: bool = False) -> MethodSpec:
+    return MethodSpec(name, fn=fn, config_cls=config_cls, needs_data=needs_data, needs_grad=needs_data,
+                      paper=PAPERS[name], summary=summary)
 
-from . import hrp as _hrp  # noqa: E402,F401  (registers "hrp")
+
+LORA = _spec("lora", _random_init(lkm.lora_default, "lora"), BaselineConfig, "PEFT default: kaiming-uniform A, zero B")
+GAUSSIAN = _spec("gaussian", _random_init(lkm.gaussian, "gaussian"), BaselineConfig, "Gaussian A (std 1/r), zero B")
+ORTHOGONAL = _spec("orthogonal", _random_init(lkm.orthogonal, "orthogonal"), BaselineConfig,
+                   "orthogonal A and B with B A = 0 (even r)")
+PISSA = _spec("pissa", pissa_init, PiSSAConfig, "top-r singular components of W in the adapter, residual in the base")
+MILORA = _spec("milora", milora_init, MiLoRAConfig, "minor r singular components of W in the adapter, residual in the base")
+LORA_GA = _spec("lora_ga", lora_ga_init, LoRAGAConfig, "top-2r gradient singular vectors, stable scale, residual in the "
+                "base", needs_data=True)
+LORA_ONE = _spec("lora_one", lora_one_init, LoRAOneConfig, "best rank-r one-step GD update from the full gradient",
+                 needs_data=True)
+SPECS = (LORA, GAUSSIAN, ORTHOGONAL, PISSA, MILORA, LORA_GA, LORA_ONE)

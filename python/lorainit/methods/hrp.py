@@ -1,4 +1,4 @@
-"""HRP (High-Rank Preheating) on a PEFT model, registered as ``initialize_lora(..., method="hrp")``.
+"""HRP (High-Rank Preheating) on a PEFT model: its config and the method ``initialize_lora(..., method="hrp")``.
 
 Chen, Wang, Fu, Shen, Jing, Tian & Tao (2025), "HRP: High-Rank Preheating for Superior LoRA
 Initialization", arXiv 2502.07739. DESIGN.md section 2. Per target layer ``W`` (m, n):
@@ -44,14 +44,14 @@ from torch import Tensor
 
 import lorainit_kernels.methods as lkm
 
-from . import distributed as dist_utils
-from .adapters import LoRAFactors
-from .configs import InitConfig
-from .context import InitContext, _progress
-from .registry import register_method
-from .targets import LoRAInitError, check_rank
+from .. import distributed as dist_utils
+from ..adapters import LoRAFactors
+from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
+from ..context import InitContext
+from ..targets import LoRAInitError, check_rank
+from .common import MethodSpec, finalize, generator, kernel_call, layer_groups
 
-__all__ = ["HRPConfig", "hrp_init", "HRPDataWarning"]
+__all__ = ["HRPConfig", "hrp_init", "HRPDataWarning", "HRP"]
 
 PAPER = ("Chen et al. 2025, HRP: High-Rank Preheating for Superior LoRA Initialization, arXiv 2502.07739")
 
@@ -105,45 +105,25 @@ class HRPConfig(InitConfig):
 
     def __post_init__(self):
         c = "HRPConfig"
-        for name in ("rank", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{c}: {name} must be an int >= 1, got {v!r}")
-        for name in ("lr", "init_scale"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{c}: {name} must be a finite number > 0, got {v!r}")
-        if self.side not in ("A", "B"):
-            raise ValueError(f"{c}: side must be 'A' (RSI: train B_pre, init lora_A = V_r^T) or 'B' (LSI: train "
-                             f"A_pre, init lora_B = U_r), got {self.side!r}")
+        check_int(c, "rank", self.rank, minimum=1)
+        check_int(c, "steps", self.steps, minimum=1)
+        check_number(c, "lr", self.lr, positive=True)
+        check_number(c, "init_scale", self.init_scale, positive=True)
+        check_choice(c, "side", self.side, ("A", "B"), hint="'A' (RSI: train B_pre, init lora_A = V_r^T) or 'B' "
+                                                           "(LSI: train A_pre, init lora_B = U_r)")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"{c}: loss_fn must be callable as loss_fn(model, batch) -> scalar, got "
                             f"{type(self.loss_fn).__name__}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{c}: optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
-        wd = self.weight_decay
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
-            raise ValueError(f"{c}: weight_decay must be a finite number >= 0, got {wd!r}")
+        check_choice(c, "optimizer", self.optimizer, _OPTIMIZERS)
+        check_number(c, "weight_decay", self.weight_decay, minimum=0.0)
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
         if betas is None or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"{c}: betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"{c}: eps must be a number > 0, got {self.eps!r}")
-        if not isinstance(self.train_mode, bool):
-            raise TypeError(f"{c}: train_mode must be True or False, got {self.train_mode!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"{c}: seed must be an int or None, got {self.seed!r}")
-        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
-                                           or self.max_batch < 1):
-            raise ValueError(f"{c}: max_batch must be None or an int >= 1, got {self.max_batch!r}")
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        if out.get("loss_fn") is not None:
-            fn = out["loss_fn"]
-            out["loss_fn"] = getattr(fn, "__qualname__", None) or type(fn).__name__
-        return out
+        check_number(c, "eps", self.eps, positive=True)
+        check_bool(c, "train_mode", self.train_mode)
+        check_seed(c, self.seed)
+        check_int(c, "max_batch", self.max_batch, minimum=1, allow_none=True)
 
 
 # ------------------------------------------------------------------------------------------ preheat branch
@@ -213,22 +193,21 @@ def _cycle(dataloader: Iterable, steps: int) -> Iterator[Tuple[Any, int]]:
 
 
 def _batch_loss(ctx: InitContext, config: HRPConfig, batch, step: int) -> Tensor:
-    fn = config.loss_fn if config.loss_fn is not None else ctx.loss_fn
-    if fn is not None:
-        loss = fn(ctx.model, batch)  # exactly as the dataloader yielded it
+    """The loss the preheat minimizes: ``config.loss_fn`` as returned, else a per-example/per-token mean.
+
+    ``initialize_lora``'s ``loss_fn`` and the model's own loss both give a summed loss over the
+    batch's loss terms (:class:`~lorainit.passes.loss.LossRunner`); dividing by their number keeps
+    the step size independent of the batch size.
+    """
+    if config.loss_fn is not None:
+        loss = config.loss_fn(ctx.model, batch)  # exactly as the dataloader yielded it
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise LoRAInitError(f"hrp: loss_fn(model, batch) must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))} at preheat step {step}")
-        if config.loss_fn is None:
-            # initialize_lora's loss_fn returns a summed loss: train on the per-example mean, so the
-            # step size does not depend on the batch size
-            from .collect import _leading_size
-
-            return loss.reshape(()) / (_leading_size(batch) or 1)
         return loss.reshape(())
     runner = ctx.runner("attention")
     loss, count = runner.summed_loss(runner.prepare(batch), step)
-    return loss / max(count, 1)  # the model's own mean loss
+    return loss / max(count, 1)
 
 
 def _optimizer(config: HRPConfig, params: List[Tensor]) -> torch.optim.Optimizer:
@@ -261,16 +240,14 @@ def _check_targets(ctx: InitContext, config: HRPConfig) -> Dict[str, int]:
 
 
 def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
-    """HRP factors of every target (module docstring); registered as ``"hrp"``."""
+    """HRP factors of every target (module docstring); the method ``"hrp"``."""
     if ctx.dataloader is None:
         raise LoRAInitError("hrp needs data to preheat on: pass a dataloader")
     ranks = _check_targets(ctx, config)
-    from .baselines import finalize, shape_groups
-
-    gen = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+    gen = generator(config.seed)
     groups: List[_PreheatGroup] = []
     key = (lambda t: (t.m, t.n, ranks[t.name]))
-    for (m, n, R), names in shape_groups(ctx.targets, key=key):
+    for (m, n, R), names in layer_groups(ctx.targets, key=key):
         dev = ctx.targets[names[0]].device
         f = lkm.hrp_preheat_factors(m, n, R, side=config.side, row_norm=float(config.init_scale),
                                     batch_shape=(len(names),), generator=gen, dtype=torch.float32, device=dev)
@@ -288,8 +265,7 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
         try:
             for name, (g, i) in where.items():
                 handles.append(ctx.targets[name].module.register_forward_hook(_make_hook(g, i)))
-            bar = _progress(config.steps, "lorainit HRP preheat", ctx.progress and ctx.rank == 0)
-            bar.unit = "step"
+            bar = ctx.progress_bar(config.steps, "lorainit HRP preheat", unit="step")
             try:
                 for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps)):
                     epochs = epoch + 1
@@ -326,26 +302,17 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
         for g in groups:
-            chunk = config.max_batch or len(g.names)
-            for s in range(0, len(g.names), chunk):
-                names = g.names[s:s + chunk]
-                r_groups: Dict[int, List[int]] = {}
-                for j, name in enumerate(names):
-                    r_groups.setdefault(ctx.targets[name].r, []).append(s + j)
-                for r, idx in r_groups.items():
-                    sel = [g.names[k] for k in idx]
-                    B_pre, A_pre = g.B.detach()[idx], g.A.detach()[idx]
-                    try:
-                        f = lkm.hrp(B_pre, A_pre, r, side=config.side)
-                    except ValueError as err:
-                        raise LoRAInitError(f"hrp: modules {sel[:4]}: {err}") from err
-                    sv = _product_singular_values(B_pre, A_pre, r + 1)
-                    for j, name in enumerate(sel):
-                        out[name] = finalize(ctx.targets[name], f.lora_A[j], f.lora_B[j], None)
-                        row = {"preheat_rank": g.R, "preheat_norm": float(B_pre[j].norm() * A_pre[j].norm()
-                                                                          / math.sqrt(g.R))}
-                        row["preheat_singular_values"] = sv[j].tolist()
-                        ctx.record(name, **row)
+            position = {name: j for j, name in enumerate(g.names)}
+            for (r,), sel in layer_groups(ctx.targets, g.names, key=lambda t: (t.r,), max_batch=config.max_batch):
+                idx = [position[name] for name in sel]
+                B_pre, A_pre = g.B.detach()[idx], g.A.detach()[idx]
+                f = kernel_call("hrp", sel, lkm.hrp, B_pre, A_pre, r, side=config.side)
+                sv = _product_singular_values(B_pre, A_pre, r + 1)
+                for j, name in enumerate(sel):
+                    out[name] = finalize(ctx.targets[name], f.lora_A[j], f.lora_B[j])
+                    ctx.record(name, preheat_rank=g.R,
+                               preheat_norm=float(B_pre[j].norm() * A_pre[j].norm() / math.sqrt(g.R)),
+                               preheat_singular_values=sv[j].tolist())
     ctx.info.update({
         "preheat_steps": config.steps,
         "preheat_passes": epochs,
@@ -378,5 +345,5 @@ def _check_grads_reached(groups: List[_PreheatGroup]) -> None:
                             f"does not depend on")
 
 
-register_method("hrp", fn=hrp_init, config_cls=HRPConfig, needs_data=True, needs_training=True, paper=PAPER,
-                summary="rank-R asymmetric preheat, then top-r singular vectors of the product (RSI/LSI)")
+HRP = MethodSpec("hrp", fn=hrp_init, config_cls=HRPConfig, needs_data=True, needs_training=True, paper=PAPER,
+                 summary="rank-R asymmetric preheat, then top-r singular vectors of the product (RSI/LSI)")

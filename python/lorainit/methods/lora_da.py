@@ -1,4 +1,4 @@
-"""LoRA-DA on a PEFT model: statistics pass, batched per-shape solves, step size, PEFT factors.
+"""LoRA-DA on a PEFT model: its config, the statistics pass, batched per-shape solves, the step size.
 
 LoRA-DA (Zhang et al. 2025, "LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via
 Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC statistics
@@ -19,24 +19,162 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
-from typing import Callable, Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 import lorainit_kernels.methods as lkm
+from lorainit_kernels import defaults
 
-from . import distributed as dist_utils
-from .adapters import LoRAFactors
-from .configs import LoRADAConfig
-from .context import InitContext
-from .registry import register_method
-from .targets import LoRAInitError, check_rank
+from .. import distributed as dist_utils
+from ..adapters import LoRAFactors
+from ..configs import InitConfig, check_bool, check_choice, check_int, check_number
+from ..context import InitContext
+from ..targets import LoRAInitError, check_rank
+from .common import MethodSpec, finalize, kernel_call, layer_groups
+
+__all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "LORA_DA"]
 
 PAPER = ("Zhang et al. 2025, LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via Asymptotic "
          "Analysis, arXiv 2510.24561")
 
+SOLVERS = ("auto", "lobpcg", "eigh")
+TOKEN_MASKS = ("attention", "labels")
+BACKENDS = ("auto", "native", "triton", "torch")
 
+
+@dataclass(frozen=True)
+class LoRADAConfig(InitConfig):
+    """LoRA-DA (Zhang et al. 2025, arXiv 2510.24561) options; DESIGN.md section 2.
+
+    Per target layer ``W`` (m, n) with K-FAC statistics ``Z``, ``G``, ``s`` over ``T`` valid tokens::
+
+        Z_d = Z + damping mean(diag Z) I,  s_d = s + damping mean(s)
+        dW = -diag(s_d)^-1 G Z_d^-1                       (fisher=False: dW = -G)
+        Omega = variance_weight (sum_i 1/s_d,i) / n_train Z_d^-1 - bias_weight dW^T dW
+        A = r smallest eigenvectors of Omega,  P = dW A
+        init update = eta P A^T   (eta = step_scale; divided by sigma_max(dW) with normalize_step)
+
+    written as ``lora_A = A^T``, ``lora_B = eta P / sigma`` with PEFT's scaling ``sigma``.
+
+    Defaults of the shared knobs (``damping``, ``bias_weight``, ``variance_weight``, ``fisher``,
+    ``normalize_step``, ``step_grid``) come from ``lorainit_kernels.defaults``, the same as the
+    tensor-level ``lk.lora_da_factors`` and ``lorainit_kernels.methods.lora_da``.
+
+    Args:
+        n_train: number of training tokens ``N`` in the variance term; None estimates it as
+            ``len(dataloader.dataset) * mean valid tokens per example`` of the statistics samples
+            (the report says which value and source were used).
+        damping: relative damping ``delta`` of ``Z`` and ``s`` (default ``defaults.DAMPING``, 1e-2:
+            on the digits task (3 seeds) it beat 1e-3 at rank 4 (test acc 0.986 vs 0.979 at
+            eta=0.1) and rank 1 (0.72 vs 0.69 at eta=0); with 1e-3, eta=1 started at a loss 39x
+            that of no step).
+        step_scale: ``eta``, a number >= 0, or ``"auto"`` (default): a coarse-to-fine search over
+            ``step_grid`` (and eta = 0; :func:`search_step_grid`) scoring the mean loss of the held-out statistics samples with
+            forward passes only; one common eta for all layers. With ``preserve_output`` the search
+            scores the adapters without the base correction (the outputs it measures are those of
+            the step), then writes the chosen eta with it. On digits at rank 4 auto reached
+            0.980 (eta=1: 0.842, eta=0: 0.970, PEFT default 0.969). At rank 1 every eta > 0 hurt
+            (auto 0.47, eta=0 0.72, PEFT default 0.85): for very low ranks use ``step_scale=0``.
+        normalize_step: divide each layer's step by the largest singular value of its ``dW``
+            (as the public reference code does) so that eta is a per-layer spectral norm. Default
+            False: on digits (rank 4) the normalized step was too small to matter (0.971 at eta=1).
+        preserve_output: subtract the init update ``eta P A^T`` from the base weight (computed in
+            fp32), so the model's outputs are unchanged at step 0. Save such an adapter with
+            ``save_pretrained(dir, path_initial_model_for_weight_conversion=...)`` or save the base too.
+        freeze_A: LoRA-DA-FA: ``lora_A`` gets ``requires_grad=False`` (same init, A not trained).
+        bias_weight, variance_weight, fisher: ``alpha``, ``beta`` and whether ``dW`` is the Fisher step;
+            the paper's ablations are ``bias_weight=0`` (w/o bias), ``variance_weight=0`` (w/o var)
+            and ``variance_weight=0, fisher=False`` (w/o var and Fisher): see :meth:`ablation`.
+        token_mask: ``"attention"`` (tokens with ``attention_mask == 1``) or ``"labels"`` (only the
+            positions whose loss label is not -100).
+        max_memory: bytes for the statistics of one pass; None = all layers in one pass. Below what
+            all layers need, layers are processed in groups with one pass each (identical results).
+        solver: ``"auto"`` (default: dense ``eigh`` below the measured crossover size
+            ``lorainit_kernels.defaults.EIGH_CROSSOVER_N``, batched LOBPCG above), ``"lobpcg"`` or
+            ``"eigh"``. The report records per layer the solver used, its iterations, whether all
+            ``r`` pairs converged and the largest relative residual
+            ``||Omega a - lambda a|| / (||Omega|| + |lambda|)``, as the solver computed them.
+        solver_options: ``{"tol": float > 0, "maxiter": int >= 1}`` (either key optional) passed to
+            ``lorainit_kernels.methods.lora_da`` for the LOBPCG; empty (default) = its defaults.
+        step_grid: the etas ``"auto"`` tries (besides 0; default ``defaults.STEP_GRID``);
+            holdout_fraction: share of the statistics samples held out to score them (at least
+            one batch).
+        stats_dtype: accumulator dtype of the statistics (float32, or float64 for exactness tests).
+        backend: kernel backend for the statistics (``"auto"``, ``"native"``, ``"triton"``, ``"torch"``).
+    """
+
+    n_train: Optional[float] = None
+    damping: float = defaults.DAMPING
+    step_scale: Union[float, str] = "auto"
+    normalize_step: bool = defaults.NORMALIZE_STEP
+    preserve_output: bool = False
+    freeze_A: bool = False
+    bias_weight: float = defaults.BIAS_WEIGHT
+    variance_weight: float = defaults.VARIANCE_WEIGHT
+    fisher: bool = defaults.FISHER
+    token_mask: str = "attention"
+    max_memory: Optional[int] = None
+    solver: str = "auto"
+    solver_options: Dict[str, Any] = field(default_factory=dict)
+    step_grid: Tuple[float, ...] = tuple(defaults.STEP_GRID)
+    holdout_fraction: float = 0.125
+    stats_dtype: torch.dtype = torch.float32
+    backend: str = "auto"
+
+    def __post_init__(self):
+        c = "LoRADAConfig"
+        check_number(c, "n_train", self.n_train, positive=True, allow_none=True)
+        check_number(c, "damping", self.damping, minimum=0.0)
+        if isinstance(self.step_scale, str):
+            check_choice(c, "step_scale", self.step_scale, ("auto",), hint="a number >= 0 or 'auto'")
+        else:
+            check_number(c, "step_scale", self.step_scale, minimum=0.0)
+        for name in ("normalize_step", "preserve_output", "freeze_A", "fisher"):
+            check_bool(c, name, getattr(self, name))
+        check_number(c, "bias_weight", self.bias_weight, minimum=0.0)
+        check_number(c, "variance_weight", self.variance_weight, minimum=0.0)
+        if self.bias_weight == 0 and self.variance_weight == 0:
+            raise ValueError(f"{c}: bias_weight and variance_weight are both 0, so Omega = 0 and every subspace "
+                             f"is optimal; enable at least one term")
+        check_choice(c, "token_mask", self.token_mask, TOKEN_MASKS)
+        check_int(c, "max_memory", self.max_memory, minimum=1, allow_none=True)
+        check_choice(c, "solver", self.solver, SOLVERS)
+        if not isinstance(self.solver_options, dict) or set(self.solver_options) - {"tol", "maxiter"}:
+            raise ValueError(f"{c}: solver_options must be a dict with the keys 'tol' and/or 'maxiter', "
+                             f"got {self.solver_options!r}")
+        check_number(c, "solver_options['tol']", self.solver_options.get("tol"), positive=True, allow_none=True)
+        check_int(c, "solver_options['maxiter']", self.solver_options.get("maxiter"), minimum=1, allow_none=True)
+        object.__setattr__(self, "solver_options", dict(self.solver_options))
+        grid = tuple(self.step_grid) if isinstance(self.step_grid, (list, tuple)) else None
+        if not grid:
+            raise ValueError(f"{c}: step_grid must be a non-empty sequence of positive numbers, got {self.step_grid!r}")
+        for v in grid:
+            check_number(c, "step_grid entry", v, positive=True)
+        object.__setattr__(self, "step_grid", tuple(float(v) for v in grid))
+        check_number(c, "holdout_fraction", self.holdout_fraction, positive=True)
+        if self.holdout_fraction >= 1:
+            raise ValueError(f"{c}: holdout_fraction must be in (0, 1), got {self.holdout_fraction!r}")
+        if self.stats_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{c}: stats_dtype must be torch.float32 or torch.float64, got {self.stats_dtype!r}")
+        check_choice(c, "backend", self.backend, BACKENDS)
+
+    @classmethod
+    def ablation(cls, name: str, **kwargs) -> "LoRADAConfig":
+        """The paper's Table 6 variants: ``"full"``, ``"no_bias"``, ``"no_variance"``, ``"no_variance_fisher"``."""
+        table = {
+            "full": {},
+            "no_bias": {"bias_weight": 0.0},
+            "no_variance": {"variance_weight": 0.0},
+            "no_variance_fisher": {"variance_weight": 0.0, "fisher": False},
+        }
+        if name not in table:
+            raise ValueError(f"LoRADAConfig.ablation: name must be one of {sorted(table)}, got {name!r}")
+        return cls(**{**table[name], **kwargs})
+
+
+# ------------------------------------------------------------------------------------------ solves
 def _n_train(ctx: InitContext, config: LoRADAConfig, count: int) -> Tuple[float, str]:
     if config.n_train is not None:
         return float(config.n_train), "config"
@@ -47,78 +185,41 @@ def _n_train(ctx: InitContext, config: LoRADAConfig, count: int) -> Tuple[float,
     return float(count), "tokens in the statistics samples (the dataloader has no dataset length)"
 
 
-def _ritz_residual(Z, G, s, A, P, evals, config: LoRADAConfig, N: float):
-    """Relative residual ``max_i ||Omega a_i - lambda_i a_i|| / max_i |lambda_i|`` of the returned pairs.
-
-    Without forming Omega (DESIGN.md section 2): with ``D = diag(s_d)^-1``, ``dW^T P = -Z_d^-1 G^T D P``,
-    so ``Omega A = Z_d^-1 (c A + alpha G^T D P)`` (Fisher) or ``c Z_d^-1 A - alpha G^T (G A)`` (no Fisher):
-    one Cholesky of ``Z_d`` per layer. Used when the solver reports no residuals itself.
-    """
-    dt = torch.float64
-    Z, G, s, A, P = (t.to(dt) for t in (Z, G, s, A, P))
-    zd = Z.diagonal(dim1=-2, dim2=-1)
-    Zd = 0.5 * (Z + Z.mT) + torch.diag_embed((config.damping * zd.mean(-1, keepdim=True)).expand_as(zd))
-    sd = s + config.damping * s.mean(-1, keepdim=True)
-    c = (config.variance_weight * (1.0 / sd).sum(-1) / N)[..., None, None]
-    L, info = torch.linalg.cholesky_ex(Zd)
-    if bool((info > 0).any()):
-        return None
-    if config.fisher:
-        OA = torch.cholesky_solve(c * A + config.bias_weight * (G.mT @ (P / sd[..., :, None])), L)
-    else:
-        OA = c * torch.cholesky_solve(A, L) - config.bias_weight * (G.mT @ (G @ A))
-    ev = evals.to(dt)
-    res = (OA - A * ev[..., None, :]).norm(dim=-2).amax(-1)
-    return (res / ev.abs().amax(-1).clamp_min(1e-300)).tolist()
+def _solver_row(solver: Dict[str, Any], i: int) -> Dict[str, Any]:
+    """The report's solver columns of layer ``i`` of a batched solve (``info["solver"]`` of ``lkm.lora_da``)."""
+    return {"solver": solver["solver"],
+            "iters": int(torch.as_tensor(solver["iterations"]).reshape(-1)[i]),
+            "converged": bool(solver["converged"][i].all()),
+            "residual": float(solver["residual"][i].max())}
 
 
 def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
     """Solve the layers of one statistics pass: batched by shape on their owner rank, then broadcast."""
-    buckets: Dict[tuple, List[str]] = defaultdict(list)
+    n_train = {}
     for name, st in part.items():
-        t = ctx.targets[name]
         N, source = _n_train(ctx, config, st.count)
+        n_train[name] = N
         ctx.record(name, n_train=N)
         ctx.info["n_train_source"] = source
-        if owners[name] == ctx.rank:
-            buckets[(t.m, t.n, t.r, t.scaling, N)].append(name)
-    for (m, n, r, scaling, N), names in buckets.items():
+    mine = [n for n in part if owners[n] == ctx.rank]
+    key = (lambda t: (t.m, t.n, t.r, t.scaling, n_train[t.name]))
+    for (m, n, r, scaling, N), names in layer_groups(ctx.targets, mine, key=key):
         Z = torch.stack([part[k].Z for k in names])
         G = torch.stack([part[k].G for k in names])
         s = torch.stack([part[k].s for k in names])
         t0 = time.perf_counter()
-        try:
-            factors, info = lkm.lora_da(Z, G, s, r, n_train=N, scaling=scaling, step_scale=1.0,
-                                        normalize_step=config.normalize_step, preserve_output=False,
-                                        damping=config.damping, bias_weight=config.bias_weight,
-                                        variance_weight=config.variance_weight, fisher=config.fisher,
-                                        solver=config.solver)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise LoRAInitError(f"LoRA-DA solve for modules {names} (shape {m}x{n}, r={r}) failed: {err}") from err
+        factors, info = kernel_call(
+            f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
+            step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
+            bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
+            solver=config.solver, **config.solver_options)
         dt = (time.perf_counter() - t0) / len(names)
-        solver = info.get("solver") or {}
-        residuals = None
-        if not (isinstance(solver, dict) and "residual_norms" in solver):
-            # unnormalized P = dW A: lora_B (step 1) = P / (sigma nu)
-            nu = info.get("step_norm")
-            P = factors.lora_B.double() * scaling
-            if nu is not None:
-                P = P * nu.double()[..., None, None]
-            residuals = _ritz_residual(Z, G, s, factors.lora_A.mT, P, info["evals"], config, N)
         for i, name in enumerate(names):
-            row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt}
+            row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
             if info.get("step_norm") is not None:
                 row["step_norm"] = float(info["step_norm"][i])
-            if isinstance(solver, dict):
-                if "iterations" in solver:
-                    row["iters"] = int(torch.as_tensor(solver["iterations"]).reshape(-1)[i])
-                if "residual_norms" in solver:
-                    row["residual"] = float(torch.as_tensor(solver["residual_norms"]).reshape(len(names), -1)[i].max())
-            if residuals is not None:
-                row["residual"] = residuals[i]
             ctx.record(name, **row)
-            results[name] = (factors.lora_A[i].float(), factors.lora_B[i].float(),
-                             info["evals"][i].float())
+            results[name] = (factors.lora_A[i].float(), factors.lora_B[i].float(), info["evals"][i].float())
     if ctx.world > 1:
         for name in sorted(part):
             t = ctx.targets[name]
@@ -135,18 +236,12 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
 
 
 def _factors(ctx: InitContext, results, eta: float, preserve: bool) -> Dict[str, LoRAFactors]:
-    out = {}
-    for name, (A, B1, _) in results.items():
-        t = ctx.targets[name]
-        lora_A = A.to(t.lora_A.dtype)
-        lora_B = (eta * B1).to(t.lora_B.dtype)
-        delta = None
-        if preserve:  # from the factors as stored, in fp32: W + delta + sigma B A = W (up to one rounding)
-            delta = -(t.scaling * (lora_B.float() @ lora_A.float()))
-        out[name] = LoRAFactors(lora_A, lora_B, delta)
-    return out
+    """PEFT factors at step ``eta`` (``preserve``: base_delta from the cast factors, in fp32)."""
+    return {name: finalize(ctx.targets[name], A, eta * B1, subtract_init=preserve)
+            for name, (A, B1, _) in results.items()}
 
 
+# ------------------------------------------------------------------------------------------ step size
 def search_step_grid(grid: Sequence[float], loss: Callable[[float], float]) -> Dict[float, float]:
     """Held-out losses of a coarse-to-fine search over the ascending step sizes ``grid``.
 
@@ -172,8 +267,9 @@ def _finite_or_inf(v: float) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+# ------------------------------------------------------------------------------------------ method
 def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactors]:
-    """LoRA-DA factors of every target (see the module docstring); registered as ``"lora_da"``."""
+    """LoRA-DA factors of every target (see the module docstring); the method ``"lora_da"``."""
     check_rank(ctx.targets, "lora_da")
     auto = config.step_scale == "auto"
     if auto:
@@ -209,5 +305,5 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
     return _factors(ctx, results, eta, preserve=config.preserve_output)
 
 
-register_method("lora_da", fn=lora_da_init, config_cls=LoRADAConfig, needs_data=True, needs_grad=True,
-                paper=PAPER, summary="K-FAC Fisher + guidance matrix; A = r smallest eigenvectors (LOBPCG)")
+LORA_DA = MethodSpec("lora_da", fn=lora_da_init, config_cls=LoRADAConfig, needs_data=True, needs_grad=True,
+                     paper=PAPER, summary="K-FAC Fisher + guidance matrix; A = r smallest eigenvectors (LOBPCG)")

@@ -1,272 +1,36 @@
-"""Data passes over a model: K-FAC statistics through hooks, full weight gradients, held-out losses.
+"""The statistics pass: hooks on the target layers feed one ``KFACStats`` per layer (DESIGN.md section 2).
 
-The statistics pass (DESIGN.md section 2) runs forward and backward over the statistics samples
-with every parameter frozen and the LoRA branches disabled, so each target computes ``y = W x + b``
-of its base weight. A forward hook on each target's base layer sees ``x`` (the layer input) and
-puts a tensor hook on ``y``; backward then delivers ``g = dL/dy`` of the **summed** loss and
-``KFACStats.update(x, g, mask)`` accumulates ``Z``, ``G`` and ``s`` over the valid tokens. No
-``.grad`` is stored for any parameter. Targets whose inputs are the same tensor (q/k/v, gate/up)
-are found at run time on the first batch and share one ``Z``.
+The pass runs forward and backward over the statistics samples with every parameter frozen and
+the LoRA branches disabled, so each target computes ``y = W x + b`` of its base weight. A forward
+hook on each target's base layer sees ``x`` (the layer input) and puts a tensor hook on ``y``;
+backward then delivers ``g = dL/dy`` of the **summed** loss and ``KFACStats.update(x, g, mask)``
+accumulates ``Z``, ``G`` and ``s`` over the valid tokens. No ``.grad`` is stored for any
+parameter. Targets whose inputs are the same tensor (q/k/v, gate/up) are found at run time on the
+first batch and share one ``Z``. Under a memory budget :func:`plan_groups` splits the targets
+into groups with one pass each (layers sharing an input stay together).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import lorainit_kernels as lk
 
-from .targets import LoRAInitError, TargetLayer
+from .. import distributed as dist_utils
+from ..targets import LoRAInitError, TargetLayer
+from .batches import count_examples
+from .loss import LossRunner
+from .state import pass_state, progress_bar
 
-__all__ = ["take_samples", "LossRunner", "LayerStats", "StatsCollector", "stats_bytes", "plan_groups"]
-
-
-# ------------------------------------------------------------------------------------------ batches
-def _leading_size(batch) -> Optional[int]:
-    """Number of examples in a batch (first dim of its first tensor), or None when unknown."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else None
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            if isinstance(v, Tensor) and v.dim():
-                return int(v.shape[0])
-        return None
-    if isinstance(batch, (list, tuple)):
-        for v in batch:
-            if isinstance(v, Tensor) and v.dim():
-                return int(v.shape[0])
-    return None
+__all__ = ["LayerStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "probe_shared_inputs",
+           "stats_pass"]
 
 
-def _slice_batch(batch, k: int):
-    """The first ``k`` examples of a dict/tuple/tensor batch (other values pass through)."""
-    def cut(v):
-        return v[:k] if isinstance(v, Tensor) and v.dim() else v
-    if isinstance(batch, Tensor):
-        return batch[:k]
-    if isinstance(batch, Mapping):
-        return type(batch)({key: cut(v) for key, v in batch.items()}) if type(batch) is not dict else \
-            {key: cut(v) for key, v in batch.items()}
-    if isinstance(batch, tuple):
-        return type(batch)(*map(cut, batch)) if hasattr(batch, "_fields") else tuple(map(cut, batch))
-    if isinstance(batch, list):
-        return [cut(v) for v in batch]
-    return batch
-
-
-def take_samples(dataloader: Iterable, num_samples: Optional[int]) -> Tuple[List[Any], int]:
-    """The first ``num_samples`` examples of ``dataloader`` as a list of batches (last one cut).
-
-    Batches whose size is unknown (no tensor inside) count as one example each. Materializing the
-    (small) input batches once makes every pass of a multi-pass run see identical data.
-    """
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-        raise LoRAInitError(f"num_samples must be a positive int or None (all), got {num_samples!r}")
-    try:
-        iterator = iter(dataloader)
-    except TypeError as err:
-        raise LoRAInitError(f"dataloader must be iterable (a torch DataLoader or any iterable of batches), "
-                            f"got {type(dataloader).__name__}") from err
-    batches, seen = [], 0
-    for batch in iterator:
-        size = _leading_size(batch)
-        size = 1 if size is None else size
-        if size == 0:
-            continue
-        if num_samples is not None and seen + size > num_samples:
-            k = num_samples - seen
-            if _leading_size(batch) is not None:
-                batches.append(_slice_batch(batch, k))
-                seen += k
-            break
-        batches.append(batch)
-        seen += size
-        if num_samples is not None and seen >= num_samples:
-            break
-    if not batches:
-        raise LoRAInitError("the dataloader yielded no examples (empty dataloader)")
-    return batches, seen
-
-
-def _to_device(batch, device):
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------ losses
-def _takes_labels(model: nn.Module) -> bool:
-    """Whether ``model.forward`` (or the wrapped model's, for PEFT/DDP wrappers) has a ``labels`` argument."""
-    seen = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        try:
-            if "labels" in inspect.signature(model.forward).parameters:
-                return True
-        except (TypeError, ValueError):
-            pass
-        inner = None
-        if hasattr(model, "get_base_model"):
-            try:
-                inner = model.get_base_model()
-            except Exception:
-                inner = None
-        model = inner if isinstance(inner, nn.Module) else getattr(model, "module", None)
-    return False
-
-
-class LossRunner:
-    """Turns a batch into the **summed** loss and the token mask (DESIGN.md section 2).
-
-    With ``loss_fn(model, batch) -> summed loss`` the batch reaches it exactly as the dataloader
-    yielded it. Otherwise the batch must be a mapping of model inputs; when it has no ``labels`` but
-    ``input_ids`` and the model takes ``labels``, ``labels = input_ids`` with padding set to -100
-    (causal LM). The model's mean loss is turned into a sum by multiplying with the number of its
-    loss tokens, detected on the first batch by matching the reported loss against the
-    cross-entropy of the logits with shifted (causal LM), unshifted (token classification) or
-    per-example (sequence classification) labels.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, token_mask: str = "attention"):
-        self.model = model
-        self.loss_fn = loss_fn
-        self.token_mask = token_mask
-        self.device = model_device(model)
-        self.mode: Optional[str] = None  # "shifted", "unshifted" or "examples" once detected
-        self.added_labels = False
-        self._takes_labels = _takes_labels(model)
-
-    # -- masks
-    def mask(self, batch) -> Optional[Tensor]:
-        """Bool mask of the valid tokens (True = use), None = all positions valid."""
-        if not isinstance(batch, Mapping):
-            if self.token_mask == "labels":
-                raise LoRAInitError("token_mask='labels' needs mapping batches with a 'labels' entry")
-            return None
-        if self.token_mask == "labels":
-            labels = batch.get("labels")
-            if not isinstance(labels, Tensor) or labels.dim() < 2:
-                raise LoRAInitError("token_mask='labels' needs token-level 'labels' in every batch")
-            if self.mode == "unshifted":
-                return labels.ne(-100)
-            mask = torch.zeros_like(labels, dtype=torch.bool)
-            mask[..., :-1] = labels[..., 1:].ne(-100)  # position t predicts label t+1
-            return mask
-        am = batch.get("attention_mask")
-        if isinstance(am, Tensor):
-            return am.to(self.device).bool()
-        return None
-
-    # -- forward
-    def prepare(self, batch):
-        if self.loss_fn is not None:
-            return batch  # a user loss_fn gets each batch exactly as the dataloader yielded it
-        batch = _to_device(batch, self.device)
-        if self.loss_fn is None and isinstance(batch, Mapping) and "labels" not in batch and self._takes_labels \
-                and isinstance(batch.get("input_ids"), Tensor):
-            labels = batch["input_ids"].clone()
-            am = batch.get("attention_mask")
-            if isinstance(am, Tensor):
-                labels = labels.masked_fill(am.to(labels.device) == 0, -100)
-            batch = {**batch, "labels": labels}
-            self.added_labels = True
-        return batch
-
-    def summed_loss(self, batch, index: int) -> Tuple[Tensor, int]:
-        """``(summed loss, number of loss terms)`` of a prepared batch (forward only)."""
-        if self.loss_fn is not None:
-            loss = self.loss_fn(self.model, batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise LoRAInitError(f"loss_fn(model, batch) must return a scalar tensor (the summed loss), got "
-                                    f"{type(loss).__name__} {getattr(loss, 'shape', '')} for batch {index}")
-            n = _leading_size(batch)
-            return loss.reshape(()), (1 if n is None else n)
-        if not isinstance(batch, Mapping):
-            raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
-                                f"loss_fn(model, batch) -> summed loss for such batches")
-        try:
-            out = self.model(**batch)
-        except LoRAInitError:
-            raise
-        except Exception as err:
-            raise LoRAInitError(f"the model cannot take batch {index} (keys {sorted(batch)}): "
-                                f"{type(err).__name__}: {err}") from err
-        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if not isinstance(loss, Tensor):
-            raise LoRAInitError(f"the model returned no loss for batch {index}; include 'labels' in the batches or "
-                                f"pass loss_fn(model, batch) -> summed loss")
-        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-        count = self._loss_count(batch, logits, loss.detach(), index)
-        return loss.reshape(()) * count, count
-
-    def _loss_count(self, batch, logits, loss: Tensor, index: int) -> int:
-        labels = batch.get("labels")
-        if not isinstance(labels, Tensor):
-            raise LoRAInitError(f"batch {index} has no 'labels' tensor, so the model's mean loss cannot be turned "
-                                f"into the summed loss; pass loss_fn(model, batch) -> summed loss")
-        counts = {
-            "shifted": int(labels[..., 1:].ne(-100).sum()) if labels.dim() >= 2 else -1,
-            "unshifted": int(labels.ne(-100).sum()),
-            "examples": int(labels.shape[0]),
-        }
-        if counts["unshifted"] == 0:  # the mode-specific count is checked below
-            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
-                                f"attention_mask)")
-        if self.mode is None:
-            self.mode = self._detect_mode(labels, logits, loss, index)
-        count = counts[self.mode]
-        if count <= 0:
-            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100)")
-        return count
-
-    @staticmethod
-    def _detect_mode(labels: Tensor, logits: Optional[Tensor], loss: Tensor, index: int) -> str:
-        if not isinstance(logits, Tensor):
-            raise LoRAInitError("the model's output has no logits to tell how its loss is normalized; pass "
-                                "loss_fn(model, batch) -> summed loss")
-        import torch.nn.functional as F
-
-        with torch.no_grad():
-            lg = logits.detach().float()
-            cands = {}
-            if labels.dim() >= 2 and lg.dim() == labels.dim() + 1 and lg.shape[:-1] == labels.shape:
-                cands["shifted"] = F.cross_entropy(lg[..., :-1, :].reshape(-1, lg.shape[-1]),
-                                                   labels[..., 1:].reshape(-1), ignore_index=-100)
-                cands["unshifted"] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100)
-            elif labels.dim() == 1 and lg.dim() == 2 and lg.shape[0] == labels.shape[0]:
-                if labels.is_floating_point():
-                    cands["examples"] = F.mse_loss(lg.squeeze(-1), labels)
-                else:
-                    cands["examples"] = F.cross_entropy(lg, labels)
-        ref = float(loss.float())
-        for mode, val in cands.items():
-            if math.isfinite(ref) and math.isclose(float(val), ref, rel_tol=2e-3, abs_tol=1e-6):
-                return mode
-        raise LoRAInitError(f"cannot tell how the model's loss ({ref:.6g} on batch {index}) is normalized: it matches "
-                            f"none of {', '.join(f'{k}={float(v):.6g}' for k, v in cands.items()) or 'no candidate'}; "
-                            f"pass loss_fn(model, batch) -> summed loss")
-
-
-# ------------------------------------------------------------------------------------------ statistics
 @dataclass
 class LayerStats:
     """The statistics of one target after a pass (means over its ``count`` valid tokens)."""
@@ -467,3 +231,50 @@ class StatsCollector:
             if self.stats[s.z_owner].count != s.count:
                 raise LoRAInitError(f"modules {s.z_owner!r} and {s.name!r} share an input but saw different token counts")
         return out
+
+
+@dataclass
+class StatsPass:
+    """What one statistics pass produced: per-layer statistics, examples seen (all ranks), kernel seconds."""
+
+    stats: Dict[str, LayerStats]
+    examples: int
+    kernel_s: float
+
+
+def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str],
+                        runner: LossRunner, batch: Any) -> Dict[str, str]:
+    """Which targets receive the same input tensor (layer -> owner), from one forward of ``batch``."""
+    with pass_state(model, targets), torch.no_grad(), StatsCollector(targets, names, probe_only=True) as col:
+        col.begin_batch(0)
+        runner.summed_loss(runner.prepare(batch), 0)
+        col.end_forward(None)
+    return dict(col.owner)
+
+
+def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any],
+               runner: LossRunner, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
+               progress: bool = False, desc: str = "lorainit statistics") -> StatsPass:
+    """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced."""
+    examples = 0
+    with pass_state(model, targets), StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
+        bar = progress_bar(len(batches), desc, progress)
+        try:
+            for i, batch in enumerate(batches):
+                col.begin_batch(i)
+                with torch.enable_grad():
+                    loss, _, mask = runner.forward(batch, i, culprit=col.first_nonfinite_input)
+                    col.end_forward(mask)
+                    if not loss.requires_grad:
+                        raise LoRAInitError(f"batch {i}: the loss does not depend on any LoRA target layer's output")
+                    loss.backward()
+                col.end_batch()
+                examples += count_examples([batch])
+                bar.update(1)
+        finally:
+            bar.close()
+        dist_utils.all_reduce_stats(col.stats)
+        results = col.results()
+    if dist_utils.is_distributed():
+        examples = int(dist_utils.all_reduce_scalars([examples])[0])
+    return StatsPass(results, examples, col.kernel_time)

@@ -1,0 +1,112 @@
+"""The statistics samples: the first ``num_samples`` examples of a dataloader, counted and moved to a device.
+
+Batches are dicts of tensors, tuples/lists (named tuples too) or single tensors; a batch's size is
+the first dimension of its first tensor, and a batch without a tensor counts as one example.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..targets import LoRAInitError
+
+__all__ = ["leading_size", "count_examples", "count_positions", "take_samples", "to_device", "model_device"]
+
+
+def leading_size(batch) -> Optional[int]:
+    """Number of examples in a batch (first dim of its first tensor), or None when unknown."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, Tensor) and v.dim():
+                return int(v.shape[0])
+        return None
+    if isinstance(batch, (list, tuple)):
+        for v in batch:
+            if isinstance(v, Tensor) and v.dim():
+                return int(v.shape[0])
+    return None
+
+
+def _slice_batch(batch, k: int):
+    """The first ``k`` examples of a dict/tuple/tensor batch (other values pass through)."""
+    def cut(v):
+        return v[:k] if isinstance(v, Tensor) and v.dim() else v
+    if isinstance(batch, Tensor):
+        return batch[:k]
+    if isinstance(batch, Mapping):
+        return type(batch)({key: cut(v) for key, v in batch.items()}) if type(batch) is not dict else \
+            {key: cut(v) for key, v in batch.items()}
+    if isinstance(batch, tuple):
+        return type(batch)(*map(cut, batch)) if hasattr(batch, "_fields") else tuple(map(cut, batch))
+    if isinstance(batch, list):
+        return [cut(v) for v in batch]
+    return batch
+
+
+def take_samples(dataloader: Iterable, num_samples: Optional[int]) -> Tuple[List[Any], int]:
+    """The first ``num_samples`` examples of ``dataloader`` as a list of batches (last one cut).
+
+    Batches whose size is unknown (no tensor inside) count as one example each. Materializing the
+    (small) input batches once makes every pass of a multi-pass run see identical data.
+    """
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise LoRAInitError(f"num_samples must be a positive int or None (all), got {num_samples!r}")
+    try:
+        iterator = iter(dataloader)
+    except TypeError as err:
+        raise LoRAInitError(f"dataloader must be iterable (a torch DataLoader or any iterable of batches), "
+                            f"got {type(dataloader).__name__}") from err
+    batches, seen = [], 0
+    for batch in iterator:
+        size = leading_size(batch)
+        size = 1 if size is None else size
+        if size == 0:
+            continue
+        if num_samples is not None and seen + size > num_samples:
+            k = num_samples - seen
+            if leading_size(batch) is not None:
+                batches.append(_slice_batch(batch, k))
+                seen += k
+            break
+        batches.append(batch)
+        seen += size
+        if num_samples is not None and seen >= num_samples:
+            break
+    if not batches:
+        raise LoRAInitError("the dataloader yielded no examples (empty dataloader)")
+    return batches, seen
+
+
+def to_device(batch, device):
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def count_examples(batches: Sequence[Any]) -> int:
+    """Examples in ``batches`` (a batch of unknown size counts as one)."""
+    return sum((leading_size(b) or 1) for b in batches)
+
+
+def count_positions(batch) -> int:
+    """Token positions of a batch without a mask: ``input_ids.numel()``, else its number of examples."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
+        return int(batch["input_ids"].numel())
+    return leading_size(batch) or 1

@@ -1,0 +1,211 @@
+"""The loss of a batch, and the loss/eval pass.
+
+:class:`LossRunner` turns a batch into the **summed** loss over its loss tokens and the token mask
+of DESIGN.md section 2 (detecting, on the first batch, how the model normalizes its own loss);
+every pass runs its forwards through one. :func:`eval_loss` is the eval pass: the mean loss of some
+batches with the adapters as currently written, forward only.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist_utils
+from ..targets import LoRAInitError, TargetLayer
+from .batches import leading_size, model_device, to_device
+from .state import pass_state
+
+__all__ = ["LossRunner", "eval_loss"]
+
+
+def _takes_labels(model: nn.Module) -> bool:
+    """Whether ``model.forward`` (or the wrapped model's, for PEFT/DDP wrappers) has a ``labels`` argument."""
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        try:
+            if "labels" in inspect.signature(model.forward).parameters:
+                return True
+        except (TypeError, ValueError):
+            pass
+        inner = None
+        if hasattr(model, "get_base_model"):
+            try:
+                inner = model.get_base_model()
+            except Exception:
+                inner = None
+        model = inner if isinstance(inner, nn.Module) else getattr(model, "module", None)
+    return False
+
+
+class LossRunner:
+    """Turns a batch into the **summed** loss and the token mask (DESIGN.md section 2).
+
+    With ``loss_fn(model, batch) -> summed loss`` the batch reaches it exactly as the dataloader
+    yielded it. Otherwise the batch must be a mapping of model inputs; when it has no ``labels`` but
+    ``input_ids`` and the model takes ``labels``, ``labels = input_ids`` with padding set to -100
+    (causal LM). The model's mean loss is turned into a sum by multiplying with the number of its
+    loss tokens, detected on the first batch by matching the reported loss against the
+    cross-entropy of the logits with shifted (causal LM), unshifted (token classification) or
+    per-example (sequence classification) labels.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, token_mask: str = "attention"):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.token_mask = token_mask
+        self.device = model_device(model)
+        self.mode: Optional[str] = None  # "shifted", "unshifted" or "examples" once detected
+        self.added_labels = False
+        self._takes_labels = _takes_labels(model)
+
+    # -- masks
+    def mask(self, batch) -> Optional[Tensor]:
+        """Bool mask of the valid tokens (True = use), None = all positions valid."""
+        if not isinstance(batch, Mapping):
+            if self.token_mask == "labels":
+                raise LoRAInitError("token_mask='labels' needs mapping batches with a 'labels' entry")
+            return None
+        if self.token_mask == "labels":
+            labels = batch.get("labels")
+            if not isinstance(labels, Tensor) or labels.dim() < 2:
+                raise LoRAInitError("token_mask='labels' needs token-level 'labels' in every batch")
+            if self.mode == "unshifted":
+                return labels.ne(-100)
+            mask = torch.zeros_like(labels, dtype=torch.bool)
+            mask[..., :-1] = labels[..., 1:].ne(-100)  # position t predicts label t+1
+            return mask
+        am = batch.get("attention_mask")
+        if isinstance(am, Tensor):
+            return am.to(self.device).bool()
+        return None
+
+    # -- forward
+    def prepare(self, batch):
+        if self.loss_fn is not None:
+            return batch  # a user loss_fn gets each batch exactly as the dataloader yielded it
+        batch = to_device(batch, self.device)
+        if self.loss_fn is None and isinstance(batch, Mapping) and "labels" not in batch and self._takes_labels \
+                and isinstance(batch.get("input_ids"), Tensor):
+            labels = batch["input_ids"].clone()
+            am = batch.get("attention_mask")
+            if isinstance(am, Tensor):
+                labels = labels.masked_fill(am.to(labels.device) == 0, -100)
+            batch = {**batch, "labels": labels}
+            self.added_labels = True
+        return batch
+
+    def forward(self, batch, index: int, *, check_finite: bool = True,
+                culprit: Optional[Callable[[], Optional[str]]] = None) -> Tuple[Tensor, int, Optional[Tensor]]:
+        """``(summed loss, number of loss terms, token mask)`` of a raw batch.
+
+        With ``check_finite`` a NaN/Inf loss raises, naming the module ``culprit()`` returns (the
+        first target whose input was not finite) or else the batch.
+        """
+        prepared = self.prepare(batch)
+        loss, count = self.summed_loss(prepared, index)
+        mask = self.mask(prepared)
+        if check_finite and not bool(torch.isfinite(loss.detach())):
+            bad = culprit() if culprit is not None else None
+            if bad is not None:
+                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations")
+            raise LoRAInitError(f"batch {index}: the loss is {float(loss)} (NaN/Inf activations or logits)")
+        return loss, count, mask
+
+    def summed_loss(self, batch, index: int) -> Tuple[Tensor, int]:
+        """``(summed loss, number of loss terms)`` of a prepared batch (forward only)."""
+        if self.loss_fn is not None:
+            loss = self.loss_fn(self.model, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise LoRAInitError(f"loss_fn(model, batch) must return a scalar tensor (the summed loss), got "
+                                    f"{type(loss).__name__} {getattr(loss, 'shape', '')} for batch {index}")
+            n = leading_size(batch)
+            return loss.reshape(()), (1 if n is None else n)
+        if not isinstance(batch, Mapping):
+            raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
+                                f"loss_fn(model, batch) -> summed loss for such batches")
+        try:
+            out = self.model(**batch)
+        except LoRAInitError:
+            raise
+        except Exception as err:
+            raise LoRAInitError(f"the model cannot take batch {index} (keys {sorted(batch)}): "
+                                f"{type(err).__name__}: {err}") from err
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if not isinstance(loss, Tensor):
+            raise LoRAInitError(f"the model returned no loss for batch {index}; include 'labels' in the batches or "
+                                f"pass loss_fn(model, batch) -> summed loss")
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        count = self._loss_count(batch, logits, loss.detach(), index)
+        return loss.reshape(()) * count, count
+
+    def _loss_count(self, batch, logits, loss: Tensor, index: int) -> int:
+        labels = batch.get("labels")
+        if not isinstance(labels, Tensor):
+            raise LoRAInitError(f"batch {index} has no 'labels' tensor, so the model's mean loss cannot be turned "
+                                f"into the summed loss; pass loss_fn(model, batch) -> summed loss")
+        counts = {
+            "shifted": int(labels[..., 1:].ne(-100).sum()) if labels.dim() >= 2 else -1,
+            "unshifted": int(labels.ne(-100).sum()),
+            "examples": int(labels.shape[0]),
+        }
+        if counts["unshifted"] == 0:  # the mode-specific count is checked below
+            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
+                                f"attention_mask)")
+        if self.mode is None:
+            self.mode = self._detect_mode(labels, logits, loss, index)
+        count = counts[self.mode]
+        if count <= 0:
+            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100)")
+        return count
+
+    @staticmethod
+    def _detect_mode(labels: Tensor, logits: Optional[Tensor], loss: Tensor, index: int) -> str:
+        if not isinstance(logits, Tensor):
+            raise LoRAInitError("the model's output has no logits to tell how its loss is normalized; pass "
+                                "loss_fn(model, batch) -> summed loss")
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            lg = logits.detach().float()
+            cands = {}
+            if labels.dim() >= 2 and lg.dim() == labels.dim() + 1 and lg.shape[:-1] == labels.shape:
+                cands["shifted"] = F.cross_entropy(lg[..., :-1, :].reshape(-1, lg.shape[-1]),
+                                                   labels[..., 1:].reshape(-1), ignore_index=-100)
+                cands["unshifted"] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100)
+            elif labels.dim() == 1 and lg.dim() == 2 and lg.shape[0] == labels.shape[0]:
+                if labels.is_floating_point():
+                    cands["examples"] = F.mse_loss(lg.squeeze(-1), labels)
+                else:
+                    cands["examples"] = F.cross_entropy(lg, labels)
+        ref = float(loss.float())
+        for mode, val in cands.items():
+            if math.isfinite(ref) and math.isclose(float(val), ref, rel_tol=2e-3, abs_tol=1e-6):
+                return mode
+        raise LoRAInitError(f"cannot tell how the model's loss ({ref:.6g} on batch {index}) is normalized: it matches "
+                            f"none of {', '.join(f'{k}={float(v):.6g}' for k, v in cands.items()) or 'no candidate'}; "
+                            f"pass loss_fn(model, batch) -> summed loss")
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, targets: Dict[str, TargetLayer], runner: LossRunner, batches: Sequence) -> float:
+    """Mean loss over ``batches`` with the adapters as written (forward only, eval mode, LoRA on).
+
+    The summed loss divided by its number of loss terms (loss tokens, or examples with a user
+    ``loss_fn``), summed over processes; NaN/Inf is returned as ``inf``.
+    """
+    total, count = 0.0, 0
+    with pass_state(model, targets, lora_enabled=True):
+        for i, batch in enumerate(batches):
+            loss, c, _ = runner.forward(batch, i, check_finite=False)
+            total += float(loss)
+            count += c
+    total, count = dist_utils.all_reduce_scalars([total, count])
+    value = total / max(count, 1)
+    return value if math.isfinite(value) else math.inf
