@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="where the microbenchmarks are (`make bench` in a source checkout)")
-    p.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old flags, accepted and ignored
+    p.add_argument("names", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return parser
 
