@@ -26,7 +26,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	# tiny models: one thread is faster than two
-	OMP_NUM_THREADS=1 $(PY) -m lorainit.demo
+	OMP_NUM_THREADS=1 $(PY) -m lorainit.examples.digits_demo
 
 demo-llm: $(STAMP)
 	# every init on the bundled SmolLM2-135M: init time and held-out loss (a table and a PNG, < 5 min)
