@@ -5,7 +5,7 @@ Kernels for data-aware LoRA initialization: fused K-FAC statistics (``KFACStats`
 the LoRA-DA guidance matrix and the per-layer math of every initialization method. It knows
 nothing of models or PEFT; ``lorainit`` builds on it. Conventions: DESIGN.md section 2.
 """
-from ._backends import BACKENDS, has_native, has_triton, triton_interpreting
+from .backends import BACKENDS, has_native, has_triton, triton_interpreting
 from .kfac import KFACStats
 from .linalg import ShiftInvert, guidance_matrix, lobpcg, lora_da_factors, shift_invert_preconditioner, svd_of_product
 from .ops import kfac_update, sym_matmul, weighted_gram

@@ -1,4 +1,4 @@
-"""CPU backend of ``kfac_update`` and ``weighted_gram``: the C++ extension ``lorainit_kernels._C``.
+"""Python side of the C++ extension ``lorainit_kernels._C``: the kernels of the ``"native"`` backend.
 
 Torch allocates every tensor here; ``_C`` receives raw addresses, sizes, row strides and dtype
 codes (it links neither libtorch nor a BLAS), compacts the valid tokens, packs each block of them
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backends import native_module
+from .backends import native_module
 
 ISA_ENV = "LORAINIT_NATIVE_ISA"
 ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")

@@ -34,7 +34,8 @@ class KFACStats:
         track_input_cov: False keeps only ``G`` and ``s`` (the ``Z`` lives in another accumulator).
         device, dtype: of the accumulators (fp32 by default; fp64 keeps the cross-batch sums in fp64,
             each batch is still reduced in fp32 unless its inputs are fp64).
-        backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch), ``"native"``, ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch), ``"native"``, ``"triton"`` or ``"torch"``;
+            a forced backend that cannot take an update's inputs raises ``backends.BackendNotSupported``.
 
     An update whose inputs are invalid (wrong shapes, dtypes or devices, NaN/Inf in a valid token)
     raises and leaves the accumulator exactly as it was.

@@ -1,54 +1,56 @@
-"""Each op of the numerical core, declared once as a ``torch.library`` custom op.
+"""Each op of the numerical core, declared once as a ``torch.library`` custom op with a fake implementation.
 
-Backends register implementations behind one declaration: the C++ extension on CPU
-(``lorainit_kernels._native``), Triton on GPU (``lorainit_kernels.triton``) and the plain-torch
-reference (``lorainit_kernels.reference``) everywhere. The public wrappers at the bottom check the
-arguments, flatten batch dimensions and pick the backend; the custom ops take already-checked 2-D
-inputs whose last dimension is contiguous.
+=============================  ======================================================================
+``lorainit::kfac_update``      ``(Zs, Gs, ss) = (sum_t x_t x_t^T, sum_t g_t x_t^T, sum_t g_t * g_t)``
+                               over the valid rows of ``x`` (T, n), ``g`` (T, m) or None, ``mask`` (T,)
+``lorainit::weighted_gram``    ``sum_t w_t v_t v_t^T`` for ``v`` (T, d), ``w`` (T,) or None (ones)
+``lorainit::sym_matmul``       ``A @ W`` for symmetric ``A`` (b, n, n) and ``W`` (b, n, p)
+``lorainit::rr_grams``         ``(S^T S, S^T AS)`` in fp64, ``S``/``AS`` given as column parts (b, n, c_k)
+=============================  ======================================================================
+
+Every op takes the name of the backend that runs it as its last argument; its body calls the
+implementation that backend registered (``lorainit_kernels.backends``: ``native`` = C++ on CPU,
+``triton`` = GPU kernels, ``default`` = the plain-torch reference of ``lorainit_kernels.reference``)
+after checking that it can take these inputs: a backend that cannot raises, it never hands the
+call to another one. The public functions at the bottom check the arguments, flatten batch
+dimensions and choose the backend (``backend="auto"``: the first of native, triton (CUDA only),
+torch that can run the inputs); :func:`backend_for` says which one that is without running anything.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
-from ._backends import resolve_backend
+from . import backends, reference
+# importing the backend modules registers their kernels
+from .backends import default as _default_kernels, native as _native_kernels, triton as _triton_kernels  # noqa: F401
 
+OPS = ("kfac_update", "weighted_gram", "sym_matmul", "rr_grams")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_acc_dtype = reference.accumulation_dtype
 
 
-def _impl(backend: str):
-    """The module that implements ``kfac_update`` and ``weighted_gram`` for ``backend``."""
-    if backend == "native":
-        from . import _native
-
-        return _native
-    if backend == "triton":
-        from .triton import kfac as triton_kfac
-
-        return triton_kfac
-    return None
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    # bf16/fp16/fp32 accumulate in fp32; fp64 inputs (tests, references) stay fp64.
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _run(op: str, backend: str, *args):
+    return backends.kernel(op, backend, *args)(*args)
 
 
 # --------------------------------------------------------------------------------------------
-# kfac_update: (Zs, Gs, ss) = (sum x x^T, sum g x^T, sum g*g) over the valid tokens of one batch
+# The declarations
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("lorainit::kfac_update", mutates_args=())
 def _kfac_update_op(
     x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _impl(backend)
-    if impl is None or x.dtype == torch.float64 or (g is not None and g.dtype == torch.float64):
-        return reference.kfac_update(x, g, mask, with_input_cov, dtype=_acc_dtype(x))
-    return impl.kfac_update(x, g, mask, with_input_cov)
+    """``(sum_t x_t x_t^T, sum_t g_t x_t^T, sum_t g_t * g_t)`` over the rows where ``mask`` is True.
+
+    ``x`` (T, n), ``g`` (T, m) or None, ``mask`` (T,) bool or None, last dims contiguous. Outputs in
+    the accumulation dtype of ``x`` (fp32, fp64 for fp64): (n, n) or (0, 0) without ``with_input_cov``,
+    (m, n) and (m,) ((0, n) and (0,) without ``g``).
+    """
+    return _run("kfac_update", backend, x, g, mask, with_input_cov)
 
 
 @_kfac_update_op.register_fake
@@ -60,16 +62,10 @@ def _(x, g, mask, with_input_cov, backend):
     return z, x.new_empty((m, n), dtype=dt), x.new_empty((m,), dtype=dt)
 
 
-# --------------------------------------------------------------------------------------------
-# weighted_gram: sum_t w_t v_t v_t^T
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("lorainit::weighted_gram", mutates_args=())
 def _weighted_gram_op(v: Tensor, weights: Optional[Tensor], backend: str) -> Tensor:
-    impl = _impl(backend)
-    if impl is None or v.dtype == torch.float64:
-        out = reference.weighted_gram(v, weights, dtype=_acc_dtype(v))
-        return torch.triu(out) + torch.triu(out, 1).T  # exactly symmetric, like the fused kernels
-    return impl.weighted_gram(v, weights)
+    """``sum_t w_t v_t v_t^T`` (d, d), exactly symmetric, for ``v`` (T, d) and ``weights`` (T,) or None (ones)."""
+    return _run("weighted_gram", backend, v, weights)
 
 
 @_weighted_gram_op.register_fake
@@ -78,16 +74,10 @@ def _(v, weights, backend):
     return v.new_empty((d, d), dtype=_acc_dtype(v))
 
 
-# --------------------------------------------------------------------------------------------
-# sym_matmul: A @ W for symmetric A, one triangle read (LOBPCG's block products)
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("lorainit::sym_matmul", mutates_args=())
 def _sym_matmul_op(A: Tensor, W: Tensor, backend: str) -> Tensor:
-    if backend == "native":
-        from . import _native
-
-        return _native.sym_matmul(A, W).contiguous()
-    return A @ W
+    """``A @ W`` (b, n, p) for symmetric ``A`` (b, n, n) and ``W`` (b, n, p), in their dtype."""
+    return _run("sym_matmul", backend, A, W)
 
 
 @_sym_matmul_op.register_fake
@@ -95,9 +85,39 @@ def _(A, W, backend):
     return W.new_empty(W.shape)
 
 
+@torch.library.custom_op("lorainit::rr_grams", mutates_args=())
+def _rr_grams_op(S_parts: List[Tensor], AS_parts: List[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    """``(S^T S, S^T AS)`` (b, q, q) fp64, upper triangles mirrored, for ``S = cat(S_parts, -1)``, ``AS = cat(AS_parts, -1)``.
+
+    Parts (b, n, c_k); the Gram matrices of LOBPCG's Rayleigh-Ritz step.
+    """
+    return _run("rr_grams", backend, S_parts, AS_parts)
+
+
+@_rr_grams_op.register_fake
+def _(S_parts, AS_parts, backend):
+    b, n = S_parts[0].shape[:2]
+    q = sum(t.shape[-1] for t in S_parts)
+    return (S_parts[0].new_empty((b, q, q), dtype=torch.float64),
+            S_parts[0].new_empty((b, q, q), dtype=torch.float64))
+
+
 # --------------------------------------------------------------------------------------------
-# Public wrappers: argument checks, batch flattening, backend choice
+# Public functions: argument checks, batch flattening, backend choice
 # --------------------------------------------------------------------------------------------
+def backend_for(op: str, *tensors: Tensor, backend: Optional[str] = "auto") -> str:
+    """The backend ``op`` runs for inputs with the devices and dtypes of ``tensors`` (or lists of them).
+
+    ``backend="auto"`` gives the automatic choice; a forced backend that cannot run such inputs raises
+    the same :class:`~lorainit_kernels.backends.BackendNotSupported` the op would. Cheap (no tensor
+    is read): e.g. ``backend_for("rr_grams", X) == "native"`` for an fp32 CPU block ``X`` when the
+    extension is built.
+    """
+    if op not in OPS:
+        raise ValueError(f"backend_for: op must be one of {OPS}, got {op!r}")
+    return backends.select(op, backend, *tensors, full=False)
+
+
 def _shape(t: Optional[Tensor]) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
@@ -183,7 +203,7 @@ def kfac_update_checked(x: Tensor, grad_output: Optional[Tensor], mask: Optional
     count = x2.shape[0] if m2 is None else int(m2.sum())
     if m2 is not None and count == m2.numel():
         m2 = None  # every token is valid: nothing to compact
-    name = resolve_backend(backend, x.device, "kfac_update")
+    name = backends.select("kfac_update", backend, x2, g2, m2, with_input_cov)
     Zs, Gs, ss = torch.ops.lorainit.kfac_update(x2, g2, m2, with_input_cov, name)
     return Zs, Gs, ss, count
 
@@ -191,8 +211,9 @@ def kfac_update_checked(x: Tensor, grad_output: Optional[Tensor], mask: Optional
 def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optional[str] = "auto") -> Tensor:
     """``sum_t w_t v_t v_t^T`` for ``v`` (..., T, d) and ``weights`` (..., T) (ones when None).
 
-    Returns (..., d, d), symmetric, accumulated in fp32 (fp64 for fp64 inputs). Batch dimensions
-    are looped over. Used for ``Z`` and for the guidance matrix's ``G^T D^2 G`` (DESIGN.md section 2).
+    Returns (..., d, d), symmetric, accumulated in fp32 (fp64 for fp64 inputs; the weights are cast
+    to that dtype). Batch dimensions are looped over. Used for ``Z`` and for the guidance matrix's
+    ``G^T D^2 G`` (DESIGN.md section 2).
     """
     op = "weighted_gram"
     if not isinstance(v, Tensor) or v.dim() < 2:
@@ -204,15 +225,15 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optio
             raise ValueError(f"{op}: weights has shape {_shape(weights)}, expected v's leading dims {tuple(v.shape[:-1])}")
         if weights.device != v.device:
             raise ValueError(f"{op}: weights is on {weights.device} but v is on {v.device}")
-    name = resolve_backend(backend, v.device, op)
     batch = v.shape[:-2]
     T, d = v.shape[-2:]
     vb = v.reshape(-1, T, d)
-    wb = None if weights is None else weights.reshape(-1, T)
+    wb = None if weights is None else weights.reshape(-1, T).to(_acc_dtype(v))
+    name = backends.select(op, backend, vb, wb)
     outs = []
     for i in range(vb.shape[0]):
         vi = vb[i] if vb[i].stride(-1) == 1 else vb[i].contiguous()
-        wi = None if wb is None else wb[i].to(_acc_dtype(v)).contiguous()
+        wi = None if wb is None else wb[i].contiguous()
         outs.append(torch.ops.lorainit.weighted_gram(vi, wi, name))
     return torch.stack(outs).reshape(*batch, d, d)
 
@@ -239,17 +260,41 @@ def sym_matmul(A: Tensor, W: Tensor, *, backend: Optional[str] = "auto") -> Tens
                          f"got {_shape(W)}")
     if A.device != W.device or A.dtype != W.dtype:
         raise ValueError(f"{op}: A ({A.dtype}, {A.device}) and W ({W.dtype}, {W.device}) must share dtype and device")
-    if backend in (None, "auto"):
-        name = "native" if A.dtype == torch.float32 and resolve_backend("auto", A.device, op) == "native" else "torch"
-    else:
-        name = resolve_backend(backend, A.device, op)
-        if name == "triton":
-            raise ValueError(f"{op}: there is no Triton kernel for sym_matmul; use backend='torch' (cuBLAS) on GPU")
-        if name == "native" and A.dtype != torch.float32:
-            raise TypeError(f"{op}: the native kernel takes float32, got {A.dtype}; use backend='torch'")
+    name = backends.select(op, backend, A, W)
     batch = tuple(W.shape[:-2])
     p = W.shape[-1]
     nb = math.prod(batch)
     Ab = A.expand(*batch, n, n).reshape(nb, n, n) if A.dim() > 2 or batch else A.reshape(1, n, n)
     Wb = W.reshape(nb, n, p)
     return torch.ops.lorainit.sym_matmul(Ab, Wb, name).reshape(*batch, n, p)
+
+
+def rr_grams(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor], *, backend: Optional[str] = "auto"
+             ) -> Tuple[Tensor, Tensor]:
+    """``(B, H) = (S^T S, S^T AS)`` in float64 for ``S = cat(S_parts, -1)``, ``AS = cat(AS_parts, -1)``.
+
+    LOBPCG's Rayleigh-Ritz Grams. ``S_parts``, ``AS_parts``: floating tensors (b, n, c_k) on one device, with as many columns in
+    all (q) on both sides. Returns ``B`` and ``H`` (b, q, q) float64, each the mirror of its upper
+    triangle. The native kernel (fp32 CPU parts, 1 to 4 per side) reads the parts in place and
+    accumulates the exact fp32 products in fp64; the torch backend concatenates the parts in fp64.
+    """
+    op = "rr_grams"
+    S_parts, AS_parts = list(S_parts), list(AS_parts)
+    if not S_parts or not AS_parts:
+        raise ValueError(f"{op}: S_parts and AS_parts need at least one tensor each, "
+                         f"got {len(S_parts)} and {len(AS_parts)}")
+    for t in S_parts + AS_parts:
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{op}: parts must be (b, n, c) tensors, got "
+                             f"{_shape(t) if isinstance(t, Tensor) else type(t).__name__}")
+        _check_float("part", t, op)
+    b, n = S_parts[0].shape[:2]
+    device = S_parts[0].device
+    for t in S_parts + AS_parts:
+        if tuple(t.shape[:2]) != (b, n) or t.device != device:
+            raise ValueError(f"{op}: every part must be ({b}, {n}, c) on {device}, got {_shape(t)} on {t.device}")
+    q, q_as = sum(t.shape[-1] for t in S_parts), sum(t.shape[-1] for t in AS_parts)
+    if q != q_as:
+        raise ValueError(f"{op}: S_parts have {q} columns in all but AS_parts {q_as}")
+    name = backends.select(op, backend, S_parts, AS_parts)
+    return torch.ops.lorainit.rr_grams(S_parts, AS_parts, name)

@@ -44,6 +44,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ..backends import triton_interpreting
+
 __all__ = ["BlockConfig", "CONFIGS", "FP32_DOT_PRECISION", "default_config", "kfac_update", "weighted_gram"]
 
 # fp32 operands: 3xTF32 on tensor cores (~fp32 accuracy). See the module docstring.
@@ -190,10 +192,6 @@ def _weighted_gram_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _as_config(config: Union[str, BlockConfig]) -> BlockConfig:
     if isinstance(config, BlockConfig):
         return config
@@ -209,7 +207,7 @@ def _check_rows(name: str, t: Tensor, op: str) -> None:
     if t.dtype not in _SUPPORTED:
         raise TypeError(f"triton {op}: {name} must be bf16, fp16 or fp32, got {t.dtype} (fp64 runs on the "
                         f"torch backend)")
-    if t.device.type == "cpu" and not _interpreting():
+    if t.device.type == "cpu" and not triton_interpreting():
         raise RuntimeError(f"triton {op}: {name} is on the CPU; Triton needs a CUDA tensor or TRITON_INTERPRET=1")
 
 
@@ -274,7 +272,7 @@ def _outer(
     sq = torch.empty((splits, M), device=a.device, dtype=torch.float32) if row_sq else None
     meta = _kernel_constexprs(a.dtype, b.dtype, weighted=w is not None, gather=idx is not None,
                               symmetric=symmetric, row_sq=row_sq, precision=precision, config=cfg,
-                              interpreting=_interpreting())
+                              interpreting=triton_interpreting())
     _weighted_gram_kernel[(tiles, splits)](
         a, b, w, idx, out, sq,
         T, M, N,
@@ -383,7 +381,7 @@ _TUNED: Dict[tuple, BlockConfig] = {}
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("LORAINIT_TRITON_AUTOTUNE", "0") not in ("", "0") and not _interpreting()
+    return os.environ.get("LORAINIT_TRITON_AUTOTUNE", "0") not in ("", "0") and not triton_interpreting()
 
 
 def _pick_config(a, b, w, idx, T, symmetric, row_sq, upcast, precision) -> BlockConfig:

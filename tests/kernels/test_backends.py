@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import lorainit_kernels as lk
-from lorainit_kernels import _backends
+from lorainit_kernels import backends
 
 
 def test_auto_on_cpu_prefers_native_when_built():
     expected = "native" if lk.has_native() else "torch"
-    assert _backends.resolve_backend("auto", torch.device("cpu"), "op") == expected
-    assert _backends.resolve_backend(None, torch.device("cpu"), "op") == expected
+    x = torch.randn(3, 4)
+    assert backends.select("kfac_update", "auto", x) == expected
+    assert backends.select("kfac_update", None, x) == expected
 
 
 def test_unknown_backend_is_named():
@@ -24,16 +25,18 @@ def test_unknown_backend_is_named():
 def test_forced_backend_lists_every_backend_and_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError) as err:
-        _backends.resolve_backend("triton", torch.device("cpu"), "kfac_update")
+        backends.select("kfac_update", "triton", torch.randn(3, 4))
     msg = str(err.value)
     assert "kfac_update" in msg and "TRITON_INTERPRET=1" in msg
-    for name in _backends.BACKENDS:
+    for name in backends.BACKENDS:
         assert f"{name}:" in msg
 
 
 def test_native_declines_non_cpu_devices():
-    reason = _backends.unavailable_reason("native", torch.device("meta"))
+    reason = backends.device_reason("native", torch.device("meta"))
     assert reason is not None and "CPU" in reason
+    reasons = backends.not_supported_reasons("kfac_update", torch.randn(3, 4, device="meta"))
+    assert "CPU" in reasons["native"] and reasons["torch"] is None
 
 
 def test_package_imports_and_computes_without_the_extension():

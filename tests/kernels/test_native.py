@@ -17,15 +17,15 @@ import pytest
 import torch
 
 import lorainit_kernels
-from lorainit_kernels import _backends, reference
-from lorainit_kernels._backends import has_native
+from lorainit_kernels import backends, reference
+from lorainit_kernels.backends import has_native
 
 if not has_native():
-    pytest.skip(f"lorainit_kernels._C is not built ({_backends._load_native()[1]})", allow_module_level=True)
+    pytest.skip(f"lorainit_kernels._C is not built ({backends._load_native()[1]})", allow_module_level=True)
 
 from lorainit_kernels import _native  # noqa: E402
 
-_C = _backends.native_module()
+_C = backends.native_module()
 ISAS = _native.isa_levels()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -283,22 +283,22 @@ def test_auto_falls_back_with_one_warning_when_C_missing(monkeypatch):
     with monkeypatch.context() as mp:
         mp.setitem(sys.modules, "lorainit_kernels._C", None)  # `import` now raises ImportError
         mp.delattr(lorainit_kernels, "_C")
-        _backends._load_native.cache_clear()
+        backends._load_native.cache_clear()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 x = torch.randn(6, 5)
                 Zs, _, _, count = lorainit_kernels.kfac_update(x, backend="auto")
                 lorainit_kernels.kfac_update(x, backend="auto")
-                assert not _backends.has_native()
+                assert not backends.has_native()
             msgs = [str(w.message) for w in caught if "lorainit_kernels._C" in str(w.message)]
             assert len(msgs) == 1 and "plain-torch" in msgs[0], msgs
             assert count == 6 and rel_err(Zs, x.double().T @ x.double()) < 1e-6
             with pytest.raises(ValueError, match="backend='native' cannot run here.*not built"):
                 lorainit_kernels.kfac_update(x, backend="native")
         finally:
-            _backends._load_native.cache_clear()
-    assert _backends.has_native()
+            backends._load_native.cache_clear()
+    assert backends.has_native()
 
 
 def test_package_imports_without_native_build(tmp_path):

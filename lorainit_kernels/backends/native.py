@@ -1,0 +1,50 @@
+"""The ``"native"`` backend: the C++ CPU kernels of ``lorainit_kernels._C`` (through ``lorainit_kernels._native``).
+
+CPU tensors only, the extension built. ``kfac_update`` and ``weighted_gram`` take bf16, fp16 or
+fp32 operands (fp32 accumulation); ``sym_matmul`` and ``rr_grams`` take fp32 (``rr_grams``
+accumulates in fp64). fp64 inputs are declined: the ``"torch"`` backend computes them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native
+from . import HALF_OR_FP32, register_kernel
+
+_FP32 = (torch.float32,)
+RR_MAX_PARTS = 4
+
+
+@register_kernel("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update")
+def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``."""
+    return _native.kfac_update(x, g, mask, with_input_cov)
+
+
+@register_kernel("weighted_gram", "native", dtypes=HALF_OR_FP32, symbol="weighted_gram")
+def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """``sum_t w_t v_t v_t^T``, fp32, exactly symmetric: ``_native.weighted_gram``."""
+    return _native.weighted_gram(v, weights)
+
+
+@register_kernel("sym_matmul", "native", dtypes=_FP32, symbol="sym_matmul")
+def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
+    """``A @ W`` reading only the upper triangle of each symmetric ``A``: ``_native.sym_matmul``."""
+    return _native.sym_matmul(A, W).contiguous()
+
+
+def _rr_parts(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor]) -> Optional[str]:
+    if not (1 <= len(S_parts) <= RR_MAX_PARTS and 1 <= len(AS_parts) <= RR_MAX_PARTS):
+        return (f"the native kernel takes 1 to {RR_MAX_PARTS} column parts each, got {len(S_parts)} and "
+                f"{len(AS_parts)}")
+    return None
+
+
+@register_kernel("rr_grams", "native", dtypes=_FP32, check=_rr_parts, symbol="rr_grams")
+def rr_grams(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(S^T S, S^T AS)`` in fp64 from fp32 parts, never forming ``S`` or ``AS``: ``_native.rr_grams``."""
+    return _native.rr_grams(S_parts, AS_parts)

@@ -1,0 +1,247 @@
+"""The op declarations of ``lorainit_kernels.ops``: opcheck of every op on every backend that runs here,
+every backend against the float64 reference (within a small multiple of plain torch's error in the
+same dtype), the automatic choice, and what a forced backend that cannot run says."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorainit_kernels as lk
+from lorainit_kernels import backends, ops, reference
+from lorainit_kernels.backends import BackendNotSupported
+
+FP32_ULP = 2.0 ** -24
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output"
+    den = ref.double().norm().item()
+    num = (out.double() - ref.double()).norm().item()
+    return num / den if den > 0 else num
+
+
+def sym(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(b, n, n, generator=gen, dtype=torch.float64)
+    return a + a.mT
+
+
+# Each op's inputs (fresh random, awkward shapes) in one dtype: (op, args without the backend name)
+def kfac_args(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(37, 13, generator=gen) + 0.3).to(dtype)
+    g = (torch.randn(37, 9, generator=gen) * 1e-2).to(dtype)
+    return x, g, torch.rand(37, generator=gen) > 0.3, True
+
+
+def gram_args(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(29, 11, generator=gen).to(dtype)
+    return v, -torch.rand(29, generator=gen, dtype=reference.accumulation_dtype(v)) - 0.1
+
+
+def symm_args(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return sym(2, 19, gen).to(dtype), torch.randn(2, 19, 5, generator=gen).to(dtype)
+
+
+def rr_args(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    S = [torch.randn(2, 23, c, generator=gen).to(dtype) for c in (3, 2)]
+    AS = [torch.randn(2, 23, c, generator=gen).to(dtype) for c in (4, 1)]
+    return S, AS
+
+
+MAKE = {"kfac_update": kfac_args, "weighted_gram": gram_args, "sym_matmul": symm_args, "rr_grams": rr_args}
+DTYPES = {"kfac_update": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+          "weighted_gram": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+          "sym_matmul": (torch.float32, torch.float64),
+          "rr_grams": (torch.float32, torch.float64)}
+# every (op, dtype, backend) a registered kernel takes; the others are the forced-backend errors below
+CASES = [(op, dt, b) for op in ops.OPS for dt in DTYPES[op] for b, k in backends.kernels(op).items()
+         if k.dtypes is None or dt in k.dtypes]
+
+
+def runnable(op, backend, args):
+    """Skip when this machine lacks the backend (extension not built, no Triton or no GPU)."""
+    reason = backends.not_supported_reasons(op, *args)[backend]
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run {op} here: {reason}")
+
+
+@pytest.mark.parametrize("op, dtype, backend", CASES, ids=str)
+def test_opcheck(op, dtype, backend):
+    args = MAKE[op](dtype, seed=len(CASES))
+    runnable(op, backend, args)
+    torch.library.opcheck(getattr(torch.ops.lorainit, op).default, (*args, backend))
+
+
+# ------------------------------------------------------------------------ against float64
+def public(op, args, backend):
+    """The public function of ``op`` on the op's 2-D/3-D arguments."""
+    if op == "kfac_update":
+        x, g, mask, _ = args
+        return lk.kfac_update(x, g, mask, backend=backend)[:3]
+    if op == "weighted_gram":
+        return (lk.weighted_gram(*args, backend=backend),)
+    if op == "sym_matmul":
+        return (lk.sym_matmul(*args, backend=backend),)
+    return ops.rr_grams(*args, backend=backend)
+
+
+def plain_torch(op, args, dtype):
+    """What plain torch computes in ``dtype`` (the error yardstick); fp64 is the ground truth."""
+    if op == "kfac_update":
+        x, g, mask, cov = args
+        return reference.kfac_update(x, g, mask, cov, dtype=dtype)
+    if op == "weighted_gram":
+        return (reference.weighted_gram(*args, dtype=dtype),)
+    if op == "sym_matmul":
+        return (reference.sym_matmul(*args, dtype=dtype),)
+    S, AS = (torch.cat([t.to(dtype) for t in parts], -1) for parts in args)
+    return reference.mirror_upper(S.mT @ S), reference.mirror_upper(S.mT @ AS)  # the op's output contract
+
+
+@pytest.mark.parametrize("op, dtype, backend", [c for c in CASES if c[1] != torch.float64], ids=str)
+def test_backend_matches_float64_reference(op, dtype, backend):
+    args = MAKE[op](dtype, seed=7)
+    runnable(op, backend, args)
+    outs = public(op, args, backend)
+    refs = plain_torch(op, args, torch.float64)
+    torch_outs = plain_torch(op, args, dtype)  # plain torch in the inputs' dtype (bf16 rounds every output)
+    for out, ref, tout in zip(outs, refs, torch_outs):
+        assert out.shape == ref.shape
+        e, et = rel_err(out, ref), rel_err(tout, ref)
+        if op == "rr_grams":
+            # fp64 accumulation of exact fp32 products: far inside plain fp32 torch's error
+            assert out.dtype == torch.float64 and e <= 1e-13, e
+        else:
+            assert out.dtype == torch.float32
+            assert e <= 2 * et + 2 * FP32_ULP, f"{backend} {op}: rel err {e:.3g} > 2 x torch's {et:.3g}"
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+def test_float64_inputs_run_on_torch_in_float64(op):
+    args = MAKE[op](torch.float64, seed=3)
+    assert ops.backend_for(op, *args) == "torch"
+    for out, ref in zip(public(op, args, "auto"), plain_torch(op, args, torch.float64)):
+        assert out.dtype == torch.float64
+        assert rel_err(out, ref) <= 1e-13
+
+
+@pytest.mark.parametrize("op", ["weighted_gram", "rr_grams"])
+def test_symmetric_outputs_are_exactly_symmetric(op):
+    for backend in backends.BACKENDS:
+        args = MAKE[op](torch.float32, seed=11)
+        if backends.not_supported_reasons(op, *args)[backend] is None:
+            for out in public(op, args, backend):
+                assert torch.equal(out, out.mT), backend
+
+
+# ------------------------------------------------------------------------ the automatic choice
+def test_auto_choice_per_op_and_dtype(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter never runs unless forced
+    native = "native" if lk.has_native() else "torch"
+    for op in ops.OPS:
+        assert ops.backend_for(op, torch.randn(2, 3, 4)) == native
+        assert ops.backend_for(op, torch.randn(2, 3, 4, dtype=torch.float64)) == "torch"
+    for op in ("kfac_update", "weighted_gram"):
+        assert ops.backend_for(op, torch.randn(3, 4, dtype=torch.bfloat16)) == native
+    for op in ("sym_matmul", "rr_grams"):
+        assert ops.backend_for(op, torch.randn(3, 4, dtype=torch.bfloat16)) == "torch"
+    # meta tensors (no data): only the reference can take them
+    assert ops.backend_for("kfac_update", torch.empty(3, 4, device="meta")) == "torch"
+
+
+def test_backend_for_lists_and_unknown_ops():
+    S = [torch.randn(2, 5, 3), torch.randn(2, 5, 2)]
+    assert ops.backend_for("rr_grams", S, S) == ops.backend_for("rr_grams", S[0])
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.backend_for("svd", S[0])
+    with pytest.raises(ValueError, match="backend='gpu' is not one of"):
+        ops.backend_for("rr_grams", S[0], backend="gpu")
+
+
+@pytest.mark.skipif(not lk.has_native(), reason="lorainit_kernels._C is not built")
+def test_rr_grams_beyond_four_parts_runs_on_torch():
+    gen = torch.Generator().manual_seed(2)
+    S = [torch.randn(1, 9, 1, generator=gen) for _ in range(5)]
+    AS = [torch.randn(1, 9, 1, generator=gen) for _ in range(5)]
+    B, H = ops.rr_grams(S, AS)
+    B_ref, H_ref = reference.rr_grams(S, AS)
+    assert torch.equal(B, B_ref) and torch.equal(H, H_ref)
+    with pytest.raises(ValueError, match="1 to 4 column parts"):
+        ops.rr_grams(S, AS, backend="native")
+
+
+# ------------------------------------------------------------------------ forced backends that decline
+@pytest.mark.skipif(not lk.has_native(), reason="lorainit_kernels._C is not built")
+@pytest.mark.parametrize("op", ops.OPS)
+def test_forced_native_refuses_float64(op):
+    args = MAKE[op](torch.float64, seed=5)
+    with pytest.raises(BackendNotSupported) as err:
+        public(op, args, "native")
+    msg = str(err.value)
+    assert f"{op}: backend='native' cannot run here" in msg and "got torch.float64" in msg
+    assert "torch: available" in msg
+    for name in backends.BACKENDS:
+        assert f"{name}:" in msg
+    # a dtype reason is both a ValueError and a TypeError
+    assert isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
+    # the op itself refuses too: no backend hands a call to another
+    with pytest.raises(BackendNotSupported, match="native kernel takes"):
+        getattr(torch.ops.lorainit, op)(*args, "native")
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+def test_forced_triton_says_why(op, monkeypatch):
+    args = MAKE[op](torch.float32, seed=6)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if op in ("sym_matmul", "rr_grams"):
+        expected = f"there is no Triton kernel for {op}"
+    elif backends.has_triton():
+        expected = "TRITON_INTERPRET=1"
+    else:
+        expected = "triton is not installed"
+    with pytest.raises(BackendNotSupported, match=expected):
+        public(op, args, "triton")
+    with pytest.raises(BackendNotSupported, match=expected):
+        getattr(torch.ops.lorainit, op)(*args, "triton")
+
+
+def test_forced_triton_without_the_package(monkeypatch):
+    monkeypatch.setattr(backends, "has_triton", lambda: False)
+    with pytest.raises(BackendNotSupported, match="triton is not installed"):
+        lk.weighted_gram(torch.randn(6, 4), backend="triton")
+
+
+def test_forced_native_off_the_cpu():
+    reasons = backends.not_supported_reasons("sym_matmul", torch.empty(2, 3, 3, device="meta"))
+    assert "CPU tensors only" in reasons["native"] and reasons["torch"] is None
+    with pytest.raises(BackendNotSupported, match="CPU tensors only"):
+        backends.select("sym_matmul", "native", torch.empty(2, 3, 3, device="meta"))
+
+
+def test_forced_native_without_the_extension(monkeypatch):
+    monkeypatch.setattr(backends, "_load_native", lambda: (None, "lorainit_kernels._C is not built (test)"))
+    x = torch.randn(5, 4)
+    assert ops.backend_for("kfac_update", x) == "torch"
+    with pytest.raises(BackendNotSupported, match="backend='native' cannot run here.*not built"):
+        ops.backend_for("rr_grams", x, backend="native")
+
+
+def test_unknown_backend_in_the_op():
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        torch.ops.lorainit.weighted_gram(torch.randn(4, 3), None, "cuda-magic")
+
+
+# ------------------------------------------------------------------------ rr_grams arguments
+@pytest.mark.parametrize("S, AS, match", [
+    ([], [torch.randn(2, 5, 3)], "at least one tensor each"),
+    ([torch.randn(5, 3)], [torch.randn(5, 3)], r"\(b, n, c\) tensors, got \(5, 3\)"),
+    ([torch.randn(2, 5, 3)], [torch.randn(2, 6, 3)], r"every part must be \(2, 5, c\)"),
+    ([torch.randn(2, 5, 3)], [torch.randn(2, 5, 2)], "3 columns in all but AS_parts 2"),
+    ([torch.randn(2, 5, 3).int()], [torch.randn(2, 5, 3)], "must be a floating tensor"),
+])
+def test_rr_grams_bad_arguments(S, AS, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.rr_grams(S, AS)
