@@ -5,11 +5,17 @@ Omega comes from ``bench.spectra.fast_guidance`` (power-law input covariance wit
 spectrum). Every provider is judged on the objective ``tr(V^T Omega V)`` against the float64 optimum
 (sum of the k smallest eigenvalues of the same fp32 matrix, by float64 eigvalsh); the target is a
 relative error <= 1e-5. The CUDA provider (cupyx.scipy.sparse.linalg.lobpcg) is skipped: no GPU here.
+
+Besides the ratios: lorainit's iterations and the time split of one untimed call (operator
+products, Rayleigh-Ritz with the basis update, search directions = projection + orthonormalization),
+and the crossover sweep (batch 2, n = 256..4096) that sets ``lorainit_kernels.defaults.EIGH_CROSSOVER_N["cpu"]``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+import time
 
 from bench.common import SETTLE_S, interleaved_times, median_ratio, summarize
 
@@ -20,6 +26,42 @@ def _objective_err(Om64, V, opt):
     V = V.double()
     obj = (V * (Om64 @ V)).sum((-2, -1))
     return float(((obj - opt).abs() / opt.abs()).max())
+
+
+def _time_split(Om, k) -> dict:
+    """Iterations and seconds per phase of one ``lk.lobpcg(Om, k)`` call (wrapped methods, untimed run)."""
+    import importlib
+
+    import lorainit_kernels as lk
+
+    lob = importlib.import_module("lorainit_kernels.linalg.lobpcg")
+    spent = {"products": 0.0, "rayleigh_ritz": 0.0, "search_directions": 0.0}
+    wrapped = {"products": (lob._Op, "__call__"), "rayleigh_ritz": (lob._Solver, "rayleigh_ritz"),
+               "search_directions": (lob._Solver, "search_directions")}
+    saved = {key: getattr(cls, name) for key, (cls, name) in wrapped.items()}
+
+    def timed(key, fn):
+        def inner(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return inner
+
+    for key, (cls, name) in wrapped.items():
+        setattr(cls, name, timed(key, saved[key]))
+    try:
+        t0 = time.perf_counter()
+        _, _, info = lk.lobpcg(Om, k, return_info=True)
+        total = time.perf_counter() - t0
+    finally:
+        for key, (cls, name) in wrapped.items():
+            setattr(cls, name, saved[key])
+    # rayleigh_ritz gets A W from the caller, so the products are not inside it
+    split = {key: round(v / total, 3) for key, v in spent.items()}
+    split["other"] = round(1 - sum(split.values()), 3)
+    return {"iterations": [int(i) for i in info["iterations"].reshape(-1)], "total_s": total, "share": split}
 
 
 def _providers(Om, k):
@@ -79,7 +121,7 @@ def _providers(Om, k):
             "scipy.sparse.linalg.lobpcg loop": p_scipy_lobpcg, "torch.lobpcg loop": p_torch_lobpcg}
 
 
-def _table(b, n, k, rounds, providers=None):
+def _table(b, n, k, rounds, providers=None, split=False):
     """One row per provider: objective error from a first call, then ``rounds`` interleaved timed
     rounds (every provider once per round, so that machine noise hits all alike)."""
     import warnings
@@ -109,6 +151,14 @@ def _table(b, n, k, rounds, providers=None):
         if base:
             row["speedup_vs_eigh"] = median_ratio(base, ts)
         rows[name] = row
+    if "lorainit.lobpcg" in rows and "median_s" in rows["lorainit.lobpcg"]:
+        import lorainit_kernels as lk
+
+        _, _, info = lk.lobpcg(Om, k, return_info=True)
+        it = info["iterations"].reshape(-1)
+        rows["lorainit.lobpcg"]["note"] = f"iterations {int(it.min())}-{int(it.max())}"
+        if split:
+            rows["lorainit.lobpcg"]["split"] = _time_split(Om, k)
     return [rows[name] for name in _providers_order(providers) if name in rows]
 
 
@@ -149,12 +199,13 @@ def _run(quick: bool) -> dict:
         main = _table(2, 256, k, rounds=2)
         scaling_ns, sb = (128, 256), 2
     else:
-        main = _table(8, 2048, k, rounds=3)
-        scaling_ns, sb = (256, 512, 1024, 2048, 4096), 2
+        main = _table(8, 2048, k, rounds=3, split=True)
+        scaling_ns, sb = (256, 512, 768, 1024, 1536, 2048, 4096), 2
     scaling = []
     for n in scaling_ns:
         scaling += _table(sb if n < 4096 else 1, n, k, rounds=3 if n < 2048 else 1,
-                          providers=("lorainit.lobpcg", "lorainit.lobpcg + shift_invert", "torch.linalg.eigh"))
+                          providers=("lorainit.lobpcg", "torch.linalg.eigh"))
+    crossover = _crossover(scaling)
     for r in scaling:
         r["provider"] = "scaling: " + r["provider"]
     cols = ["provider", "batch", "n", "k", "median_s", "q25_s", "q75_s", "speedup_vs_eigh", "objective_rel_err",
@@ -177,5 +228,27 @@ def _run(quick: bool) -> dict:
             "lorainit.lobpcg + shift_invert: the preconditioner (lambda_min estimate + batched Cholesky of "
             "Omega - sigma I) is built inside the timed call; on this spectrum the wanted eigenvalues lie close to "
             "the bulk relative to their distance from lambda_min, so it saves few iterations.",
-        ] + _verdict(main),
+        ] + _verdict(main) + _split_note(main) + [
+            f"Crossover sweep (scaling rows, batch 2, k=8): lorainit.lobpcg is faster than batched eigh from "
+            f"n = {crossover} on (the smallest swept n from which every larger one has speedup >= 1); "
+            f"lorainit_kernels.defaults.EIGH_CROSSOVER_N['cpu'] is set from it."],
     }
+
+
+def _crossover(scaling: list):
+    ns = sorted({r["n"] for r in scaling})
+    fast = {r["n"]: r.get("speedup_vs_eigh", 0) >= 1 for r in scaling if r["provider"] == "lorainit.lobpcg"}
+    for n in ns:
+        if all(fast.get(m, False) for m in ns if m >= n):
+            return n
+    return None
+
+
+def _split_note(main: list) -> list:
+    row = next((r for r in main if r["provider"] == "lorainit.lobpcg" and "split" in r), None)
+    if row is None:
+        return []
+    sp = row["split"]
+    share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sp["share"].items())
+    return [f"lorainit.lobpcg time split (one untimed call, batch {row['batch']}, n={row['n']}): {share}; "
+            f"iterations per matrix {sp['iterations']}."]

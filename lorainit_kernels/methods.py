@@ -36,6 +36,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import defaults
+from .linalg import guidance as _guidance
+from .linalg._common import canonical_signs
+from .linalg.products import svd_of_product
+
 __all__ = [
     "LoRAFactors",
     "gaussian",
@@ -152,21 +157,10 @@ def peft_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _canonical_signs(U: Tensor, V: Tensor) -> Tuple[Tensor, Tensor]:
-    """Flip singular pairs so that the largest-magnitude entry of each column of ``U`` is positive.
-
-    ``U diag(S) V^T`` is unchanged; results no longer depend on the SVD routine's sign choice.
-    """
-    idx = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.gather(U, -2, idx).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, V * sign
-
-
 def _exact_svd(M: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``M = U diag(S) V^T`` (U (..., m, k), S (..., k) descending, V (..., n, k)), canonical signs."""
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    U, V = _canonical_signs(U, Vh.mT)
+    U, V = canonical_signs(U, Vh.mT)
     return U, S, V
 
 
@@ -215,7 +209,7 @@ def randomized_svd(
         Q = torch.linalg.qr(X @ Q).Q
     Us, S, Vh = torch.linalg.svd(Q.mT @ X, full_matrices=False)
     U = Q @ Us[..., :, :k]
-    U, V = _canonical_signs(U, Vh[..., :k, :].mT)
+    U, V = canonical_signs(U, Vh[..., :k, :].mT)
     return U, S[..., :k], V
 
 
@@ -632,8 +626,6 @@ def hrp(B_pre: Tensor, A_pre: Tensor, rank: int, *, side: str = "A", scale: floa
         raise ValueError(f"{op}: rank must be <= min(m, n, R) = min({m}, {n}, {R}) = {min(m, n, R)}, got rank={rank}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{op}: scale must be a finite positive number, got {scale!r}")
-    from .linalg.products import svd_of_product  # lazy: linalg is optional for the other methods
-
     U, S, V = svd_of_product(B_pre, A_pre, rank)
     tol = S[..., :1] * max(m, n, R) * torch.finfo(S.dtype).eps
     if bool((S[..., -1:] <= tol).any()):
@@ -660,17 +652,18 @@ def lora_da(
     *,
     n_train: float,
     scaling: float,
-    step_scale: float = 1.0,
-    normalize_step: bool = False,
+    step_scale: float = defaults.STEP_SCALE,
+    normalize_step: bool = defaults.NORMALIZE_STEP,
     preserve_output: bool = False,
-    damping: float = 1e-3,
-    bias_weight: float = 1.0,
-    variance_weight: float = 1.0,
-    fisher: bool = True,
-    solver: str = "lobpcg",
+    damping: float = defaults.DAMPING,
+    bias_weight: float = defaults.BIAS_WEIGHT,
+    variance_weight: float = defaults.VARIANCE_WEIGHT,
+    fisher: bool = defaults.FISHER,
+    solver: str = defaults.SOLVER,
     X: Optional[Tensor] = None,
     tol: Optional[float] = None,
     maxiter: Optional[int] = None,
+    seeds=None,
 ) -> Tuple[LoRAFactors, Dict[str, Any]]:
     """LoRA-DA in PEFT form, from the K-FAC statistics of one (or a stack of) layer(s).
 
@@ -690,9 +683,16 @@ def lora_da(
     ``base_delta = -eta/nu * P A^T`` (fp32, fp64 for fp64 inputs, from the cast factors), so the
     model output is unchanged at initialization; otherwise ``base_delta = None``.
 
+    Defaults come from ``lorainit_kernels.defaults`` (the same as ``lk.lora_da_factors`` and the
+    trainer's ``LoRADAConfig``). ``solver`` is ``"auto"`` (dense ``eigh`` below the measured
+    crossover ``defaults.EIGH_CROSSOVER_N``, LOBPCG above), ``"eigh"`` or ``"lobpcg"``; ``tol``,
+    ``maxiter`` and ``seeds`` go to the LOBPCG.
+
     Returns ``(factors, info)``: ``info["evals"]`` (..., r) are the eigenvalues of ``Omega`` for
-    ``A``, ``info["step_norm"]`` is ``nu`` (None without ``normalize_step``), plus whatever solver
-    information ``lora_da_factors`` reports (``info["solver"]``; ``tol``/``maxiter`` go to its LOBPCG).
+    ``A``, ``info["step_norm"]`` is ``nu`` (None without ``normalize_step``), and ``info["solver"]``
+    is ``lora_da_factors``' solver info: for both solvers ``"solver"`` (the one used),
+    ``"iterations"`` (batch shape, 0 for eigh), ``"converged"`` (..., r) and ``"residual"`` (..., r),
+    ``||Omega a - lambda a|| / (||Omega||_2 + |lambda|)``.
     """
     op = "lora_da"
     _check_matrix("Z", Z, op)
@@ -709,11 +709,9 @@ def lora_da(
     scaling = _check_scaling(scaling, op)
     if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not math.isfinite(step_scale):
         raise ValueError(f"{op}: step_scale must be a finite number, got {step_scale!r}")
-    from .linalg import guidance as _guidance  # lazy: written alongside, optional at import time
-
     kw = dict(n_train=n_train, damping=damping, bias_weight=bias_weight, variance_weight=variance_weight, fisher=fisher)
     A, P, evals, solver_info = _guidance.lora_da_factors(Z, G, s, rank, solver=solver, X=X, tol=tol, maxiter=maxiter,
-                                                         return_info=True, step_norm=normalize_step, **kw)
+                                                         seeds=seeds, return_info=True, step_norm=normalize_step, **kw)
     info: Dict[str, Any] = {"evals": evals, "step_norm": None, "solver": solver_info}
     dt = _work_dtype(A.dtype)
     A, P = A.to(dt), P.to(dt)

@@ -5,8 +5,8 @@
 * ``guidance_matrix``, ``lora_da_factors``: LoRA-DA's guidance matrix and factors (Zhang et al. 2025).
 * ``svd_of_product``: top-k SVD of ``B @ A`` from the factors (HRP, Chen et al. 2025).
 """
-from .guidance import guidance_matrix, lora_da_factors
+from .guidance import choose_solver, guidance_matrix, lora_da_factors
 from .lobpcg import ShiftInvert, lobpcg, shift_invert_preconditioner
 from .products import svd_of_product
 
-__all__ = ["ShiftInvert", "guidance_matrix", "lobpcg", "lora_da_factors", "shift_invert_preconditioner", "svd_of_product"]
+__all__ = ["ShiftInvert", "choose_solver", "guidance_matrix", "lobpcg", "lora_da_factors", "shift_invert_preconditioner", "svd_of_product"]

@@ -18,13 +18,15 @@ from the identity ``Omega = Z_d^-1 (c Z_d - alpha G^T D^2 G) Z_d^-1 = c Z_d^-1 -
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from .lobpcg import _batch_index, lobpcg, shift_invert_preconditioner
+from .. import defaults, ops
+from ._common import batch_index, chol_solve
+from .lobpcg import lobpcg, shift_invert_preconditioner
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -65,12 +67,12 @@ def _check_inputs(op, Z, G, s, n_train, damping, bias_weight, variance_weight):
         bad = ~torch.isfinite(t.reshape(-1, tail)).all(dim=-1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {batch_index(i, batch)}")
     neg = (s.reshape(-1, m) < 0).any(dim=-1)
     if bool(neg.any()):
         i = int(neg.nonzero()[0, 0])
         raise ValueError(f"{op}: s {tuple(s.shape)} (mean squared gradients) has negative entries at batch index "
-                         f"{_batch_index(i, batch)}")
+                         f"{batch_index(i, batch)}")
     if isinstance(n_train, bool) or not isinstance(n_train, (int, float)) or not n_train > 0 or not math.isfinite(n_train):
         raise ValueError(f"{op}: n_train (number of training tokens N) must be a finite number > 0, got {n_train!r}")
     damping = _check_scalar(op, "damping", damping)
@@ -101,15 +103,9 @@ def _cholesky(op: str, Zd: Tensor, batch) -> Tensor:
     if bad.numel():
         i = int(bad[0, 0])
         raise ValueError(f"{op}: the damped input covariance Z_d = Z + damping*mean(diag Z)*I {tuple(Zd.shape)} is not "
-                         f"positive definite (also in float64) at batch index {_batch_index(i, batch)}; "
+                         f"positive definite (also in float64) at batch index {batch_index(i, batch)}; "
                          f"increase damping")
     return L64
-
-
-def _chol_solve(Bm: Tensor, L: Tensor) -> Tensor:
-    """``Z_d^-1 Bm`` from the Cholesky factor (in L's dtype, returned in Bm's dtype)."""
-    Y = torch.linalg.solve_triangular(L, Bm.to(L.dtype), upper=False)
-    return torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True).to(Bm.dtype)
 
 
 class _Prepared:
@@ -126,7 +122,7 @@ class _Prepared:
         if (fisher or beta > 0) and bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: the damped output second moment s_d = s + damping*mean(s) {tuple(s.shape)} has "
-                             f"non-positive entries at batch index {_batch_index(i, batch)} (zero gradients with "
+                             f"non-positive entries at batch index {batch_index(i, batch)} (zero gradients with "
                              f"damping={delta}); increase damping")
         self.Zd, self.sd, self.G = Zd, sd, Gw
         need_z = fisher or beta > 0
@@ -135,7 +131,7 @@ class _Prepared:
         self.c = (beta * (1.0 / sd).sum(-1) / N) if beta > 0 else torch.zeros(batch, dtype=dtype, device=Z.device)
         if fisher:
             # H = G Z_d^-1 = (Z_d^-1 G^T)^T;  dW = -diag(s_d)^-1 H
-            self.H = _chol_solve(Gw.transpose(-1, -2), self.L).transpose(-1, -2)
+            self.H = chol_solve(Gw.transpose(-1, -2), self.L).transpose(-1, -2)
             self.dW = -(self.H / sd[..., :, None])
         else:
             self.dW = -Gw
@@ -169,7 +165,7 @@ class _Prepared:
         def apply(X: Tensor) -> Tensor:
             out = -alpha * (dWt @ (dW @ X))
             if beta > 0:
-                out = out + c * _chol_solve(X, L)
+                out = out + c * chol_solve(X, L)
             return out
 
         return apply
@@ -188,8 +184,6 @@ class _Prepared:
         else:
             op = lambda X: dW.transpose(-1, -2) @ (dW @ X)                         # noqa: E731
             size = n
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lam, u = lobpcg(op, 1, largest=True, n=size, batch_shape=self.batch, dtype=torch.float64,
@@ -210,10 +204,10 @@ def guidance_matrix(
     s: Tensor,
     *,
     n_train: float,
-    damping: float = 1e-3,
-    bias_weight: float = 1.0,
-    variance_weight: float = 1.0,
-    fisher: bool = True,
+    damping: float = defaults.DAMPING,
+    bias_weight: float = defaults.BIAS_WEIGHT,
+    variance_weight: float = defaults.VARIANCE_WEIGHT,
+    fisher: bool = defaults.FISHER,
     backend: Optional[str] = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-DA's Initialization Guidance Matrix ``Omega`` and the Fisher-gradient step ``dW``.
@@ -248,11 +242,11 @@ def lora_da_factors(
     rank: int,
     *,
     n_train: float,
-    damping: float = 1e-3,
-    bias_weight: float = 1.0,
-    variance_weight: float = 1.0,
-    fisher: bool = True,
-    solver: str = "lobpcg",
+    damping: float = defaults.DAMPING,
+    bias_weight: float = defaults.BIAS_WEIGHT,
+    variance_weight: float = defaults.VARIANCE_WEIGHT,
+    fisher: bool = defaults.FISHER,
+    solver: str = defaults.SOLVER,
     X: Optional[Tensor] = None,
     tol: Optional[float] = None,
     maxiter: Optional[int] = None,
@@ -262,39 +256,51 @@ def lora_da_factors(
     guard: Optional[int] = None,
     return_info: bool = False,
     step_norm: Optional[bool] = None,
+    seeds=None,
 ):
     """LoRA-DA factors of one (batch of) layer(s): ``A`` = the ``rank`` smallest eigenvectors of ``Omega``.
 
-    Zhang et al. 2025 (arXiv 2510.24561), DESIGN.md section 2; arguments as in ``guidance_matrix``.
-    Returns ``(A, P, evals)``: ``A`` (..., n, rank) orthonormal eigenvectors of ``Omega`` for its
-    ``rank`` smallest eigenvalues ``evals`` (..., rank) (ascending) and ``P = dW A`` (..., m, rank),
-    so that ``P A^T`` is the projection of the Fisher-gradient step onto span(A).
+    Zhang et al. 2025 (arXiv 2510.24561), DESIGN.md section 2; arguments as in ``guidance_matrix``
+    (defaults from ``lorainit_kernels.defaults``). Returns ``(A, P, evals)``: ``A`` (..., n, rank)
+    orthonormal eigenvectors of ``Omega`` for its ``rank`` smallest eigenvalues ``evals`` (..., rank)
+    (ascending) and ``P = dW A`` (..., m, rank), so that ``P A^T`` is the projection of the
+    Fisher-gradient step onto span(A).
 
-    ``solver="lobpcg"`` (default) runs ``lobpcg`` (Knyazev 2001; Duersch et al. 2018). With
-    ``form_omega=True`` (default) it assembles ``Omega`` (as ``guidance_matrix``) and iterates with
-    one ``(n, n) @ (n, p)`` product per step; ``preconditioner="shift_invert"`` adds the
-    preconditioner ``(Omega - sigma I)^-1`` (one batched Cholesky, ``shift_invert_preconditioner``),
-    the shift estimated below ``lambda_min(Omega)`` and bounded by ``lambda_min >= -alpha ||dW||_2^2``
-    (``c Z_d^-1`` is PSD). The default is no preconditioner: on realistic Omega (bench/spectra.py)
-    the shift-invert preconditioner cuts the iterations by only ~30% (the wanted eigenvalues sit
-    close to the bulk relative to their distance from ``lambda_min``), which does not pay for the
-    factorization and the two triangular solves per step (bench/results/lobpcg.md). With
-    ``form_omega=False`` (``preconditioner`` must be None) ``Omega`` is never formed and LOBPCG runs
-    on the operator ``X -> c Z_d^-1 X - alpha dW^T (dW X)`` (two triangular solves and two thin
-    products per step; O(m n) memory instead of O(n^2)). ``guard`` is passed to ``lobpcg``. ``X`` (..., n, >= 1)
-    warm-starts it; ``tol`` and ``maxiter`` are passed through. ``solver="eigh"`` assembles
-    ``Omega`` and calls the dense ``torch.linalg.eigh`` (for comparison).
+    ``solver``: ``"auto"`` (default, ``defaults.SOLVER``) is ``"eigh"`` for
+    ``n < defaults.EIGH_CROSSOVER_N[device type]`` (or ``n < 5 rank``) and ``"lobpcg"`` above;
+    ``"eigh"`` assembles ``Omega`` and calls the dense ``torch.linalg.eigh``; ``"lobpcg"`` runs
+    ``lobpcg`` (Knyazev 2001; Duersch et al. 2018). With ``form_omega=True`` (default) it assembles
+    ``Omega`` (as ``guidance_matrix``) and iterates with one ``(n, n) @ (n, p)`` product per step;
+    ``preconditioner="shift_invert"`` adds the preconditioner ``(Omega - sigma I)^-1`` (one batched
+    Cholesky, ``shift_invert_preconditioner``), the shift estimated below ``lambda_min(Omega)`` and
+    bounded by ``lambda_min >= -alpha ||dW||_2^2`` (``c Z_d^-1`` is PSD). The default is no
+    preconditioner: on realistic Omega (bench/spectra.py) the shift-invert preconditioner cuts the
+    iterations by only ~30%, which does not pay for the factorization and the two triangular solves
+    per step (bench/results/lobpcg.md). With ``form_omega=False`` (``preconditioner`` must be None)
+    ``Omega`` is never formed and LOBPCG runs on the operator ``X -> c Z_d^-1 X - alpha dW^T (dW X)``
+    (two triangular solves and two thin products per step; O(m n) memory instead of O(n^2)).
+    ``guard`` is passed to ``lobpcg``. ``X`` (..., n, >= 1) warm-starts it; ``tol`` and ``maxiter``
+    are passed through. ``seeds`` (one int per layer) seed each layer's LOBPCG start (default: the
+    same fixed seed for every layer, so a layer's result does not depend on its batch).
 
-    ``return_info=True`` returns a 4th value, a dict: ``step_norm`` (batch shape, fp64) =
-    ``sigma_max(dW)`` (for step normalization without recomputing ``dW``; computed when
-    ``step_norm`` is True, or None and ``return_info`` is True, else None), ``solver``, and for
-    ``solver="lobpcg"`` the LOBPCG info (``iterations``, ``residual_norms``, ``converged``,
-    ``fallback``, ``restarts``) and ``preconditioner``, plus ``shift`` (the shifts ``sigma``, fp64)
-    and ``factorizations`` (Cholesky tries per matrix) for the shift-invert path.
+    ``return_info=True`` returns a 4th value, a dict with the same keys for both solvers:
+
+    * ``solver``: the solver used (``"eigh"`` or ``"lobpcg"``; ``"auto"`` resolved);
+    * ``iterations`` (batch shape) int: LOBPCG iterations (0 for ``eigh``);
+    * ``converged`` (..., rank) bool;
+    * ``residual`` (..., rank) fp64: ``||Omega a - lambda a|| / (||Omega||_2 + |lambda|)`` of the
+      returned pairs, from an explicit product (``||Omega||_2``: exact for ``eigh``, the largest Ritz
+      value magnitude seen for ``lobpcg``, which estimates it from below); ``residual_norms`` is the
+      same tensor under its former name;
+    * ``step_norm`` (batch shape, fp64) = ``sigma_max(dW)`` (computed when ``step_norm`` is True, or
+      None and ``return_info`` is True, else None);
+    * for ``lobpcg`` also ``fallback``, ``restarts``, ``replaced``, ``ortho_error``, ``preconditioner``,
+      and ``shift`` (the shifts ``sigma``, fp64) and ``factorizations`` (Cholesky tries per matrix)
+      for the shift-invert path.
     """
     op = "lora_da_factors"
-    if solver not in ("lobpcg", "eigh"):
-        raise ValueError(f"{op}: solver must be 'lobpcg' or 'eigh', got {solver!r}")
+    if solver not in ("auto", "lobpcg", "eigh"):
+        raise ValueError(f"{op}: solver must be 'auto', 'lobpcg' or 'eigh', got {solver!r}")
     if preconditioner not in ("shift_invert", None):
         raise ValueError(f"{op}: preconditioner must be 'shift_invert' or None, got {preconditioner!r}")
     if preconditioner is not None and not form_omega:
@@ -304,33 +310,56 @@ def lora_da_factors(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > min(m, n):
         raise ValueError(f"{op}: rank must be an int with 1 <= rank <= min(m, n) = min({m}, {n}), got {rank!r} "
                          f"(G {tuple(G.shape)})")
+    if solver == "auto":
+        solver = choose_solver(n, rank, prep.G.device)
     info = {"solver": solver}
     need_norm = (return_info if step_norm is None else step_norm) or (solver == "lobpcg" and preconditioner == "shift_invert" and prep.alpha > 0)
     nu, v1 = prep.step_norm() if need_norm else (None, None)
     if solver == "eigh":
         Om = prep.omega(backend)
-        evals, vecs = torch.linalg.eigh(Om)
+        evals_all, vecs = torch.linalg.eigh(Om)
         A = vecs[..., :rank].contiguous()
-        evals = evals[..., :rank].contiguous()
-    elif form_omega:
-        Om = prep.omega(backend)
-        M = None
-        if preconditioner == "shift_invert":
-            lower = -prep.alpha * nu * nu if prep.alpha > 0 else 0.0     # c Z_d^-1 is PSD
-            M = shift_invert_preconditioner(Om, lower_bound=lower)
-            info.update(shift=M.sigma, factorizations=M.tries)
-        evals, A, linfo = lobpcg(Om, rank, largest=False, X=X, M=M, tol=tol, maxiter=maxiter, guard=guard,
-                                 return_info=True)
+        evals = evals_all[..., :rank].contiguous()
+        if return_info:
+            info.update(_eigh_info(Om, A, evals, evals_all, tol))
+    else:
+        kw = dict(largest=False, X=X, tol=tol, maxiter=maxiter, guard=guard, seeds=seeds, return_info=True)
+        if form_omega:
+            Om = prep.omega(backend)
+            M = None
+            if preconditioner == "shift_invert":
+                lower = -prep.alpha * nu * nu if prep.alpha > 0 else 0.0     # c Z_d^-1 is PSD
+                M = shift_invert_preconditioner(Om, lower_bound=lower)
+                info.update(shift=M.sigma, factorizations=M.tries)
+            evals, A, linfo = lobpcg(Om, rank, M=M, **kw)
+        else:
+            evals, A, linfo = lobpcg(prep.operator(), rank, n=n, batch_shape=prep.batch, dtype=prep.dtype,
+                                     device=prep.G.device, **kw)
         info.update(linfo)
         info["preconditioner"] = preconditioner
-    else:
-        evals, A, linfo = lobpcg(prep.operator(), rank, largest=False, X=X, M=None, tol=tol, maxiter=maxiter,
-                                 n=n, batch_shape=prep.batch, dtype=prep.dtype, device=prep.G.device,
-                                 guard=guard, return_info=True)
-        info.update(linfo)
-        info["preconditioner"] = None
     P = prep.dW @ A
     if not return_info:
         return A, P, evals
     info["step_norm"] = nu
     return A, P, evals, info
+
+
+def choose_solver(n: int, rank: int, device) -> str:
+    """``solver="auto"``: ``"eigh"`` below ``defaults.EIGH_CROSSOVER_N`` for the device type (or where
+    LOBPCG itself would solve densely, ``n < 5 rank``), else ``"lobpcg"``."""
+    kind = torch.device(device).type
+    cross = defaults.EIGH_CROSSOVER_N.get(kind, defaults.EIGH_CROSSOVER_N["cuda"])
+    return "eigh" if n < max(cross, 5 * rank) else "lobpcg"
+
+
+def _eigh_info(Om: Tensor, A: Tensor, evals: Tensor, evals_all: Tensor, tol: Optional[float]) -> dict:
+    """The solver info of the dense path, with the residual definition of ``lobpcg``'s."""
+    batch = tuple(Om.shape[:-2])
+    Ad = A.double()
+    ev = evals.double()
+    res = torch.linalg.vector_norm(Om.double() @ Ad - Ad * ev[..., None, :], dim=-2)
+    norm = evals_all.double().abs().amax(-1, keepdim=True)
+    rel = res / (norm + ev.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    t = float(torch.finfo(Om.dtype).eps) ** 0.5 if tol is None else tol
+    return {"iterations": torch.zeros(batch, dtype=torch.long, device=Om.device), "converged": rel <= t,
+            "residual": rel, "residual_norms": rel}

@@ -4,7 +4,9 @@ Locally Optimal Block Preconditioned Conjugate Gradient: Knyazev 2001, "Toward t
 preconditioned eigensolver: LOBPCG", SIAM J. Sci. Comput. 23(2); in the robust form of Duersch,
 Shao, Yang and Gu 2018, "A robust and efficient implementation of LOBPCG", SIAM J. Sci. Comput.
 40(5). Each step minimizes the Rayleigh quotient over ``span[X, P, W]`` (current iterate, previous
-direction, preconditioned residual). This implementation:
+direction, preconditioned residual). The iteration lives in ``_Solver`` as named steps
+(``initial_block``, ``residuals``, ``check`` with locking and verification, ``restart``,
+``search_directions``, ``rayleigh_ritz`` with the basis update). This implementation:
 
 * works on a whole batch at once (``(..., n, n)`` tensors or a batched callable), with
   per-matrix convergence (converged matrices leave the active batch at each check) and per-column
@@ -19,7 +21,13 @@ direction, preconditioned residual). This implementation:
   operator application per step, on ``W``);
 * does the Rayleigh-Ritz step (Gram matrices and their eigenproblem) in float64 (for fp32 CPU
   blocks the Grams are accumulated in fp64 by a native kernel straight from the fp32 parts);
-* keeps the best iterate per matrix and restarts from it (dropping ``P``) on NaN/Inf or divergence;
+* keeps the best iterate per matrix (NaN-safe) and restarts from it (dropping ``P``) on NaN/Inf
+  or divergence;
+* replaces degenerate directions (dependent warm-start columns, a ``W`` that vanishes in the
+  projection because ``[X, P]`` spans an invariant subspace, a collapsing ``P`` column, a block that
+  lost rank) by fresh random directions orthogonal to the basis, drawn from each matrix's own seed;
+* verifies what it returns (explicit product, exact Gram: orthonormal columns and residuals) and
+  never reports ``converged`` for a pair that fails; such pairs come back flagged, with one warning;
 * uses ``k`` plus guard vectors (faster convergence, and the k-th pair is not the block's last);
 * solves densely (``torch.linalg.eigh`` in float64) when ``n < 5 k``;
 * multiplies fp32 CPU matrices with the native one-triangle kernel (``lk.sym_matmul``: half the
@@ -36,19 +44,14 @@ import torch
 from torch import Tensor
 
 from .._backends import has_native, native_module
+from ._common import batch_index, chol_solve
 
 Operator = Union[Tensor, Callable[[Tensor], Tensor]]
 
 # smallest n for which lobpcg multiplies fp32 CPU matrices with the native symmetric kernel
 _SYMM_MIN_N = 256
-
-
-def _batch_index(flat: int, batch: Sequence[int]):
-    """Flat batch position -> index tuple, for error messages."""
-    batch = tuple(batch)
-    if not batch:
-        return ()
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
+# the seed of every matrix's random directions when neither seeds nor a generator is given
+DEFAULT_SEED = 0x10BCC
 
 
 def _native_op(name: str):
@@ -131,7 +134,7 @@ class _Op:
         """
         runs = self.runs if idx is None else (_runs(idx) if idx.numel() != self.b else None)
         if self.si is not None:
-            out = self._by_runs(X, runs, lambda s, e, Xr: _chol_apply(Xr, self.L[s:e]))
+            out = self._by_runs(X, runs, lambda s, e, Xr: chol_solve(Xr, self.L[s:e]))
         elif not self.callable:
             matmul = torch.bmm if both_triangles else self.matmul
             out = self._by_runs(X, runs, lambda s, e, Xr: matmul(self.mat[s:e], Xr))
@@ -182,7 +185,7 @@ def _check_finite(t: Tensor, name: str, batch) -> None:
     bad = ~torch.isfinite(t.reshape(b, -1)).all(dim=-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"lobpcg: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
+        raise ValueError(f"lobpcg: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {batch_index(i, batch)}")
 
 
 def _check_input_products(AX: Tensor, shape: Optional[Tuple[int, ...]], batch, UtA: Optional[Tensor] = None) -> None:
@@ -197,7 +200,7 @@ def _check_input_products(AX: Tensor, shape: Optional[Tuple[int, ...]], batch, U
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         what = f"A {shape}" if shape is not None else f"A @ X (callable output) {tuple(batch) + tuple(AX.shape[1:])}"
-        raise ValueError(f"lobpcg: {what} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
+        raise ValueError(f"lobpcg: {what} has NaN/Inf entries at batch index {batch_index(i, batch)}")
     if shape is None:
         return
     Av, ATv = AX[:, :, -2:].double(), UtA.transpose(-1, -2).double()
@@ -205,7 +208,7 @@ def _check_input_products(AX: Tensor, shape: Optional[Tuple[int, ...]], batch, U
     big = asym > 1e-4
     if bool(big.any()):
         i = int(big.nonzero()[0, 0])
-        raise ValueError(f"lobpcg: A {shape} is not symmetric at batch index {_batch_index(i, batch)} "
+        raise ValueError(f"lobpcg: A {shape} is not symmetric at batch index {batch_index(i, batch)} "
                          f"(||(A - A^T) v|| / (||A v|| + ||A^T v||) = {float(asym[i]):.3g} for random v)")
 
 
@@ -231,9 +234,9 @@ def _svqb(V: Tensor, mask: Tensor, drop: float, cholesky_first: bool = False) ->
     scaling) is below ``drop`` are dropped: their column becomes zero and their mask False.
     Returns ``(Q, mask)``; ``Q`` has orthonormal (or zero) columns spanning the kept directions.
 
-    ``cholesky_first`` (a host synchronization): when every scaled Gram factors with Cholesky pivots
-    ``>= 1e-3`` (no direction close to dependent), return Cholesky-QR's ``V D^-1/2 L^-T`` instead
-    (a triangular solve instead of an eigendecomposition; same span, the mask kept as is).
+    ``cholesky_first``: a matrix whose scaled Gram factors with Cholesky pivots ``>= 1e-3`` (no
+    direction close to dependent) takes Cholesky-QR's ``V D^-1/2 L^-T`` instead (a triangular solve
+    instead of an eigendecomposition; same span, its mask kept as is). The choice is per matrix.
     """
     mf = mask.to(torch.float64)
     Gm = _gram(V, V) * (mf[:, :, None] * mf[:, None, :])
@@ -241,23 +244,37 @@ def _svqb(V: Tensor, mask: Tensor, drop: float, cholesky_first: bool = False) ->
     good = mask & (d > 0)
     dinv = torch.where(good, d.clamp_min(1e-300).rsqrt(), torch.zeros_like(d))
     Gs = Gm * dinv[:, :, None] * dinv[:, None, :]
-    if cholesky_first:
-        Lc, info = torch.linalg.cholesky_ex(Gs + torch.diag_embed((~good).to(torch.float64)))  # unit rows for the dropped
-        if bool((info == 0).all()) and bool((Lc.diagonal(dim1=-2, dim2=-1) >= 1e-3).all()):
-            eye = torch.eye(V.shape[-1], dtype=torch.float64, device=V.device).expand_as(Lc)
-            T = dinv[:, :, None] * torch.linalg.solve_triangular(Lc.transpose(-1, -2), eye, upper=True)
-            return V @ T.to(V.dtype), good
+    if not cholesky_first:
+        return _svqb_eigh(V, Gs, good, dinv, drop)
+    Lc, info = torch.linalg.cholesky_ex(Gs + torch.diag_embed((~good).to(torch.float64)))  # unit rows for the dropped
+    chol = (info == 0) & (Lc.diagonal(dim1=-2, dim2=-1) >= 1e-3).all(-1)
+    if bool(chol.all()):
+        return V @ _cholqr_transform(Lc, dinv).to(V.dtype), good
+    if not bool(chol.any()):
+        return _svqb_eigh(V, Gs, good, dinv, drop)
+    ci, ei = chol.nonzero().squeeze(-1), (~chol).nonzero().squeeze(-1)
+    Qe, ke = _svqb_eigh(V.index_select(0, ei), Gs.index_select(0, ei), good.index_select(0, ei),
+                        dinv.index_select(0, ei), drop)
+    Qc = V.index_select(0, ci) @ _cholqr_transform(Lc.index_select(0, ci), dinv.index_select(0, ci)).to(V.dtype)
+    return V.new_empty(V.shape).index_copy(0, ci, Qc).index_copy(0, ei, Qe), good.index_copy(0, ei, ke)
+
+
+def _cholqr_transform(Lc: Tensor, dinv: Tensor) -> Tensor:
+    eye = torch.eye(Lc.shape[-1], dtype=torch.float64, device=Lc.device).expand_as(Lc)
+    return dinv[:, :, None] * torch.linalg.solve_triangular(Lc.transpose(-1, -2), eye, upper=True)
+
+
+def _svqb_eigh(V: Tensor, Gs: Tensor, good: Tensor, dinv: Tensor, drop: float) -> Tuple[Tensor, Tensor]:
     Gs = Gs + torch.diag_embed((~good).to(torch.float64) * -1.0)  # dropped columns: eigenvalue -1
     theta, U = torch.linalg.eigh(Gs)
     keep = theta > drop
     scale = torch.where(keep, theta.clamp_min(drop).rsqrt(), torch.zeros_like(theta))
     T = dinv[:, :, None] * U * scale[:, None, :]
-    Q = V @ T.to(V.dtype)
-    return Q, keep
+    return V @ T.to(V.dtype), keep
 
 
-def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor]:
-    """Dense float64 solve for small n (the callable is applied to the identity)."""
+def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Dense float64 solve for small n (the callable is applied to the identity): (vals, vecs, A in fp64)."""
     if A.mat is not None:
         M = A.mat.double()
     else:
@@ -267,7 +284,390 @@ def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor]:
     vals, vecs = torch.linalg.eigh(M)
     if largest:
         vals, vecs = vals.flip(-1), vecs.flip(-1)
-    return vals[:, :k], vecs[:, :, :k]
+    return vals[:, :k], vecs[:, :, :k], M
+
+
+def _default_seeds(b: int, seeds, batch) -> List[int]:
+    if seeds is None:
+        return [DEFAULT_SEED] * b
+    flat = seeds.reshape(-1).tolist() if isinstance(seeds, Tensor) else list(seeds)
+    if len(flat) != b or not all(isinstance(s, int) and not isinstance(s, bool) for s in flat):
+        raise ValueError(f"lobpcg: seeds must hold one int per matrix of the batch {tuple(batch)} ({b} in all), "
+                         f"got {seeds!r}"[:200])
+    return [int(s) for s in flat]
+
+
+class _Solver:
+    """The state of one batched LOBPCG run, advanced in named steps.
+
+    Per matrix of the active set (the matrices still iterating, in the layout of ``active``): the
+    block ``[X, P]`` and its product ``[A X, A P]`` side by side (``P`` is zero where ``pmask`` is
+    False), the Ritz values ``theta``, the norm estimate ``normA``, and the best iterate so far.
+    One iteration is ``residuals -> check (locking, verification, output) -> restart ->
+    search_directions -> rayleigh_ritz`` (``run``). Every step is per matrix: a matrix's result
+    depends on its own data and seed only, never on the other matrices of the batch.
+    """
+
+    def __init__(self, op: _Op, prec: Optional[_Op], k: int, nb: int, tol: float, maxiter: int, check_every: int,
+                 draw: Callable[[Tensor, int], Tensor]):
+        self.op, self.prec, self.k, self.nb, self.tol, self.maxiter = op, prec, k, nb, tol, maxiter
+        self.check_every, self.draw = check_every, draw
+        self.n, self.b, self.dt, self.dev = op.n, op.b, op.dtype, op.device
+        # on the CPU a host synchronization costs nothing: masks are tested before blocks are copied
+        self.sync = self.dev.type == "cpu"
+        # SVQB drops directions whose scaled Gram eigenvalue (squared singular value) is below this:
+        # in fp64 a Gram eigenvalue is only known to ~1e-15, so an exactly dependent column shows as ~1e-16
+        self.drop = max((100 * torch.finfo(self.dt).eps) ** 2, 1e-12)
+        self.ortho_tol = 10 * math.sqrt(self.n) * float(torch.finfo(self.dt).eps)
+        self.rr_grams = _native_op("rr_grams") if self.dt == torch.float32 and self.dev.type == "cpu" else None
+        b, dev = self.b, self.dev
+        self.out_vals = torch.zeros((b, k), dtype=torch.float64, device=dev)
+        self.out_vecs = torch.zeros((b, self.n, k), dtype=self.dt, device=dev)
+        self.out_res = torch.full((b, k), float("inf"), dtype=torch.float64, device=dev)
+        self.out_ortho = torch.full((b,), float("inf"), dtype=torch.float64, device=dev)
+        self.iters = torch.zeros(b, dtype=torch.long, device=dev)
+        self.restarts = torch.zeros(b, dtype=torch.long, device=dev)
+        self.replaced = torch.zeros(b, dtype=torch.long, device=dev)
+        self.active = torch.arange(b, device=dev)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _select(self, mask: Tensor, a: Tensor, b_: Tensor) -> Tensor:
+        """``torch.where`` with a per-matrix mask (ba,), broadcast over the trailing dims."""
+        if self.sync:
+            if bool(mask.all()):
+                return a
+            if not bool(mask.any()):
+                return b_
+        return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - 1)), a, b_)
+
+    def _any(self, mask: Tensor) -> bool:
+        """Whether a fix-up is needed (always True off the CPU, where the fix-ups are masked no-ops)."""
+        return (not self.sync) or bool(mask.any())
+
+    def residuals(self, X: Tensor, AX: Tensor, theta: Tensor, normA: Tensor) -> Tuple[Tensor, Tensor]:
+        """``R = A X - X theta`` and the relative column norms ``||r|| / (||A|| + |theta|)`` (fp64)."""
+        R = AX - X * theta.to(self.dt)[:, None, :]
+        rn = torch.linalg.vector_norm(R, dim=-2, dtype=torch.float64)
+        return R, rn / (normA[:, None] + theta.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+
+    def fill_degenerate(self, V: Tensor, bad: Tensor, basis: Optional[Tensor], rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """Replace the columns ``bad`` (a, p) of ``V`` (a, n, p) by fresh random directions.
+
+        ``rows`` are the flat batch indices of the ``a`` matrices (their seeds draw the directions).
+        The new columns are made orthogonal to ``basis`` (a, n, r) (orthonormal or zero columns) and
+        the whole block is re-orthonormalized by SVQB. Returns ``(V, keep)``.
+        """
+        fresh = self.draw(rows, V.shape[-1])
+        V = torch.where(bad[:, None, :], fresh, V)
+        for _ in range(2):
+            if basis is not None:
+                V = torch.baddbmm(V, basis, basis.transpose(-1, -2) @ V, alpha=-1.0)
+            V, keep = _svqb(V, torch.ones_like(bad), self.drop)
+        return V, keep
+
+    # ---- initial block ---------------------------------------------------------------------------
+    def initial_block(self, X: Optional[Tensor]) -> None:
+        """Random block (per-matrix seeds) with the warm start in its first columns, orthonormalized;
+        warm-start columns that are dependent (duplicated, rank deficient) become random directions."""
+        b, n, nb, dt = self.b, self.n, self.nb, self.dt
+        X0 = self.draw(self.active, nb)
+        if X is not None:
+            p = min(X.shape[-1], nb)
+            X0[:, :, :p] = X.reshape(b, n, X.shape[-1])[:, :, :p].to(device=self.dev, dtype=dt)
+        Xc, keep = _svqb(X0, torch.ones((b, nb), dtype=torch.bool, device=self.dev), self.drop)
+        if not bool(keep.all()):
+            rows = (~keep).any(-1).nonzero().squeeze(-1)
+            Xr, _ = self.fill_degenerate(Xc.index_select(0, rows), ~keep.index_select(0, rows), None, rows)
+            Xc = Xc.index_copy(0, rows, Xr)
+            self.replaced.index_add_(0, rows, torch.ones_like(rows))
+        self.Xinit = Xc
+
+    def start(self, AX: Tensor) -> None:
+        """Rayleigh-Ritz of the initial block ``Xinit`` with its product ``AX``."""
+        Xc = self.Xinit
+        H = _gram(Xc, AX)
+        theta, Y = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
+        Yd = Y.to(self.dt)
+        Xc, AX = Xc @ Yd, AX @ Yd
+        self.theta = theta
+        self.normA = theta.abs().amax(-1)
+        self.XP = torch.cat([Xc, torch.zeros_like(Xc)], dim=-1)
+        self.AXP = torch.cat([AX, torch.zeros_like(AX)], dim=-1)
+        self.pmask = torch.zeros((self.b, self.nb), dtype=torch.bool, device=self.dev)
+        self.best_err = torch.full((self.b,), float("inf"), dtype=torch.float64, device=self.dev)
+        self.best_obj = torch.full((self.b,), float("inf"), dtype=torch.float64, device=self.dev)
+        self.bestX, self.bestAX, self.best_theta = Xc, AX, theta
+        del self.Xinit
+
+    # ---- verification and output -----------------------------------------------------------------
+    def explicit_rr(self, Xs: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rayleigh-Ritz of the blocks ``Xs`` with an explicit product (the implicit ``A X`` drifts)
+        and the exact Gram (``Xs`` need not be orthonormal): returns ``(X, AX, theta, full_rank)``,
+        ``X`` orthonormal where ``full_rank`` (Gram Cholesky pivots >= 1e-4 of the column norms)."""
+        AXs = self.op(Xs, idx)
+        Bs = _gram(Xs, Xs)
+        d = Bs.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        Lb, info = torch.linalg.cholesky_ex(Bs * d[:, :, None] * d[:, None, :])
+        full = (info == 0) & (Lb.diagonal(dim1=-2, dim2=-1) >= 1e-4).all(-1) & torch.isfinite(d).all(-1)
+        eye = torch.eye(Xs.shape[-1], dtype=torch.float64, device=Xs.device)
+        Lb = torch.where(full[:, None, None], Lb, eye)
+        Hs = _gram(Xs, AXs) * d[:, :, None] * d[:, None, :]
+        Hh = torch.linalg.solve_triangular(Lb, torch.linalg.solve_triangular(Lb, Hs, upper=False).transpose(-1, -2),
+                                           upper=False)
+        finite = torch.isfinite(Hh).flatten(1).all(-1)
+        full = full & finite
+        th, Ys = torch.linalg.eigh(0.5 * torch.nan_to_num(Hh + Hh.transpose(-1, -2), nan=0.0, posinf=0.0, neginf=0.0))
+        th = torch.where(finite[:, None], th, torch.full_like(th, float("nan")))
+        C = d[:, :, None] * torch.linalg.solve_triangular(Lb.transpose(-1, -2), Ys, upper=True)
+        return (Xs.double() @ C).to(self.dt), (AXs.double() @ C).to(self.dt), th, full
+
+    def store(self, sel: Tensor, Xs: Tensor, AXs: Tensor, th: Tensor, nA: Tensor) -> None:
+        """The returned pairs of the matrices ``sel`` (indices into the active set), with their
+        explicit residuals and orthonormality error."""
+        k = self.k
+        g = self.active.index_select(0, sel)
+        V = Xs[:, :, :k]
+        vals = th[:, :k]
+        nA = torch.maximum(nA, vals.abs().amax(-1))
+        r = AXs[:, :, :k] - V * vals[:, None, :].to(self.dt)
+        rn = torch.linalg.vector_norm(r, dim=-2, dtype=torch.float64)
+        Vd = V.double()
+        eye = torch.eye(k, dtype=torch.float64, device=V.device)
+        ortho = (Vd.transpose(-1, -2) @ Vd - eye).abs().flatten(1).amax(-1)
+        self.out_vals.index_copy_(0, g, vals)
+        self.out_vecs.index_copy_(0, g, V)
+        self.out_res.index_copy_(0, g, rn / (nA[:, None] + vals.abs()).clamp_min(torch.finfo(torch.float64).tiny))
+        self.out_ortho.index_copy_(0, g, torch.nan_to_num(ortho, nan=float("inf")))
+
+    def _keep(self, keep: Tensor) -> None:
+        """Restrict the active set to ``keep`` (indices into it)."""
+        self.active = self.active.index_select(0, keep)
+        self.op.restrict(self.active)
+        if self.prec is not None:
+            self.prec.restrict(self.active)
+        for name in ("XP", "AXP", "theta", "pmask", "normA", "best_err", "best_obj", "bestX", "bestAX", "best_theta", "diverged"):
+            setattr(self, name, getattr(self, name).index_select(0, keep))
+
+    def check(self, conv: Tensor, finite: Tensor, stop: bool) -> bool:
+        """Residual check with locking: matrices whose ``k`` pairs pass (all of them at ``stop``) are
+        verified with an explicit product; the verified ones are stored and leave the active set,
+        the others go on from the refreshed block (rank-deficient blocks get fresh directions).
+        At ``stop`` a matrix returns its best iterate where that is better or the current one is not
+        finite. Returns True when no matrix is left."""
+        k, nb, tol = self.k, self.nb, self.tol
+        cand = torch.ones_like(finite) if stop else conv[:, :k].all(-1) & finite
+        if not bool(cand.any()):
+            return False
+        ci = cand.nonzero().squeeze(-1)
+        Xs, AXs, ths, full = self.explicit_rr(self.XP[:, :, :nb].index_select(0, ci), self.active.index_select(0, ci))
+        nAs = self.normA.index_select(0, ci)
+        _, rels = self.residuals(Xs, AXs, ths, nAs)
+        errs = rels[:, :k].amax(-1)
+        ok = (rels[:, :k] <= tol).all(-1) & torch.isfinite(errs) & full
+        if stop:
+            best = self.best_err.index_select(0, ci)
+            use_best = ~ok & ((best < errs) | ~torch.isfinite(errs) | ~full) & torch.isfinite(best)
+            if bool(use_best.any()):
+                ub = use_best.nonzero().squeeze(-1)
+                Xb, AXb, thb, fb = self.explicit_rr(self.bestX.index_select(0, ci).index_select(0, ub),
+                                                    self.active.index_select(0, ci).index_select(0, ub))
+                Xs, AXs, ths = Xs.index_copy(0, ub, Xb), AXs.index_copy(0, ub, AXb), ths.index_copy(0, ub, thb)
+                full = full.index_copy(0, ub, fb)
+            ok = torch.ones_like(ok)
+        if bool(ok.any()):
+            sel = ok.nonzero().squeeze(-1)
+            self.store(ci.index_select(0, sel), Xs.index_select(0, sel), AXs.index_select(0, sel),
+                       ths.index_select(0, sel), nAs.index_select(0, sel))
+        done = torch.zeros_like(cand).index_copy(0, ci, ok)
+        keep = (~done).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            return True
+        if not bool(full.all()):
+            # a block that lost rank (the implicit update let columns collapse): fresh directions
+            # for the dependent columns, P dropped
+            bad = (~full).nonzero().squeeze(-1)
+            Xb, _ = self.fill_degenerate_block(Xs.index_select(0, bad), self.active.index_select(0, ci).index_select(0, bad))
+            Xb, AXb, thb, _ = self.explicit_rr(Xb, self.active.index_select(0, ci).index_select(0, bad))
+            Xs, AXs, ths = Xs.index_copy(0, bad, Xb), AXs.index_copy(0, bad, AXb), ths.index_copy(0, bad, thb)
+            drop_p = torch.zeros_like(cand).index_copy(0, ci.index_select(0, bad), torch.ones_like(bad, dtype=torch.bool))
+            self.pmask = self.pmask & ~drop_p[:, None]
+            self.replaced.index_add_(0, self.active.index_select(0, ci).index_select(0, bad), torch.ones_like(bad))
+            pm = torch.cat([torch.ones_like(self.pmask), self.pmask], -1).to(self.dt)[:, None, :]
+            self.XP, self.AXP = self.XP * pm, self.AXP * pm
+        self.XP = self.XP.index_copy(0, ci, torch.cat([Xs, self.XP.index_select(0, ci)[:, :, nb:]], dim=-1))
+        self.AXP = self.AXP.index_copy(0, ci, torch.cat([AXs, self.AXP.index_select(0, ci)[:, :, nb:]], dim=-1))
+        self.theta = self.theta.index_copy(0, ci, ths[:, :nb])
+        if keep.numel() < done.numel():
+            self._keep(keep)
+        return False
+
+    def fill_degenerate_block(self, Xs: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        """Orthonormalize the blocks ``Xs`` by SVQB; dropped (dependent) columns become fresh random
+        directions orthogonal to the kept ones."""
+        Q, keep = _svqb(Xs, torch.ones(Xs.shape[0], Xs.shape[-1], dtype=torch.bool, device=Xs.device), self.drop)
+        return self.fill_degenerate(Q, ~keep, None, rows) if not bool(keep.all()) else (Q, keep)
+
+    # ---- restart ---------------------------------------------------------------------------------
+    def restart(self) -> None:
+        """Matrices that diverged (non-finite or 1e3 x worse than their best) go back to their best
+        iterate, without ``P``."""
+        ok = ~self.diverged
+        nb = self.nb
+        okf = ok.to(self.dt)[:, None, None]
+        self.XP = torch.cat([self._select(ok, self.XP[:, :, :nb], self.bestX), self.XP[:, :, nb:] * okf], dim=-1)
+        self.AXP = torch.cat([self._select(ok, self.AXP[:, :, :nb], self.bestAX), self.AXP[:, :, nb:] * okf], dim=-1)
+        self.theta = self._select(ok, self.theta, self.best_theta)
+        self.pmask = self.pmask & ok[:, None]
+        self.restarts.index_add_(0, self.active, self.diverged.long())
+
+    # ---- search directions -----------------------------------------------------------------------
+    def search_directions(self, R: Tensor, conv: Tensor) -> Tuple[Tensor, Tensor]:
+        """``W = M R`` of the unconverged columns (soft locking), orthonormal and orthogonal to
+        ``[X, P]``: projection, SVQB (Cholesky-QR where a matrix's W is well conditioned, on the
+        CPU), projection. Directions that vanish in the projection (a residual inside span[X, P]:
+        the block and ``P`` span an invariant subspace, or the residual is pure rounding) are
+        replaced by fresh random directions orthogonal to ``[X, P]``. Returns ``(W, wmask)``."""
+        XP = self.XP
+        W = R if self.prec is None else torch.nan_to_num(self.prec(R), nan=0.0, posinf=0.0, neginf=0.0)
+        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
+        want = ~conv
+        W, wmask = _svqb(W, want, self.drop, cholesky_first=self.sync)
+        lost = want & ~wmask
+        if self._any(lost):
+            rows = lost.any(-1).nonzero().squeeze(-1)
+            if rows.numel():
+                Wr, kr = self.fill_degenerate(W.index_select(0, rows), lost.index_select(0, rows),
+                                              XP.index_select(0, rows), self.active.index_select(0, rows))
+                W = W.index_copy(0, rows, Wr)
+                wmask = wmask.index_copy(0, rows, kr & want.index_select(0, rows))
+                self.replaced.index_add_(0, self.active.index_select(0, rows), torch.ones_like(rows))
+        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
+        return W, wmask
+
+    # ---- Rayleigh-Ritz and basis update ----------------------------------------------------------
+    def rayleigh_ritz(self, W: Tensor, AW: Tensor, wmask: Tensor) -> None:
+        """Rayleigh-Ritz in fp64 on ``S = [X, P, W]`` and the basis update.
+
+        Masked columns (absent ``P``, locked or dropped ``W``) enter as zero columns with a unit Gram
+        diagonal and a large penalty on ``S^T A S``'s diagonal, so shapes never change. ``P`` is
+        built from the Ritz coefficients (Duersch et al., Alg. 4): the B-orthogonal complement of
+        ``Cx`` in span{Cx, Cx with the X rows zeroed}; a ``P`` column that lies mostly on masked
+        columns (a collapse: nothing left to span) is dropped. A matrix whose Gram is not positive
+        definite keeps its ``X`` alone.
+        """
+        nb, dt, dev = self.nb, self.dt, self.dev
+        q = 3 * nb
+        XP, AXP, pmask = self.XP, self.AXP, self.pmask
+        if self.rr_grams is not None:
+            # native: fp64 accumulation straight from the fp32 parts, one triangle each
+            Bs, Hs = self.rr_grams((XP, W), (AXP, AW))
+        else:
+            SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
+            G = SASd[:, :, :q].transpose(-1, -2) @ SASd
+            Bs, Hs = G[:, :, :q], G[:, :, q:]
+        # NaN guard: only A W can be non-finite (X, P, AX, AP are combinations of finite blocks), and
+        # a NaN/Inf anywhere in column c of a matrix's A W reaches Hs[0, 2 nb + c] (x_1 is dense).
+        nonfin = ~torch.isfinite(Hs[:, :, 2 * nb:]).flatten(1).all(-1)
+        if self._any(nonfin):
+            AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
+            Hs = torch.nan_to_num(Hs, nan=0.0, posinf=0.0, neginf=0.0)
+            self.restarts.index_add_(0, self.active, nonfin.long())
+        valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
+        vf = valid.to(torch.float64)
+        outer = vf[:, :, None] * vf[:, None, :]
+        Hs = 0.5 * (Hs + Hs.transpose(-1, -2)) * outer
+        Bs = Bs * outer
+        penalty = 1e4 * (Hs.flatten(1).norm(dim=-1) + self.normA + 1e-300)
+        inv = (~valid).to(torch.float64)
+        Hs = Hs + torch.diag_embed(inv * penalty[:, None])
+        Bs = Bs + torch.diag_embed(inv)
+        Lb, binfo = torch.linalg.cholesky_ex(Bs)
+        badB = binfo > 0
+        if self._any(badB):
+            not_x = (torch.arange(q, device=dev) >= nb).to(torch.float64)
+            xblock = (1 - not_x)[:, None] * (1 - not_x)[None, :]
+            eye_q = torch.eye(q, dtype=torch.float64, device=dev)
+            Lb = torch.where(badB[:, None, None], eye_q, Lb)
+            Hs = torch.where(badB[:, None, None], Hs * xblock + torch.diag_embed(not_x * penalty[:, None]), Hs)
+            inv = torch.where(badB[:, None], not_x.expand_as(inv), inv)
+        Hh = torch.linalg.solve_triangular(Lb, torch.linalg.solve_triangular(Lb, Hs, upper=False).transpose(-1, -2),
+                                           upper=False)
+        th_all, Yh = torch.linalg.eigh(0.5 * (Hh + Hh.transpose(-1, -2)))
+        C = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Yh, upper=True)
+        real = th_all < 0.5 * penalty[:, None]
+        self.normA = torch.maximum(self.normA, torch.where(real, th_all.abs(), torch.zeros_like(th_all)).amax(-1))
+        Cx = C[:, :, :nb] * (1 - inv)[:, :, None]
+        self.theta = th_all[:, :nb]
+        Cp_raw = Cx.clone()
+        Cp_raw[:, :nb, :] = 0
+        Yq = Lb.transpose(-1, -2) @ torch.cat([Cx, Cp_raw], dim=-1)
+        Qy, _ = torch.linalg.qr(Yq)
+        Cp = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Qy[:, :, nb:], upper=True)
+        # ||S c||^2 = c^T Bs c - ||c on masked columns||^2 (their Gram diagonal is the unit added)
+        p_norm2 = 1.0 - (Cp * Cp * inv[:, :, None]).sum(-2)
+        Cp = Cp * (1 - inv)[:, :, None]
+        self.pmask = (p_norm2 > 0.5) & ~badB[:, None]
+        Cp = Cp * self.pmask.to(torch.float64)[:, None, :]
+        Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
+        self.XP, self.AXP = torch.cat([XP, W], dim=-1) @ Cxp, torch.cat([AXP, AW], dim=-1) @ Cxp
+        self.iters.index_add_(0, self.active, torch.ones_like(self.active))
+
+    # ---- the iteration ---------------------------------------------------------------------------
+    def run(self) -> None:
+        nb, k = self.nb, self.k
+        it = 0
+        while True:
+            X, AX = self.XP[:, :, :nb], self.AXP[:, :, :nb]
+            R, rel = self.residuals(X, AX, self.theta, self.normA)
+            conv = rel <= self.tol
+            err = rel[:, :k].amax(-1)
+            finite = torch.isfinite(err) & torch.isfinite(self.theta).all(-1)
+            # best iterate / divergence guard, NaN-safe (a non-finite iterate is never the best). The
+            # objective (sum of the k Ritz values, minimized) ranks iterates, the residual breaks ties:
+            # leaving a wrong invariant subspace raises the residual while it lowers the objective.
+            obj = self.theta[:, :k].sum(-1)
+            slack = 10 * float(torch.finfo(self.dt).eps) * k * self.normA
+            lower = obj < self.best_obj - slack
+            better = finite & (lower | ((obj <= self.best_obj + slack) & (err < self.best_err)))
+            self.diverged = (~finite) | ((err > 1e3 * self.best_err) & (obj > self.best_obj + slack))
+            self.best_obj = torch.where(better, obj, self.best_obj)
+            self.bestX, self.bestAX = self._select(better, X, self.bestX), self._select(better, AX, self.bestAX)
+            self.best_theta = self._select(better, self.theta, self.best_theta)
+            self.best_err = torch.where(better, err, self.best_err)
+            stop = it >= self.maxiter
+            # no check before the first step: a warm start spanning an invariant subspace that is not
+            # the wanted one has zero residuals; the first step explores it (below) first
+            if stop or (it > 0 and it % self.check_every == 0):
+                if self.check(conv, finite, stop):
+                    return
+                X, AX = self.XP[:, :, :nb], self.AXP[:, :, :nb]
+                R, rel = self.residuals(X, AX, self.theta, self.normA)
+                conv = rel <= self.tol
+            it += 1
+            if it > 1 and self._any(self.diverged):
+                self.restart()
+                X, AX = self.XP[:, :, :nb], self.AXP[:, :, :nb]
+                R = AX - X * self.theta.to(self.dt)[:, None, :]
+                conv = conv & ~self.diverged[:, None]
+            # first step: no column is locked, so vanished residuals become random directions
+            W, wmask = self.search_directions(R, conv if it > 1 else torch.zeros_like(conv))
+            self.rayleigh_ritz(W, self.op(W), wmask)
+
+
+def _dense_result(op: _Op, k: int, largest: bool, batch) -> Tuple[Tensor, Tensor, Tensor]:
+    """Dense fp64 solve with the explicit relative residuals of the returned pairs."""
+    vals, vecs, M = _dense(op, k, largest)
+    if op.callable:
+        nonfinite = ~torch.isfinite(vals).all(-1)
+        if bool(nonfinite.any()):
+            i = int(nonfinite.nonzero()[0, 0])
+            raise ValueError(f"lobpcg: callable A returned NaN/Inf at batch index {batch_index(i, batch)}")
+    vecs_o = vecs.to(op.dtype)
+    V = vecs_o.double()
+    res = torch.linalg.vector_norm(M @ V - V * vals[:, None, :], dim=-2)
+    normA = torch.linalg.matrix_norm(M, ord=2) if M.shape[-1] else torch.zeros(M.shape[0], dtype=M.dtype)
+    rel = res / (normA[:, None] + vals.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    return vals, vecs_o, rel
 
 
 def lobpcg(
@@ -286,6 +686,7 @@ def lobpcg(
     device=None,
     guard: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    seeds: Optional[Union[Sequence[int], Tensor]] = None,
     check_every: Optional[int] = None,
 ):
     """The ``k`` smallest (or largest) eigenpairs of a batch of symmetric matrices, by LOBPCG.
@@ -294,33 +695,49 @@ def lobpcg(
 
     Args:
         A: symmetric tensor (..., n, n) with any batch shape, or a callable ``X -> A @ X`` taking and
-            returning (*batch_shape, n, p) tensors; then ``n`` (and ``batch_shape``, ``dtype``,
-            ``device``) must be given.
+            returning (*batch_shape, n, p) tensors; for a callable, ``n``, ``batch_shape``, ``dtype``
+            and ``device`` default to those of ``X`` (as in scipy), else ``n`` is required.
         k: number of eigenpairs, ``1 <= k <= n``.
         largest: False for the smallest eigenvalues (returned ascending), True for the largest
-            (returned descending).
+            (returned descending, as scipy does).
         X: warm start (..., n, p), p >= 1; the first ``min(p, k + guard)`` columns are used, the rest
-            of the block is random.
+            of the block is random. Dependent columns (duplicated, rank deficient) are replaced by
+            random directions.
         M: optional symmetric positive definite preconditioner ``~ (A - sigma I)^-1``, a tensor
             (..., n, n) or (n, n), or a callable like ``A``. Applied to residuals.
         tol: relative residual tolerance; a column is converged when
             ``||A x - theta x|| <= tol (||A|| + |theta|) ||x||``. Default ``sqrt(eps)`` of the dtype
             (3.5e-4 in fp32, 1.5e-8 in fp64).
         maxiter: iteration cap (default 1000). Non-convergence warns and shows in the info.
-        return_info: also return a dict: ``iterations`` (...,) int, ``residual_norms`` (..., k)
-            relative residuals ``||r|| / (||A|| + |theta|)`` of the returned pairs (from the
-            explicit product of the final Rayleigh-Ritz step), ``converged`` (..., k) bool,
-            ``fallback`` (dense solve used), ``restarts`` (...,) int.
+        return_info: also return a dict: ``iterations`` (...,) int; ``residual`` (..., k), the relative
+            residuals ``||A x - theta x|| / (||A|| + |theta|)`` of the returned pairs from an explicit
+            product (``||A||``: the largest Ritz value magnitude seen, a lower estimate of the 2-norm;
+            the exact 2-norm on the dense path), also under its former name ``residual_norms``;
+            ``converged`` (..., k) bool: residual <= tol AND the returned columns orthonormal to
+            ``10 sqrt(n) eps``; ``ortho_error`` (...,) ``max |V^T V - I|``; ``fallback`` (dense
+            solve used); ``restarts`` (...,) int; ``replaced`` (...,) int, how often degenerate
+            directions were replaced by random ones.
         guard: extra block vectors beyond ``k`` (default ``min(k, 8)`` capped so that ``3 (k + guard) <= n``).
-        generator: random generator for the initial block (default: a fixed seed, so results are
-            reproducible).
+        generator: random generator for the initial block and for replacement directions, shared by
+            the batch (drawn on its device, moved to A's).
+        seeds: one int per matrix of the batch (a sequence in row-major batch order, or a tensor of
+            the batch shape): each matrix draws its random directions from its own generator on A's
+            device. Default (neither ``generator`` nor ``seeds``): the same fixed seed for every
+            matrix, so a matrix's result does not depend on the other matrices of its batch.
         check_every: iterations between convergence checks (each one a host synchronization);
             default 1 on CPU, 10 on CUDA.
 
     Returns:
         ``vals`` (..., k) and ``vecs`` (..., n, k) with orthonormal columns, in A's dtype (fp32 or
-        fp64; half inputs are solved in fp32), or ``(vals, vecs, info)``.
+        fp64; half inputs are solved in fp32), or ``(vals, vecs, info)``. Pairs that miss ``tol`` or
+        orthonormality are returned with ``converged`` False and one RuntimeWarning naming the
+        batch indices of their matrices.
     """
+    if not isinstance(A, Tensor) and callable(A) and isinstance(X, Tensor) and X.dim() >= 2:
+        n = X.shape[-2] if n is None else n
+        batch_shape = tuple(X.shape[:-2]) if batch_shape is None else batch_shape
+        dtype = (X.dtype if X.dtype in (torch.float32, torch.float64) else None) if dtype is None else dtype
+        device = X.device if device is None else device
     batch, n, dt, dev = _check_operator(A, "A", n, batch_shape, dtype, device, k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"lobpcg: k must be an int with 1 <= k <= n = {n}, got {k!r}")
@@ -348,28 +765,20 @@ def lobpcg(
         maxiter = 1000
     if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
         raise ValueError(f"lobpcg: maxiter must be an int >= 0, got {maxiter!r}")
-
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"lobpcg: generator must be a torch.Generator or None, got {type(generator).__name__}")
     b = math.prod(batch)
+    seed_list = _default_seeds(b, seeds, batch) if generator is None else None
+
     sign = -1.0 if largest else 1.0
     op = _Op(A, "A", batch, n, dt, dev, sign)
-    info: Dict[str, object] = {}
 
     if n < 5 * k or b == 0:
         if isinstance(A, Tensor) and b:
             _check_symmetric_finite(A, batch, n)
-        vals, vecs = _dense(op, k, largest)
-        if op.callable:
-            nonfinite = ~torch.isfinite(vals).all(-1)
-            if bool(nonfinite.any()):
-                i = int(nonfinite.nonzero()[0, 0])
-                raise ValueError(f"lobpcg: callable A returned NaN/Inf at batch index {_batch_index(i, batch)}")
-        vals, vecs = vals.to(dt).reshape(*batch, k), vecs.to(dt).reshape(*batch, n, k)
-        if not return_info:
-            return vals, vecs
-        info = {"iterations": torch.zeros(batch, dtype=torch.long), "residual_norms": torch.zeros(batch + (k,), dtype=torch.float64),
-                "converged": torch.ones(batch + (k,), dtype=torch.bool), "fallback": True,
-                "restarts": torch.zeros(batch, dtype=torch.long)}
-        return vals, vecs, info
+        vals, vecs, rel = _dense_result(op, k, largest, batch)
+        return _finish(vals, vecs, rel, torch.zeros(b, dtype=torch.float64, device=dev), tol, maxiter, batch,
+                       n, k, return_info, fallback=True)
 
     # a tensor M is multiplied as given (no one-triangle kernel: its symmetry is not checked)
     prec = None if M is None else _Op(M, "M", batch, n, dt, dev, 1.0, one_triangle=False)
@@ -378,249 +787,72 @@ def lobpcg(
     nb = max(k, min(k + guard, n // 3))
     if check_every is None:
         check_every = 1 if dev.type == "cpu" else 10
-    # On the CPU a host synchronization costs nothing, so blocks are only copied (torch.where)
-    # when a mask is mixed; on accelerators the selects stay on the device.
-    sync = dev.type == "cpu"
-    drop = (100 * torch.finfo(dt).eps) ** 2
-    tiny = torch.finfo(torch.float64).tiny
 
-    def select(mask: Tensor, a: Tensor, b_: Tensor) -> Tensor:
-        """``torch.where`` with a per-matrix mask (ba,), broadcast over the trailing dims."""
-        if sync:
-            if bool(mask.all()):
-                return a
-            if not bool(mask.any()):
-                return b_
-        return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - 1)), a, b_)
+    if generator is not None:
+        def draw(rows: Tensor, p: int) -> Tensor:
+            out = torch.randn((rows.numel(), n, p), generator=generator, dtype=torch.float64, device=generator.device)
+            return out.to(device=dev, dtype=dt)
+    else:
+        gens: Dict[int, torch.Generator] = {}
 
-    # ---- initial block -------------------------------------------------------------------------
-    if generator is None:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(0x10BCC)
-    X0 = torch.randn((b, n, nb), generator=generator, dtype=torch.float64).to(device=dev, dtype=dt)
-    if X is not None:
-        p = min(X.shape[-1], nb)
-        X0[:, :, :p] = X.reshape(b, n, X.shape[-1])[:, :, :p].to(device=dev, dtype=dt)
-    Xc = torch.linalg.qr(X0.double())[0].to(dt)
+        def draw(rows: Tensor, p: int) -> Tensor:
+            blocks = []
+            for i in rows.tolist():
+                if i not in gens:
+                    gens[i] = torch.Generator(device=dev).manual_seed(seed_list[i])
+                blocks.append(torch.randn((n, p), generator=gens[i], dtype=torch.float64, device=dev))
+            return torch.stack(blocks).to(dt) if blocks else torch.empty((0, n, p), dtype=dt, device=dev)
+
+    solver = _Solver(op, prec, k, nb, tol, maxiter, check_every, draw)
+    solver.initial_block(X)
     # The first product doubles as the input check: NaN/Inf in A reaches A X, and for a tensor A two
     # random probe columns U appended to X give A U, compared with (U^T A)^T.
+    Xc = solver.Xinit
     if op.callable:
         AX = op(Xc)
         _check_input_products(AX, None, batch)
     else:
-        U = torch.randn((b, n, 2), generator=generator, dtype=torch.float64).to(device=dev, dtype=dt)
+        probe = torch.Generator(device=dev).manual_seed(0x10B)
+        U = torch.randn((b, n, 2), generator=probe, dtype=torch.float64, device=dev).to(dt)
         AXU = op(torch.cat([Xc, U], dim=-1), both_triangles=True)
         # U^T A streams A once more, row-major (a thin product: ~1% of a solve)
         UtA = op.left_product(U.transpose(-1, -2))
         _check_input_products(AXU, tuple(A.shape), batch, UtA)
         AX = AXU[:, :, :nb]
-    H = _gram(Xc, AX)
-    theta, Y = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
-    Yd = Y.to(dt)
-    Xc, AX = Xc @ Yd, AX @ Yd
-    normA = theta.abs().amax(-1)
+    solver.start(AX)
+    solver.run()
+    info_extra = {"restarts": solver.restarts.reshape(batch), "replaced": solver.replaced.reshape(batch)}
+    return _finish(solver.out_vals * sign, solver.out_vecs, solver.out_res, solver.out_ortho, tol, maxiter, batch,
+                   n, k, return_info, iters=solver.iters, extra=info_extra)
 
-    # ---- per-matrix state, in the layout of the active subset -----------------------------------
-    out_vals = torch.zeros((b, k), dtype=torch.float64, device=dev)
-    out_vecs = torch.zeros((b, n, k), dtype=dt, device=dev)
-    normA_out = torch.zeros(b, dtype=torch.float64, device=dev)
-    out_res = torch.zeros((b, k), dtype=torch.float64, device=dev)
-    iters = torch.zeros(b, dtype=torch.long, device=dev)
-    restarts = torch.zeros(b, dtype=torch.long, device=dev)
-    active = torch.arange(b, device=dev)
 
-    # [X, P] and [A X, A P] are kept side by side (one GEMM each per update); P is zero where
-    # pmask is False (first step, restarts)
-    XP = torch.cat([Xc, torch.zeros_like(Xc)], dim=-1)
-    AXP = torch.cat([AX, torch.zeros_like(AX)], dim=-1)
-    pmask = torch.zeros((b, nb), dtype=torch.bool, device=dev)
-    best_err = torch.full((b,), float("inf"), dtype=torch.float64, device=dev)
-    bestX, bestAX, best_theta = Xc, AX, theta
-
-    def residual(Xc, AX, theta, normA):
-        R = AX - Xc * theta.to(dt)[:, None, :]
-        rn = torch.linalg.vector_norm(R, dim=-2, dtype=torch.float64)
-        return R, rn / (normA[:, None] + theta.abs()).clamp_min(tiny)
-
-    def explicit_rr(Xs: Tensor, idx: Tensor):
-        """Rayleigh-Ritz of the blocks ``Xs`` with an explicit product (the implicit ``A X`` drifts)."""
-        AXs = op(Xs, idx)
-        Hs = _gram(Xs, AXs)
-        th, Ys = torch.linalg.eigh(0.5 * (Hs + Hs.transpose(-1, -2)))
-        return (Xs.double() @ Ys).to(dt), (AXs.double() @ Ys).to(dt), th
-
-    def finalize(sel: Tensor, Xs: Tensor, AXs: Tensor, th: Tensor, nA: Tensor) -> None:
-        """Store the returned pairs of the matrices ``sel`` (indices into the active set), with the
-        residual norms from their explicit product."""
-        g = active.index_select(0, sel)
-        normA_out.index_copy_(0, g, nA)
-        out_vals.index_copy_(0, g, th[:, :k])
-        out_vecs.index_copy_(0, g, Xs[:, :, :k])
-        r = AXs[:, :, :k] - Xs[:, :, :k] * th[:, None, :k].to(dt)
-        out_res.index_copy_(0, g, torch.linalg.vector_norm(r, dim=-2, dtype=torch.float64))
-
-    q = 3 * nb
-    rr_grams = _native_op("rr_grams") if dt == torch.float32 and dev.type == "cpu" else None
-    eye_q = torch.eye(q, dtype=torch.float64, device=dev)
-    not_x = (torch.arange(q, device=dev) >= nb).to(torch.float64)
-    xblock = (1 - not_x)[:, None] * (1 - not_x)[None, :]
-
-    it = 0
-    while True:
-        Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
-        R, rel = residual(Xc, AX, theta, normA)
-        conv = rel <= tol                                     # (ba, nb)
-        err = rel[:, :k].amax(-1)
-        finite = torch.isfinite(err) & torch.isfinite(theta).all(-1)
-        # best iterate / divergence guard (no copies while every matrix improves)
-        better = finite & (err < best_err)
-        diverged = (~finite) | (err > 1e3 * best_err)
-        bestX, bestAX = select(better, Xc, bestX), select(better, AX, bestAX)
-        best_theta = select(better, theta, best_theta)
-        best_err = torch.where(better, err, best_err)
-
-        stop = it >= maxiter
-        if stop or it % check_every == 0:
-            cand = torch.ones_like(finite) if stop else conv[:, :k].all(-1) & finite
-            if bool(cand.any()):
-                # candidates are verified with an explicit product; the refreshed block replaces
-                # the implicit one (also for those that turn out not converged)
-                ci = cand.nonzero().squeeze(-1)
-                Xs, AXs, ths = explicit_rr(Xc.index_select(0, ci), active.index_select(0, ci))
-                nAs = normA.index_select(0, ci)
-                _, rels = residual(Xs, AXs, ths, nAs)
-                errs = rels[:, :k].amax(-1)
-                ok = (rels[:, :k] <= tol).all(-1) & torch.isfinite(errs)
-                if stop:
-                    # unconverged matrices return their best iterate when it beats the current one
-                    use_best = ~ok & (best_err.index_select(0, ci) < errs)
-                    if bool(use_best.any()):
-                        ub = use_best.nonzero().squeeze(-1)
-                        Xb, AXb, thb = explicit_rr(bestX.index_select(0, ci).index_select(0, ub),
-                                                   active.index_select(0, ci).index_select(0, ub))
-                        Xs, AXs, ths = Xs.index_copy(0, ub, Xb), AXs.index_copy(0, ub, AXb), ths.index_copy(0, ub, thb)
-                    ok = torch.ones_like(ok)
-                if bool(ok.any()):
-                    sel = ok.nonzero().squeeze(-1)
-                    finalize(ci.index_select(0, sel), Xs.index_select(0, sel), AXs.index_select(0, sel),
-                             ths.index_select(0, sel), nAs.index_select(0, sel))
-                fin = torch.zeros_like(cand).index_copy(0, ci, ok)
-                keep = (~fin).nonzero().squeeze(-1)
-                if keep.numel() == 0:
-                    break
-                # refresh the candidates that go on
-                XP = XP.index_copy(0, ci, torch.cat([Xs, XP.index_select(0, ci)[:, :, nb:]], dim=-1))
-                AXP = AXP.index_copy(0, ci, torch.cat([AXs, AXP.index_select(0, ci)[:, :, nb:]], dim=-1))
-                theta = theta.index_copy(0, ci, ths[:, :nb])
-                if keep.numel() < fin.numel():
-                    active = active.index_select(0, keep)
-                    op.restrict(active)
-                    if prec is not None:
-                        prec.restrict(active)
-                    XP, AXP, theta, pmask, normA, diverged, best_err, bestX, bestAX, best_theta = (
-                        t.index_select(0, keep) for t in
-                        (XP, AXP, theta, pmask, normA, diverged, best_err, bestX, bestAX, best_theta))
-                Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
-                R, rel = residual(Xc, AX, theta, normA)
-                conv = rel <= tol
-        it += 1
-
-        # restart matrices that diverged: back to the best iterate, drop P
-        if it > 1 and (not sync or bool(diverged.any())):
-            ok_ = ~diverged
-            XP = torch.cat([select(ok_, Xc, bestX), XP[:, :, nb:] * ok_.to(dt)[:, None, None]], dim=-1)
-            AXP = torch.cat([select(ok_, AX, bestAX), AXP[:, :, nb:] * ok_.to(dt)[:, None, None]], dim=-1)
-            theta = select(ok_, theta, best_theta)
-            pmask = pmask & ok_[:, None]
-            restarts.index_add_(0, active, diverged.long())
-            Xc, AX = XP[:, :, :nb], AXP[:, :, :nb]
-            R = AX - Xc * theta.to(dt)[:, None, :]
-            conv = conv & ok_[:, None]
-
-        # ---- search directions W = M R, soft-locked, orthogonal to [X, P] --------------------------
-        # projection, SVQB (Cholesky-QR when W is well conditioned, on the CPU), projection: W ends
-        # up orthogonal to [X, P] to working precision; what is left of non-orthonormality inside W
-        # is absorbed by the fp64 Rayleigh-Ritz (Cholesky of the explicit Gram) below.
-        W = R if prec is None else torch.nan_to_num(prec(R), nan=0.0, posinf=0.0, neginf=0.0)
-        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)   # W - XP (XP^T W), one GEMM
-        W, wmask = _svqb(W, ~conv, drop, cholesky_first=sync)
-        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
-        AW = op(W)
-
-        # ---- Rayleigh-Ritz in fp64 on span[X, P, W] ----------------------------------------------
-        # S = [X, P, W], A S = [A X, A P, A W]: Bs = S^T S and Hs = S^T A S
-        if rr_grams is not None:
-            # native: fp64 accumulation straight from the fp32 parts, one triangle each
-            Bs, Hs = rr_grams((XP, W), (AXP, AW))
-        else:
-            # one conversion and one fp64 GEMM give both Grams
-            SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
-            G = SASd[:, :, :q].transpose(-1, -2) @ SASd
-            Bs, Hs = G[:, :, :q], G[:, :, q:]
-        # NaN guard: only the new product can be non-finite (X, P, AX, AP are combinations of finite
-        # blocks), and a NaN/Inf anywhere in column c of a matrix's A W reaches Hs[0, 2 nb + c] (x_1,
-        # the first column of S, is dense): a q x q check instead of a pass over A W. Such a matrix
-        # keeps its X (and P) for this step.
-        nonfin = ~torch.isfinite(Hs[:, :, 2 * nb:]).flatten(1).all(-1)
-        if not sync or bool(nonfin.any()):
-            AW = torch.nan_to_num(AW, nan=0.0, posinf=0.0, neginf=0.0)
-            Hs = torch.nan_to_num(Hs, nan=0.0, posinf=0.0, neginf=0.0)
-            restarts.index_add_(0, active, nonfin.long())
-        valid = torch.cat([torch.ones_like(pmask), pmask, wmask & ~nonfin[:, None]], dim=-1)
-        vf = valid.to(torch.float64)
-        outer = vf[:, :, None] * vf[:, None, :]
-        Hs = 0.5 * (Hs + Hs.transpose(-1, -2)) * outer
-        Bs = Bs * outer
-        penalty = 1e4 * (Hs.flatten(1).norm(dim=-1) + normA + 1e-300)
-        inv = (~valid).to(torch.float64)
-        Hs = Hs + torch.diag_embed(inv * penalty[:, None])
-        Bs = Bs + torch.diag_embed(inv)
-        Lb, binfo = torch.linalg.cholesky_ex(Bs)
-        badB = binfo > 0
-        if not sync or bool(badB.any()):
-            # a basis that lost definiteness: that matrix restarts from X alone
-            Lb = torch.where(badB[:, None, None], eye_q, Lb)
-            Hs = torch.where(badB[:, None, None], Hs * xblock + torch.diag_embed(not_x * penalty[:, None]), Hs)
-        Linv_H = torch.linalg.solve_triangular(Lb, Hs, upper=False)
-        Hh = torch.linalg.solve_triangular(Lb, Linv_H.transpose(-1, -2), upper=False)
-        th_all, Yh = torch.linalg.eigh(0.5 * (Hh + Hh.transpose(-1, -2)))
-        C = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Yh, upper=True)
-        real = th_all < 0.5 * penalty[:, None]
-        normA = torch.maximum(normA, torch.where(real, th_all.abs(), torch.zeros_like(th_all)).amax(-1))
-        Cx = C[:, :, :nb]
-        theta = th_all[:, :nb]
-        # P from the Ritz coefficients: B-orthogonal complement of Cx in span{Cx, Cx with X-rows zeroed}
-        Cp_raw = Cx.clone()
-        Cp_raw[:, :nb, :] = 0
-        Yq = Lb.transpose(-1, -2) @ torch.cat([Cx, Cp_raw], dim=-1)
-        Qy, _ = torch.linalg.qr(Yq)
-        Cp = torch.linalg.solve_triangular(Lb.transpose(-1, -2), Qy[:, :, nb:], upper=True)
-        pmask = ~badB[:, None].expand(-1, nb)
-        if not sync or bool(badB.any()):
-            Cp = Cp * (~badB).to(torch.float64)[:, None, None]
-        Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
-        XP, AXP = torch.cat([XP, W], dim=-1) @ Cxp, torch.cat([AXP, AW], dim=-1) @ Cxp
-        iters.index_add_(0, active, torch.ones_like(active))
-
-    # ---- outputs -------------------------------------------------------------------------------
-    vals = out_vals * sign
-    vecs = out_vecs
-    # residuals of what is returned, from the explicit products of the final Rayleigh-Ritz
-    rn = out_res
-    # ||A|| estimate: the largest magnitude seen, floored by the returned values
-    rel = rn / (torch.maximum(normA_out, vals.abs().amax(-1))[:, None] + vals.abs()).clamp_min(1e-300)
-    converged = rel <= tol * 1.0001
-    n_bad = int((~converged.all(-1)).sum())
-    if n_bad:
-        warnings.warn(f"lobpcg: {n_bad} of {b} matrices did not converge to tol={tol:.3g} within maxiter={maxiter} "
-                      f"iterations (worst relative residual {float(rel.max()):.3g}); see return_info=True",
-                      RuntimeWarning, stacklevel=2)
+def _finish(vals: Tensor, vecs: Tensor, rel: Tensor, ortho: Tensor, tol: float, maxiter: int, batch, n: int, k: int,
+            return_info: bool, *, fallback: bool = False, iters: Optional[Tensor] = None, extra=None):
+    """Flag what fails verification (one warning naming the matrices), shape the outputs and info."""
+    dt = vecs.dtype
+    ortho_ok = ortho <= 10 * math.sqrt(n) * float(torch.finfo(dt).eps)
+    converged = (rel <= tol * 1.0001) & ortho_ok[:, None]
+    bad = (~converged.all(-1)).nonzero().squeeze(-1).tolist()
+    if bad:
+        where = ", ".join(str(batch_index(i, batch)) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        not_ortho = int((~ortho_ok).sum())
+        warnings.warn(f"lobpcg: {len(bad)} of {math.prod(batch)} matrices did not converge to tol={tol:.3g} within "
+                      f"maxiter={maxiter} iterations (batch index {where}; worst relative residual "
+                      f"{float(rel.max()):.3g}" + (f"; {not_ortho} with non-orthonormal columns" if not_ortho else "")
+                      + "); see return_info=True", RuntimeWarning, stacklevel=3)
     vals_o = vals.to(dt).reshape(*batch, k)
     vecs_o = vecs.reshape(*batch, n, k)
     if not return_info:
         return vals_o, vecs_o
-    info = {"iterations": iters.reshape(batch), "residual_norms": rel.reshape(*batch, k),
-            "converged": converged.reshape(*batch, k), "fallback": False, "restarts": restarts.reshape(batch)}
+    b = math.prod(batch)
+    dev = vecs.device
+    zeros = torch.zeros(b, dtype=torch.long, device=dev)
+    info = {"iterations": (iters if iters is not None else zeros).reshape(batch), "residual": rel.reshape(*batch, k),
+            "converged": converged.reshape(*batch, k), "ortho_error": ortho.reshape(batch), "fallback": fallback,
+            "restarts": zeros.reshape(batch), "replaced": zeros.reshape(batch)}
+    info["residual_norms"] = info["residual"]
+    if extra:
+        info.update(extra)
     return vals_o, vecs_o, info
 
 
@@ -706,7 +938,7 @@ def shift_invert_preconditioner(
             th, _, inf = lobpcg(lambda X: Af @ X, 1, n=n, batch_shape=(b,), dtype=A.dtype, device=dev,
                                 maxiter=estimate_iters, tol=1e-2, return_info=True)
         th = th[:, 0].double()
-        rabs = inf["residual_norms"][:, 0].double() * (norm_inf + th.abs())
+        rabs = inf["residual"][:, 0].double() * (norm_inf + th.abs())
         delta = margin * (th.abs() + rabs) + 2 * rabs
         delta = torch.maximum(delta, floor)
         sig = torch.maximum(th - delta, lb)
@@ -732,7 +964,7 @@ def shift_invert_preconditioner(
     if todo.numel():
         i = int(todo[0])
         raise ValueError(f"shift_invert_preconditioner: A - sigma I {tuple(A.shape)} is not positive definite even "
-                         f"at the Gershgorin bound sigma = {float(sig[i]):.6g} at batch index {_batch_index(i, batch)} "
+                         f"at the Gershgorin bound sigma = {float(sig[i]):.6g} at batch index {batch_index(i, batch)} "
                          f"(is A symmetric?)")
     return ShiftInvert(L.reshape(*batch, n, n), sig.reshape(batch), tries.reshape(batch))
 
@@ -749,10 +981,4 @@ class ShiftInvert:
         self.L, self.sigma, self.tries = L, sigma, tries
 
     def __call__(self, R: Tensor) -> Tensor:
-        return _chol_apply(R.to(self.L.dtype), self.L).to(R.dtype)
-
-
-def _chol_apply(R: Tensor, L: Tensor) -> Tensor:
-    """``(L L^T)^-1 R`` by two triangular solves (faster than ``cholesky_solve`` on CPU for thin R)."""
-    Y = torch.linalg.solve_triangular(L, R, upper=False)
-    return torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True)
+        return chol_solve(R, self.L)

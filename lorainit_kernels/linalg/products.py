@@ -11,25 +11,9 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ._common import batch_index, canonical_signs
+
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _batch_index(flat: int, batch: Tuple[int, ...]):
-    """Flat batch position -> index tuple (for error messages)."""
-    if not batch:
-        return ()
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
-
-
-def _canonical_signs(U: Tensor, V: Tensor) -> Tuple[Tensor, Tensor]:
-    """Flip singular-vector pairs so that the largest-magnitude entry of each ``U`` column is positive.
-
-    ``U diag(S) V^T`` is unchanged; the output no longer depends on the sign choice of the SVD.
-    """
-    idx = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.gather(U, -2, idx).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, V * sign
 
 
 def svd_of_product(B: Tensor, A: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +57,7 @@ def svd_of_product(B: Tensor, A: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor
         bad = ~torch.isfinite(t.reshape(-1, t.shape[-2] * t.shape[-1])).all(dim=-1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {_batch_index(i, batch)}")
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {batch_index(i, batch)}")
 
     dtype = torch.promote_types(B.dtype, A.dtype)
     if dtype not in _DTYPES:
@@ -85,5 +69,5 @@ def svd_of_product(B: Tensor, A: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
     U = Qb @ Uc[..., :, :k].to(dtype)
     V = Qa @ Vch[..., :k, :].transpose(-1, -2).to(dtype)
-    U, V = _canonical_signs(U, V)
+    U, V = canonical_signs(U, V)
     return U, S[..., :k].to(dtype), V

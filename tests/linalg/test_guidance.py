@@ -47,7 +47,8 @@ def test_guidance_matches_reference_fp64(batch, fisher, weights):
 def test_guidance_fp32_error_within_plain_fp32(fisher):
     Z, G, s = kfac_stats((4,), 24, 40, cond=1e3, seed=7)
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
-    Om, dW = lk.guidance_matrix(Z.float(), G.float(), s.float(), n_train=N_TRAIN, fisher=fisher, backend=BACKEND)
+    Om, dW = lk.guidance_matrix(Z.float(), G.float(), s.float(), n_train=N_TRAIN, damping=1e-3, fisher=fisher,
+                                backend=BACKEND)
     Om_p, dW_p = _plain_fp32_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
     assert Om.dtype == torch.float32
     assert _rel(Om, Om_r) <= 4 * _rel(Om_p, Om_r) + 1e-6
@@ -181,7 +182,7 @@ def _check_factors(A, P, evals, Om_r, dW_r, rank, *, sin_tol, obj_tol):
 def test_factors_fp64(solver, batch, fisher):
     rank = 4
     Z, G, s = kfac_stats(batch, 20, 48, seed=len(batch) * 10 + int(fisher))
-    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, fisher=fisher, solver=solver, backend=BACKEND)
+    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, fisher=fisher, solver=solver, backend=BACKEND)
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, fisher=fisher)
     _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5, obj_tol=1e-9)
 
@@ -192,7 +193,9 @@ def test_factors_fp32_within_plain_fp32_error(solver):
     rank = 6
     Z, G, s = kfac_stats((3,), 40, 96, cond=1e3, seed=21)
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
-    A, P, evals = lk.lora_da_factors(Z.float(), G.float(), s.float(), rank, n_train=N_TRAIN, solver=solver,
+    # tol=1e-4: at the default fp32 tol (sqrt(eps) = 3.5e-4) the objective gap depends on the random start
+    A, P, evals = lk.lora_da_factors(Z.float(), G.float(), s.float(), rank, n_train=N_TRAIN, damping=1e-3, solver=solver,
+                                     tol=1e-4 if solver == "lobpcg" else None,
                                      backend=BACKEND)
     assert A.dtype == P.dtype == evals.dtype == torch.float32
     lam, _ = scipy_eigh(Om_r, 0, rank - 1)
@@ -208,7 +211,7 @@ def test_factors_fp32_within_plain_fp32_error(solver):
 def test_factors_indefinite_with_positive_tail():
     """alpha, beta > 0 and the r-th smallest eigenvalue positive: A must still be Omega's bottom."""
     rank = 8
-    kw = dict(n_train=N_TRAIN, variance_weight=100.0)
+    kw = dict(n_train=N_TRAIN, variance_weight=100.0, damping=1e-3)
     Z, G, s = kfac_stats((2,), 12, 40, seed=4)
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN, beta=100.0)
     lam = torch.linalg.eigvalsh(Om_r)
@@ -222,12 +225,13 @@ def test_factors_indefinite_with_positive_tail():
 def test_factors_batched_equals_one_by_one_and_deterministic():
     rank = 3
     Z, G, s = kfac_stats((2, 2), 10, 32, seed=9)
-    A, P, ev = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND)
-    A2, P2, ev2 = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND)
+    A, P, ev = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, solver="lobpcg", backend=BACKEND)
+    A2, P2, ev2 = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, solver="lobpcg", backend=BACKEND)
     assert torch.equal(A, A2) and torch.equal(P, P2) and torch.equal(ev, ev2)
     for i in range(2):
         for j in range(2):
-            Ai, Pi, evi = lk.lora_da_factors(Z[i, j], G[i, j], s[i, j], rank, n_train=N_TRAIN, backend=BACKEND)
+            Ai, Pi, evi = lk.lora_da_factors(Z[i, j], G[i, j], s[i, j], rank, n_train=N_TRAIN, damping=1e-3,
+                                             solver="lobpcg", backend=BACKEND)
             assert sin_theta(Ai, A[i, j]) < 1e-6
             torch.testing.assert_close(evi, ev[i, j], rtol=1e-9, atol=1e-9 * ev[i, j].abs().max().item())
             # P A^T is sign-independent
@@ -240,24 +244,24 @@ def test_factors_warm_start():
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
     _, vec = scipy_eigh(Om_r, 0, rank - 1)
     X = vec + 1e-3 * torch.randn(vec.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, X=X, backend=BACKEND)
+    A, P, evals = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, X=X, solver="lobpcg", backend=BACKEND)
     _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5, obj_tol=1e-9)
 
 
 def test_factors_bad_input():
     Z, G, s = kfac_stats((2,), 5, 8, seed=2)
     with pytest.raises(ValueError, match=r"rank must be an int with 1 <= rank <= min\(m, n\) = min\(5, 8\)"):
-        lk.lora_da_factors(Z, G, s, 6, n_train=N_TRAIN, backend=BACKEND)
+        lk.lora_da_factors(Z, G, s, 6, n_train=N_TRAIN, damping=1e-3, backend=BACKEND)
     with pytest.raises(ValueError, match="rank must be"):
-        lk.lora_da_factors(Z, G, s, 0, n_train=N_TRAIN, backend=BACKEND)
+        lk.lora_da_factors(Z, G, s, 0, n_train=N_TRAIN, damping=1e-3, backend=BACKEND)
     with pytest.raises(ValueError, match="solver must be"):
-        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, solver="arpack", backend=BACKEND)
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, damping=1e-3, solver="arpack", backend=BACKEND)
     with pytest.raises(ValueError, match="s has shape"):
-        lk.lora_da_factors(Z, G, s[:1], 2, n_train=N_TRAIN, backend=BACKEND)
+        lk.lora_da_factors(Z, G, s[:1], 2, n_train=N_TRAIN, damping=1e-3, backend=BACKEND)
     Zn = Z.clone()
     Zn[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"Z .* NaN/Inf .* batch index \(1,\)"):
-        lk.lora_da_factors(Zn, G, s, 2, n_train=N_TRAIN, backend=BACKEND)
+        lk.lora_da_factors(Zn, G, s, 2, n_train=N_TRAIN, damping=1e-3, backend=BACKEND)
 
 
 @pytest.mark.parametrize("mode", ["shift_invert", "formed", "operator"])
@@ -268,7 +272,8 @@ def test_factors_solver_modes_and_info(mode, dtype):
     Z, G, s = kfac_stats((2,), 24, 64, cond=1e3, seed=41)
     Om_r, dW_r = reference_guidance(Z, G, s, n_train=N_TRAIN)
     kw = {"shift_invert": dict(preconditioner="shift_invert"), "formed": {}, "operator": dict(form_omega=False)}[mode]
-    out = lk.lora_da_factors(Z.to(dtype), G.to(dtype), s.to(dtype), rank, n_train=N_TRAIN, backend=BACKEND,
+    kw["solver"] = "lobpcg"
+    out = lk.lora_da_factors(Z.to(dtype), G.to(dtype), s.to(dtype), rank, n_train=N_TRAIN, damping=1e-3, backend=BACKEND,
                              return_info=True, **kw)
     assert len(out) == 4
     A, P, evals, info = out
@@ -283,13 +288,62 @@ def test_factors_solver_modes_and_info(mode, dtype):
         assert (info["shift"] < lam_min).all() and (info["factorizations"] >= 1).all()
         assert (info["shift"] >= -nu_ref ** 2 * (1 + 1e-4) - 1e-3 * lam_min.abs()).all()
     # the default return is the 3 values
-    assert len(lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, backend=BACKEND, **kw)) == 3
+    assert len(lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, backend=BACKEND, **kw)) == 3
 
 
 def test_factors_mode_bad_input():
     Z, G, s = kfac_stats((), 6, 10, seed=2)
     with pytest.raises(ValueError, match="preconditioner must be"):
-        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, backend=BACKEND, preconditioner="jacobi")
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, damping=1e-3, backend=BACKEND, preconditioner="jacobi")
     with pytest.raises(ValueError, match="needs form_omega=True"):
-        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, backend=BACKEND, preconditioner="shift_invert",
+        lk.lora_da_factors(Z, G, s, 2, n_train=N_TRAIN, damping=1e-3, backend=BACKEND, preconditioner="shift_invert",
                            form_omega=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one source of defaults, solver="auto", one solver-info contract for both solvers
+# ---------------------------------------------------------------------------------------------
+def test_defaults_come_from_one_place():
+    from lorainit_kernels import defaults
+
+    Z, G, s = kfac_stats((), 10, 24, seed=3)
+    Om, _ = lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, backend=BACKEND)
+    Om_d, _ = lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, damping=defaults.DAMPING, backend=BACKEND)
+    assert torch.equal(Om, Om_d)
+    A, _, _ = lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, backend=BACKEND)
+    A_d, _, _ = lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, damping=defaults.DAMPING, solver=defaults.SOLVER,
+                                   backend=BACKEND)
+    assert torch.equal(A, A_d)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_solver_info_has_the_same_keys_for_both_solvers(solver):
+    rank = 4
+    Z, G, s = kfac_stats((2,), 16, 48, seed=5)
+    Om_r, _ = reference_guidance(Z, G, s, n_train=N_TRAIN)
+    A, P, evals, info = lk.lora_da_factors(Z, G, s, rank, n_train=N_TRAIN, damping=1e-3, solver=solver,
+                                           backend=BACKEND, return_info=True)
+    assert info["solver"] == solver
+    assert info["iterations"].shape == (2,) and info["iterations"].dtype == torch.long
+    assert (info["iterations"] == 0).all() == (solver == "eigh")
+    assert info["converged"].shape == (2, rank) and info["converged"].dtype == torch.bool and info["converged"].all()
+    # one residual definition: ||Omega a - lambda a|| / (||Omega||_2 + |lambda|)
+    Ad = A.double()
+    res = (Om_r @ Ad - Ad * evals[..., None, :]).norm(dim=-2)
+    norm2 = torch.linalg.matrix_norm(Om_r, ord=2)[..., None]
+    ref = res / (norm2 + evals.abs())
+    assert info["residual"].shape == (2, rank)
+    assert (info["residual"] <= 1.5e-8).all() and (ref <= 1.5e-8 * 1.01 + 1e-14).all()
+
+
+def test_auto_solver_uses_the_crossover(monkeypatch):
+    from lorainit_kernels import defaults
+
+    Z, G, s = kfac_stats((), 12, 40, seed=6)
+    monkeypatch.setitem(defaults.EIGH_CROSSOVER_N, "cpu", 41)
+    info = lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, backend=BACKEND, return_info=True)[3]
+    assert info["solver"] == "eigh"
+    monkeypatch.setitem(defaults.EIGH_CROSSOVER_N, "cpu", 40)
+    info = lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, backend=BACKEND, return_info=True)[3]
+    assert info["solver"] == "lobpcg"
+    assert lk.linalg.choose_solver(4096, 8, "cpu") == "lobpcg" and lk.linalg.choose_solver(64, 8, "cpu") == "eigh"

@@ -1,0 +1,32 @@
+"""One source of LoRA-DA's numerical defaults (DESIGN.md section 2).
+
+``lk.guidance_matrix``, ``lk.lora_da_factors``, ``lorainit_kernels.methods.lora_da`` and
+``lorainit.LoRADAConfig`` all read their defaults from here, so the low-level API and
+``initialize_lora`` compute the same ``A`` on the same statistics. This module imports nothing.
+
+* ``DAMPING``: relative damping ``delta`` of ``Z`` and ``s``
+  (``Z_d = Z + delta mean(diag Z) I``, ``s_d = s + delta mean(s)``).
+* ``BIAS_WEIGHT`` / ``VARIANCE_WEIGHT`` / ``FISHER``: alpha, beta and whether the step is the
+  K-FAC Fisher step (the paper's full method).
+* ``STEP_SCALE``: the fixed step ``eta`` used where no held-out data can score one (the
+  tensor-level functions); ``initialize_lora`` searches ``STEP_GRID`` by default.
+* ``STEP_GRID``: the etas ``step_scale="auto"`` scores besides ``eta = 0``.
+* ``SOLVER``: the eigensolver for ``A``; ``"auto"`` is dense ``torch.linalg.eigh`` for
+  ``n < EIGH_CROSSOVER_N[device type]`` and LOBPCG above (``"eigh"`` / ``"lobpcg"`` force one).
+* ``EIGH_CROSSOVER_N``: the matrix size from which LOBPCG (k = 8 smallest pairs, fp32, realistic
+  Omega) beats batched dense ``eigh``, per device type. ``"cpu"``: measured by
+  ``bench/bench_lobpcg.py`` (its crossover sweep, ``bench/results/lobpcg.md``) on the 2-core
+  development CPU. ``"cuda"``: NOT measured (no GPU run yet); a guess from dense ``eigh`` being
+  poorly parallel on GPUs while LOBPCG's thin products are bandwidth-bound. Other device types
+  use the ``"cuda"`` value.
+"""
+
+DAMPING = 1e-2
+BIAS_WEIGHT = 1.0
+VARIANCE_WEIGHT = 1.0
+FISHER = True
+NORMALIZE_STEP = False
+STEP_SCALE = 1.0
+STEP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+SOLVER = "auto"
+EIGH_CROSSOVER_N = {"cpu": 768, "cuda": 512}

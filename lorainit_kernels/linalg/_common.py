@@ -1,0 +1,33 @@
+"""Small helpers shared by the linear algebra of the core (and by ``lorainit_kernels.methods``)."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def batch_index(flat: int, batch: Sequence[int]) -> Tuple[int, ...]:
+    """Flat (row-major) batch position -> index tuple, for error messages."""
+    batch = tuple(batch)
+    if not batch:
+        return ()
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch))
+
+
+def canonical_signs(U: Tensor, V: Tensor) -> Tuple[Tensor, Tensor]:
+    """Flip singular-vector pairs so that the largest-magnitude entry of each ``U`` column is positive.
+
+    ``U diag(S) V^T`` is unchanged; the output no longer depends on the SVD routine's sign choice.
+    """
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.gather(U, -2, idx).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, V * sign
+
+
+def chol_solve(R: Tensor, L: Tensor) -> Tensor:
+    """``(L L^T)^-1 R`` by two triangular solves in ``L``'s dtype, returned in ``R``'s dtype (faster
+    than ``cholesky_solve`` on the CPU for thin ``R``)."""
+    Y = torch.linalg.solve_triangular(L, R.to(L.dtype), upper=False)
+    return torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True).to(R.dtype)
