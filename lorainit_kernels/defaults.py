@@ -14,9 +14,10 @@
 * ``SOLVER``: the eigensolver for ``A``; ``"auto"`` is dense ``torch.linalg.eigh`` for
   ``n < EIGH_CROSSOVER_N[device type]`` and LOBPCG above (``"eigh"`` / ``"lobpcg"`` force one).
 * ``EIGH_CROSSOVER_N``: the matrix size from which LOBPCG (k = 8 smallest pairs, fp32, realistic
-  Omega) beats batched dense ``eigh``, per device type. ``"cpu"``: measured by
-  ``bench/bench_lobpcg.py`` (its crossover sweep, ``bench/results/lobpcg.md``) on the 2-core
-  development CPU. ``"cuda"``: NOT measured (no GPU run yet); a guess from dense ``eigh`` being
+  Omega) beats batched dense ``eigh``, per device type. ``"cpu"``: from the 2-core development
+  CPU's sweep in ``bench/results/lobpcg.md`` (LOBPCG 0.29x eigh at n=512, 1.23x at n=1024, so
+  768 sits between); ``bench/bench_lobpcg.py``'s crossover sweep (n = 256..4096 incl. 768 and 1536)
+  re-measures it and its note says which n to store here. ``"cuda"``: NOT measured (no GPU run yet); a guess from dense ``eigh`` being
   poorly parallel on GPUs while LOBPCG's thin products are bandwidth-bound. Other device types
   use the ``"cuda"`` value.
 """
