@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._backends import has_native, native_module
+from .. import backends, ops
 from ._common import batch_index, chol_solve
 
 Operator = Union[Tensor, Callable[[Tensor], Tensor]]
@@ -54,13 +54,12 @@ _SYMM_MIN_N = 256
 DEFAULT_SEED = 0x10BCC
 
 
-def _native_op(name: str):
-    """``lorainit_kernels._native.<name>``, or None (extension not built, or built before it existed)."""
-    if not has_native() or not hasattr(native_module(), name):
+def _native_kernel(op: str, *sample: Tensor):
+    """The native implementation registered for ``op`` when auto dispatch picks it for inputs like
+    ``sample``, else None. Resolved once per solve: the products and Grams run every iteration."""
+    if ops.backend_for(op, *sample) != "native":
         return None
-    from .. import _native
-
-    return getattr(_native, name)
+    return backends.kernels(op)["native"].fn
 
 
 def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
@@ -101,7 +100,7 @@ class _Op:
             # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
             # traffic of a bmm, which is what bounds these thin products)
             if one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu" and n >= _SYMM_MIN_N:
-                sym_matmul = _native_op("sym_matmul")
+                sym_matmul = _native_kernel("sym_matmul", self.mat)
                 if sym_matmul is not None:
                     if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
                         self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
@@ -319,7 +318,7 @@ class _Solver:
         # in fp64 a Gram eigenvalue is only known to ~1e-15, so an exactly dependent column shows as ~1e-16
         self.drop = max((100 * torch.finfo(self.dt).eps) ** 2, 1e-12)
         self.ortho_tol = 10 * math.sqrt(self.n) * float(torch.finfo(self.dt).eps)
-        self.rr_grams = _native_op("rr_grams") if self.dt == torch.float32 and self.dev.type == "cpu" else None
+        self.rr_grams = _native_kernel("rr_grams", torch.empty(0, dtype=self.dt, device=self.dev))
         b, dev = self.b, self.dev
         self.out_vals = torch.zeros((b, k), dtype=torch.float64, device=dev)
         self.out_vecs = torch.zeros((b, self.n, k), dtype=self.dt, device=dev)

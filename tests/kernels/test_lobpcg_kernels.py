@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lorainit_kernels as lk
-from lorainit_kernels import _backends
-from lorainit_kernels._backends import has_native
+from lorainit_kernels import backends as _backends
+from lorainit_kernels.backends import has_native
 
 if not has_native():
     pytest.skip(f"lorainit_kernels._C is not built ({_backends._load_native()[1]})", allow_module_level=True)
