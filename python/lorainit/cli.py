@@ -145,8 +145,7 @@ def cmd_init(args) -> int:
         # The init moved part of W into the adapter (PiSSA, MiLoRA, LoRA-GA, preserve_output): the
         # adapter is only meaningful on the residual base, which is saved beside it.
         base_dir = out / "base_model"
-        merged = _residual_base(peft_model)
-        merged.save_pretrained(base_dir, safe_serialization=True)
+        _save_residual_base(peft_model, base_dir)
         tokenizer.save_pretrained(base_dir)
     peft_model.save_pretrained(out, safe_serialization=True)
     report.to_json(out / "lorainit_report.json")
@@ -157,12 +156,27 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _residual_base(peft_model):
-    """The base model with the init's base-weight changes, without the LoRA layers."""
-    import copy
+def residual_base_state_dict(peft_model) -> dict:
+    """The base model's state dict as the plain model names it, with the init's base-weight changes and
+    without the LoRA tensors: views of the live parameters, nothing copied.
 
-    clone = copy.deepcopy(peft_model)
-    return clone.unload()
+    PEFT names a wrapped layer's weight ``<layer>.base_layer.weight``; the plain model names it
+    ``<layer>.weight``. Every ``lora_*`` entry (and PEFT's per-adapter containers) is dropped.
+    """
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    out = {}
+    for key, value in base.state_dict(keep_vars=True).items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value.detach()
+    return out
+
+
+def _save_residual_base(peft_model, base_dir) -> None:
+    """Save the residual base model (the init's base weights, no LoRA layers) without copying the model."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    base.save_pretrained(base_dir, state_dict=residual_base_state_dict(peft_model), safe_serialization=True)
 
 
 def cmd_demo(args) -> int:

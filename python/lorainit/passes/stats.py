@@ -257,7 +257,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                progress: bool = False, desc: str = "lorainit statistics") -> StatsPass:
     """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced."""
     examples = 0
-    with pass_state(model, targets), StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
+    with pass_state(model, targets, train_mode=True), \
+            StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
             for i, batch in enumerate(batches):
