@@ -6,7 +6,8 @@ update, and puts all of that back afterwards, also on error. Forward-only passes
 Passes with a backward (statistics, weight gradients) run with ``train_mode=True``: the model stays
 in train mode, so transformers' gradient checkpointing (``if self.gradient_checkpointing and
 self.training``) keeps working, and only the stochastic or stateful modules are switched to eval:
-dropout modules and batch/instance norms that track running statistics; a module's float dropout
+dropout modules (their ``p`` set to 0.0 too, since a parent may read it: GPT-2's attention passes
+``attn_dropout.p if self.training`` to SDPA) and batch/instance norms that track running statistics; a module's float dropout
 probability read through ``self.training`` (``attention_dropout`` of transformers' attention
 modules, ``dropout`` of BART-style layers) is set to 0.0 for the pass instead, so such a module (it
 may be a checkpointed decoder layer) stays in train mode.
@@ -43,6 +44,9 @@ def deterministic_train_mode(model: nn.Module) -> list:
     for m in model.modules():
         if _stochastic(m):
             m.training = False
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                changed.append((m, "p", m.p))  # parents read it too (GPT-2: attn_dropout.p if self.training)
+                m.__dict__["p"] = 0.0
             continue
         for attr in _DROPOUT_ATTRS:
             v = m.__dict__.get(attr)
