@@ -132,11 +132,24 @@ def cmd_init(args) -> int:
         raise UsageError(f"--target-modules: {missing} not found in the model")
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
                                                   use_rslora=args.rslora, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    config = None
+    if args.max_memory is not None:
+        from .registry import get_method
+
+        config = get_method(args.method).config_cls()
+        if not hasattr(config, "max_memory"):
+            raise UsageError(f"--max-memory: method {args.method!r} has no memory budget")
+        config = config.replace(max_memory=int(args.max_memory * (1 << 20)))
+    if args.dry_run:
+        from .memory import estimate_memory
+
+        print(estimate_memory(peft_model, args.method, config))
+        return 0
     loader = None
     if texts is not None:
         loader = tokenized_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
                                    padding=args.padding)
-    report = initialize_lora(peft_model, loader, method=args.method, num_samples=args.num_samples,
+    report = initialize_lora(peft_model, loader, method=args.method, config=config, num_samples=args.num_samples,
                              progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output directory for the adapter (safetensors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    p.add_argument("--max-memory", type=float, default=None,
+                   help="MiB bounding the init's peak above the model and one forward/backward (LoRA-DA)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (passes, groups, peak bytes) and exit; refuses a --max-memory "
+                        "below one layer's working set, naming the smallest budget that works")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("methods", help="list the registered init methods")
