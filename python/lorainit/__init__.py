@@ -14,6 +14,7 @@ from .adapters import LoRAFactors
 from .configs import InitConfig
 from .context import InitContext
 from .init import initialize_lora
+from .memory import MemoryPlan, estimate_memory
 from .methods.baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
 from .methods.hrp import HRPConfig
 from .methods.lora_da import LoRADAConfig
@@ -30,7 +31,7 @@ _LAZY = {
 
 __all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
            "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError",
-           "initialize_lora", "methods", "register_method"]
+           "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method"]
 
 
 def __getattr__(name):

@@ -3,8 +3,9 @@
 ``ModelSnapshot`` records everything an initialization may touch: every parameter's
 ``requires_grad`` and ``.grad``, every module's train/eval mode and hook dictionaries, the LoRA
 layers' adapter-disable flags, and the values of every target's ``lora_A``/``lora_B`` (base weights
-are saved just before they are modified). ``restore()`` puts all of it back, so any error leaves
-the model exactly as before.
+are saved just before they are modified, **on the CPU** (pinned memory when CUDA is available), so
+the rollback never doubles device memory: :func:`snapshot_bytes` is what it costs). ``restore()``
+puts all of it back, so any error leaves the model exactly as before.
 
 ``write_factors`` checks every factor first (shapes, finiteness) and only then writes:
 ``lora_A.weight = lora_A``, ``lora_B.weight = lora_B`` (cast to the adapter's dtype) and, when a
@@ -21,7 +22,7 @@ from lorainit_kernels.methods import LoRAFactors
 
 from .targets import LoRAInitError, TargetLayer
 
-__all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors"]
+__all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors", "cpu_copy"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -46,6 +47,17 @@ class ModuleState:
             m._disable_adapters = flag
 
 
+def cpu_copy(t: Tensor) -> Tensor:
+    """A CPU copy of ``t`` (pinned when CUDA is available and ``t`` lives on a GPU, for fast copies back)."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone()
+    pin = torch.cuda.is_available()
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+    out.copy_(t, non_blocking=False)
+    return out
+
+
 class ModelSnapshot:
     """Everything an initialization may change, recorded so that :meth:`restore` undoes it."""
 
@@ -61,12 +73,13 @@ class ModelSnapshot:
                     self.hooks.append((d, dict(d)))
         self.lora = {}
         for name, t in targets.items():
-            self.lora[name] = (t.lora_A.detach().clone(), t.lora_B.detach().clone())
+            self.lora[name] = (cpu_copy(t.lora_A), cpu_copy(t.lora_B))
         self.base: Dict[str, Tensor] = {}
 
     def save_base(self, t: TargetLayer) -> None:
+        """Keep the base weight of ``t`` (on the CPU) before its first modification."""
         if t.name not in self.base:
-            self.base[t.name] = t.weight.detach().clone()
+            self.base[t.name] = cpu_copy(t.weight)
 
     @torch.no_grad()
     def restore(self, *, values: bool = True) -> None:

@@ -132,11 +132,24 @@ def cmd_init(args) -> int:
         raise UsageError(f"--target-modules: {missing} not found in the model")
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
                                                   use_rslora=args.rslora, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    config = None
+    if args.max_memory is not None:
+        from .registry import get_method
+
+        config = get_method(args.method).config_cls()
+        if not hasattr(config, "max_memory"):
+            raise UsageError(f"--max-memory: method {args.method!r} has no memory budget")
+        config = config.replace(max_memory=int(args.max_memory * (1 << 20)))
+    if args.dry_run:
+        from .memory import estimate_memory
+
+        print(estimate_memory(peft_model, args.method, config))
+        return 0
     loader = None
     if texts is not None:
         loader = tokenized_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
                                    padding=args.padding)
-    report = initialize_lora(peft_model, loader, method=args.method, num_samples=args.num_samples,
+    report = initialize_lora(peft_model, loader, method=args.method, config=config, num_samples=args.num_samples,
                              progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +158,7 @@ def cmd_init(args) -> int:
         # The init moved part of W into the adapter (PiSSA, MiLoRA, LoRA-GA, preserve_output): the
         # adapter is only meaningful on the residual base, which is saved beside it.
         base_dir = out / "base_model"
-        merged = _residual_base(peft_model)
-        merged.save_pretrained(base_dir, safe_serialization=True)
+        _save_residual_base(peft_model, base_dir)
         tokenizer.save_pretrained(base_dir)
     peft_model.save_pretrained(out, safe_serialization=True)
     report.to_json(out / "lorainit_report.json")
@@ -157,12 +169,27 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _residual_base(peft_model):
-    """The base model with the init's base-weight changes, without the LoRA layers."""
-    import copy
+def residual_base_state_dict(peft_model) -> dict:
+    """The base model's state dict as the plain model names it, with the init's base-weight changes and
+    without the LoRA tensors: views of the live parameters, nothing copied.
 
-    clone = copy.deepcopy(peft_model)
-    return clone.unload()
+    PEFT names a wrapped layer's weight ``<layer>.base_layer.weight``; the plain model names it
+    ``<layer>.weight``. Every ``lora_*`` entry (and PEFT's per-adapter containers) is dropped.
+    """
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    out = {}
+    for key, value in base.state_dict(keep_vars=True).items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value.detach()
+    return out
+
+
+def _save_residual_base(peft_model, base_dir) -> None:
+    """Save the residual base model (the init's base weights, no LoRA layers) without copying the model."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    base.save_pretrained(base_dir, state_dict=residual_base_state_dict(peft_model), safe_serialization=True)
 
 
 def cmd_demo(args) -> int:
@@ -200,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output directory for the adapter (safetensors)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    p.add_argument("--max-memory", type=float, default=None,
+                   help="MiB bounding the init's peak above the model and one forward/backward (LoRA-DA)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (passes, groups, peak bytes) and exit; refuses a --max-memory "
+                        "below one layer's working set, naming the smallest budget that works")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("methods", help="list the registered init methods")

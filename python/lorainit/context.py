@@ -68,6 +68,7 @@ class InitContext:
         self._snapshot = snapshot
         self._batches: Optional[List[Any]] = None
         self._runners: Dict[str, LossRunner] = {}
+        self.shared_inputs: Optional[Dict[str, str]] = None  # layer -> owner of its Z, once probed
 
     # ---------------------------------------------------------------- report
     def record(self, layer: str, **info) -> None:
@@ -136,12 +137,15 @@ class InitContext:
     # ---------------------------------------------------------------- passes
     def iter_stats(self, names: Optional[Sequence[str]] = None, *, batches: Optional[Sequence[Any]] = None,
                    max_memory: Optional[int] = None, dtype: torch.dtype = torch.float32, backend: str = "auto",
-                   token_mask: str = "attention") -> Iterator[Dict[str, LayerStats]]:
+                   token_mask: str = "attention",
+                   working_set: Optional[Callable[[str], int]] = None) -> Iterator[Dict[str, LayerStats]]:
         """K-FAC statistics of the targets ``names`` (all by default) over ``batches`` (default: all).
 
         Yields one dict ``{name: LayerStats}`` per pass. With ``max_memory`` (bytes) below what the
-        statistics of all layers need, the layers are split into groups (layers sharing an input
-        stay together) and each group gets its own pass over the same batches.
+        statistics of all layers need plus the largest ``working_set(name)`` (what the caller uses
+        per layer on top of the statistics, e.g. a solve), the layers are split into groups (layers
+        sharing an input stay together) and each group gets its own pass over the same batches.
+        The caller should drop each dict (and each layer's tensors) as soon as it is done with them.
         """
         names = list(self.names if names is None else names)
         batches = list(self.batches if batches is None else batches)
@@ -149,10 +153,12 @@ class InitContext:
             raise LoRAInitError("no batches for the statistics pass")
         runner = self.runner(token_mask)
         groups = [names]
-        if max_memory is not None and sum(stats_bytes(self.targets[n], dtype) for n in names) > max_memory:
+        work = max((working_set(n) for n in names), default=0) if working_set is not None else 0
+        if max_memory is not None and sum(stats_bytes(self.targets[n], dtype) for n in names) + work > max_memory:
             with self.timed("probe"):
                 shared = probe_shared_inputs(self.model, self.targets, names, runner, batches[0])
-            groups = plan_groups(names, self.targets, shared, max_memory, dtype)
+            groups = plan_groups(names, self.targets, shared, max_memory, dtype, working_set)
+            self.shared_inputs = shared
         self.info["passes"] = len(groups)
         for gi, group in enumerate(groups):
             desc = "lorainit statistics" + (f" (pass {gi + 1}/{len(groups)})" if len(groups) > 1 else "")
@@ -163,7 +169,10 @@ class InitContext:
             self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
             for name, st in done.stats.items():
                 self.record(name, tokens=st.count, shares_input_with=None if st.z_owner == name else st.z_owner)
-            yield done.stats
+            stats = done.stats
+            del done
+            yield stats
+            del stats
 
     def collect_stats(self, names: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, LayerStats]:
         """All layers' statistics as one dict (the groups of a memory budget are merged)."""

@@ -17,8 +17,11 @@ after writing ``eta P A^T`` to every layer, forward passes only, coarse-to-fine 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -28,9 +31,11 @@ import lorainit_kernels.methods as lkm
 from lorainit_kernels import defaults
 
 from .. import distributed as dist_utils
+from .. import memory
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number
 from ..context import InitContext
+from ..passes.stats import stats_bytes
 from ..targets import LoRAInitError, check_rank
 from .common import MethodSpec, finalize, kernel_call, layer_groups
 
@@ -89,8 +94,12 @@ class LoRADAConfig(InitConfig):
             and ``variance_weight=0, fisher=False`` (w/o var and Fisher): see :meth:`ablation`.
         token_mask: ``"attention"`` (tokens with ``attention_mask == 1``) or ``"labels"`` (only the
             positions whose loss label is not -100).
-        max_memory: bytes for the statistics of one pass; None = all layers in one pass. Below what
-            all layers need, layers are processed in groups with one pass each (identical results).
+        max_memory: bytes bounding the peak of the whole call above the model and one forward/backward
+            of a batch (README "Memory"); None = all layers in one pass. Below what all statistics plus
+            one layer's solve need, layers are processed in groups with one pass each and solved in
+            chunks that fit beside their statistics (identical adapters: each layer's LOBPCG start is
+            seeded from its name). A budget below one layer's working set warns with the smallest
+            budget that works (``lorainit.estimate_memory`` refuses it).
         solver: ``"auto"`` (default: dense ``eigh`` below the measured crossover size
             ``lorainit_kernels.defaults.EIGH_CROSSOVER_N``, batched LOBPCG above), ``"lobpcg"`` or
             ``"eigh"``. The report records per layer the solver used, its iterations, whether all
@@ -193,33 +202,88 @@ def _solver_row(solver: Dict[str, Any], i: int) -> Dict[str, Any]:
             "residual": float(solver["residual"][i].max())}
 
 
+def layer_seed(name: str) -> int:
+    """The LOBPCG seed of a layer: from its name, so its result does not depend on its batch neighbours."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _takes_seeds() -> bool:
+    try:
+        return "seeds" in inspect.signature(lkm.lora_da).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _chunks(ctx: InitContext, config: LoRADAConfig, names, room: Optional[int]):
+    """``names`` (one shape bucket) in chunks whose stacked solve fits in ``room`` bytes (None: one chunk)."""
+    if room is None:
+        yield list(names)
+        return
+    cur, used = [], 0
+    for name in names:
+        t = ctx.targets[name]
+        need = memory.solve_bytes(t, config.solver, config.stats_dtype, stacked=True)
+        if cur and used + need > room:
+            yield cur
+            cur, used = [], 0
+        cur.append(name)
+        used += need
+    if cur:
+        yield cur
+
+
 def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
-    """Solve the layers of one statistics pass: batched by shape on their owner rank, then broadcast."""
+    """Solve the layers of one statistics pass on their owner rank (then broadcast).
+
+    Layers of one shape are stacked into batched calls chunked by bytes: with ``max_memory`` a chunk's
+    solve fits in what the budget leaves beside this pass's statistics (a chunk of one layer passes
+    views of its statistics, no copies). A layer's statistics are dropped from ``part`` as soon as it
+    is solved (a shared ``Z`` when its last layer is). Each layer's LOBPCG start is seeded from its
+    name, so the adapters do not depend on the chunking.
+    """
     n_train = {}
     for name, st in part.items():
         N, source = _n_train(ctx, config, st.count)
         n_train[name] = N
         ctx.record(name, n_train=N)
         ctx.info["n_train_source"] = source
+    room = None
+    if config.max_memory is not None:
+        held = sum(stats_bytes(ctx.targets[k], config.stats_dtype, with_z=(st.z_owner == k)) for k, st in part.items())
+        room = max(config.max_memory - held, 0)
     mine = [n for n in part if owners[n] == ctx.rank]
+    seeds = _takes_seeds()
     key = (lambda t: (t.m, t.n, t.r, t.scaling, n_train[t.name]))
-    for (m, n, r, scaling, N), names in layer_groups(ctx.targets, mine, key=key):
-        Z = torch.stack([part[k].Z for k in names])
-        G = torch.stack([part[k].G for k in names])
-        s = torch.stack([part[k].s for k in names])
-        t0 = time.perf_counter()
-        factors, info = kernel_call(
-            f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
-            step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
-            bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
-            solver=config.solver, **config.solver_options)
-        dt = (time.perf_counter() - t0) / len(names)
-        for i, name in enumerate(names):
-            row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
-            if info.get("step_norm") is not None:
-                row["step_norm"] = float(info["step_norm"][i])
-            ctx.record(name, **row)
-            results[name] = (factors.lora_A[i].float(), factors.lora_B[i].float(), info["evals"][i].float())
+    for (m, n, r, scaling), names_all in [((k[0], k[1], k[2], k[3]), v) for k, v in
+                                          layer_groups(ctx.targets, mine, key=key)]:
+        N = n_train[names_all[0]]
+        for names in _chunks(ctx, config, names_all, room):
+            if len(names) == 1:
+                st = part[names[0]]
+                Z, G, s = st.Z.unsqueeze(0), st.G.unsqueeze(0), st.s.unsqueeze(0)
+            else:
+                Z = torch.stack([part[k].Z for k in names])
+                G = torch.stack([part[k].G for k in names])
+                s = torch.stack([part[k].s for k in names])
+            extra = {"seeds": [layer_seed(k) for k in names]} if seeds else {}
+            t0 = time.perf_counter()
+            factors, info = kernel_call(
+                f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
+                step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
+                bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
+                solver=config.solver, **extra, **config.solver_options)
+            del Z, G, s
+            dt = (time.perf_counter() - t0) / len(names)
+            for i, name in enumerate(names):
+                row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
+                if info.get("step_norm") is not None:
+                    row["step_norm"] = float(info["step_norm"][i])
+                ctx.record(name, **row)
+                results[name] = (factors.lora_A[i].float().clone(), factors.lora_B[i].float().clone(),
+                                 info["evals"][i].float().clone())
+            del factors, info
+            for name in names:
+                part[name] = _Solved(part[name].count)  # drop G, s (and Z with its last layer)
     if ctx.world > 1:
         for name in sorted(part):
             t = ctx.targets[name]
@@ -233,6 +297,13 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
             results[name] = (A, B, ev)
             if owners[name] != ctx.rank:
                 ctx.record(name, eigenvalues=ev.tolist())
+
+
+class _Solved:
+    """What stays of a solved layer's statistics: its token count."""
+
+    def __init__(self, count: int):
+        self.count = count
 
 
 def _factors(ctx: InitContext, results, eta: float, preserve: bool) -> Dict[str, LoRAFactors]:
@@ -278,8 +349,20 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
         stat_batches, holdout = ctx.batches, []
     owners = dist_utils.assign_ranks(ctx.names, ctx.world)
     results: Dict[str, tuple] = {}
+    work = (lambda name: memory.solve_bytes(ctx.targets[name], config.solver, config.stats_dtype))
+    if config.max_memory is not None:
+        plan = memory.plan_lora_da(ctx.targets, ctx.names, memory.structural_sharing(ctx.targets), config.max_memory,
+                                   solver=config.solver, dtype=config.stats_dtype)
+        ctx.info["memory"] = {"budget": config.max_memory, "predicted_peak": plan.peak_bytes,
+                              "smallest_budget": plan.smallest_budget}
+        if not plan.fits:
+            warnings.warn(f"LoRADAConfig.max_memory={config.max_memory} bytes is below one layer's working set (its "
+                          f"statistics and solve): the peak will be about {plan.peak_bytes} bytes; the smallest "
+                          f"budget that works is {plan.smallest_budget} bytes (lorainit.estimate_memory)",
+                          RuntimeWarning, stacklevel=3)
     for part in ctx.iter_stats(ctx.names, batches=stat_batches, max_memory=config.max_memory,
-                               dtype=config.stats_dtype, backend=config.backend, token_mask=config.token_mask):
+                               dtype=config.stats_dtype, backend=config.backend, token_mask=config.token_mask,
+                               working_set=work):
         with ctx.timed("solve"):
             _solve_part(ctx, config, part, owners, results)
         del part

@@ -28,7 +28,7 @@ def weight_grads(model: nn.Module, targets: Dict[str, TargetLayer], names: Seque
     """
     acc = {n: torch.zeros(targets[n].m, targets[n].n, dtype=torch.float32, device=targets[n].device) for n in names}
     tokens = 0
-    with pass_state(model, targets, grad_weights=names):
+    with pass_state(model, targets, grad_weights=names, train_mode=True):
         bar = progress_bar(len(batches), "lorainit gradients", progress)
         try:
             for i, batch in enumerate(batches):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -50,25 +50,31 @@ def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool
 
 
 def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: Dict[str, str],
-                max_memory: Optional[int], dtype: torch.dtype) -> List[List[str]]:
-    """Split targets (in model order) into passes whose statistics fit in ``max_memory`` bytes.
+                max_memory: Optional[int], dtype: torch.dtype,
+                working_set: Optional[Callable[[str], int]] = None) -> List[List[str]]:
+    """Split targets (in model order) into passes whose peak fits in ``max_memory`` bytes.
 
-    Layers sharing an input (``shared[name] = owner``) stay in one group (one Z). A unit larger than
-    the budget gets a pass of its own.
+    A pass's peak is its statistics plus the largest ``working_set(name)`` of its layers (bytes used
+    on top of the statistics while that layer is processed; none by default). Layers sharing an
+    input (``shared[name] = owner``) stay in one group (one Z). A unit larger than the budget gets a
+    pass of its own (:mod:`lorainit.memory` says which budget it needs).
     """
     units: Dict[str, List[str]] = {}
     for name in names:
         units.setdefault(shared.get(name, name), []).append(name)
     if max_memory is None:
         return [list(names)]
-    groups, cur, used = [], [], 0
+    work_of = working_set or (lambda name: 0)
+    groups, cur, used, work = [], [], 0, 0
     for owner, members in units.items():
         need = sum(stats_bytes(targets[n], dtype, with_z=(n == members[0])) for n in members)
-        if cur and used + need > max_memory:
+        w = max(work_of(n) for n in members)
+        if cur and used + need + max(work, w) > max_memory:
             groups.append(cur)
-            cur, used = [], 0
+            cur, used, work = [], 0, 0
         cur.extend(members)
         used += need
+        work = max(work, w)
     if cur:
         groups.append(cur)
     return groups
@@ -217,6 +223,8 @@ class StatsCollector:
             raise self.error
 
     def results(self) -> Dict[str, LayerStats]:
+        """The means ``Z, G, s`` of every layer, taken **in place** in the accumulators (no second copy);
+        the collector's accumulators are released."""
         out = {}
         for name in self.names:
             st = self.stats.get(name)
@@ -224,12 +232,14 @@ class StatsCollector:
                 raise LoRAInitError(f"module {name!r} received no valid tokens in the statistics pass (it never ran, "
                                     f"or every token was masked)")
             owner = self.owner[name]
-            out[name] = LayerStats(name=name, Z=None, G=st.grad(), s=st.grad_sq(), count=st.count, z_owner=owner)
-        zs = {o: self.stats[o].input_cov() for o in {s.z_owner for s in out.values()}}
+            out[name] = LayerStats(name=name, Z=None, G=st.g_sum.div_(st.count), s=st.s_sum.div_(st.count),
+                                   count=st.count, z_owner=owner)
+        zs = {o: self.stats[o].z_sum.div_(self.stats[o].count) for o in {s.z_owner for s in out.values()}}
         for s in out.values():
             s.Z = zs[s.z_owner]
             if self.stats[s.z_owner].count != s.count:
                 raise LoRAInitError(f"modules {s.z_owner!r} and {s.name!r} share an input but saw different token counts")
+        self.stats = {}
         return out
 
 
@@ -257,7 +267,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                progress: bool = False, desc: str = "lorainit statistics") -> StatsPass:
     """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced."""
     examples = 0
-    with pass_state(model, targets), StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
+    with pass_state(model, targets, train_mode=True), \
+            StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
             for i, batch in enumerate(batches):

@@ -1,0 +1,259 @@
+"""The memory model of an initialization, and the plan a budget gives (``estimate_memory``).
+
+Bytes above what the model and one forward/backward of a batch already use (``e`` = bytes of the
+statistics dtype, 4 for fp32; ``m x n`` a target's weight, ``r`` its rank):
+
+* **statistics** of a target: ``Z`` ``e n^2`` (once per distinct input: q/k/v, gate/up share it),
+  ``G`` ``e m n``, ``s`` ``e m`` (:func:`lorainit.passes.stats.stats_bytes`); they live from the
+  pass that accumulates them until the layer is solved (the means are taken in place).
+* **one layer's LoRA-DA solve** (``lorainit_kernels.methods.lora_da`` as it allocates today, on top
+  of its statistics; :func:`solve_bytes`): the damped ``Z_d`` and its Cholesky factor (``2 e n^2``),
+  ``H = G Z_d^-1`` and ``dW`` (``2 e m n``), and the assembly of ``Omega`` (four ``n^2``
+  temporaries); the dense path adds ``eigh``'s eigenvectors and workspace (``3 e n^2``) and an fp64
+  copy of Omega for the residuals (``2 e n^2``); the LOBPCG path only thin blocks (``~40 e n k``).
+  Layers solved together stack copies of their statistics (``e (n^2 + m n + m)`` each).
+* **rollback snapshot** (:func:`snapshot_bytes`): the adapters' values, and the base weight of every
+  target the method changes (PiSSA, MiLoRA, LoRA-GA, LoRA-One with ``subtract_init``, LoRA-DA with
+  ``preserve_output``), all on the **CPU** (pinned with CUDA): host memory, not device memory.
+* **a weight-gradient pass** (LoRA-GA, LoRA-One; :func:`grad_bytes`): per target an fp32 ``m x n``
+  accumulator plus the ``.grad`` autograd writes in the weight's dtype.
+
+:func:`plan_lora_da` turns a budget into passes: layers (a shared-input unit stays together) in
+model order, a pass closed when its statistics plus the largest working set of its layers would
+exceed the budget. The peak of the call is the largest ``statistics of a pass + working set of
+one of its layers``; a budget below the smallest such peak cannot be honoured and
+:func:`estimate_memory` (``lorainit init --dry-run``) refuses it, naming the smallest budget that works.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .passes.stats import stats_bytes
+from .targets import LoRAInitError, TargetLayer, find_targets
+
+__all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "snapshot_bytes", "grad_bytes",
+           "structural_sharing", "MiB"]
+
+MiB = 1 << 20
+_SHARED_NAMES = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"},
+                 {"w1", "w3"}, {"wq", "wk", "wv"})
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _auto_solver(n: int, r: int, device) -> str:
+    """The solver ``solver="auto"`` picks in the core (its ``choose_solver``; ~1k crossover if it has none)."""
+    try:
+        from lorainit_kernels.linalg.guidance import choose_solver
+    except ImportError:
+        return "eigh" if n < max(1024, 5 * r) else "lobpcg"
+    return choose_solver(n, r, device)
+
+
+def solve_bytes(t: TargetLayer, solver: str = "auto", dtype: torch.dtype = torch.float32, *,
+                stacked: bool = False) -> int:
+    """Bytes of one layer's LoRA-DA solve above its statistics (see the module docstring)."""
+    e, m, n, r = _elem(dtype), t.m, t.n, t.r
+    if solver == "auto":
+        solver = _auto_solver(n, r, t.device)
+    words = 2 * n * n + 2 * m * n + 4 * n * n
+    if solver == "eigh":
+        words += 5 * n * n
+    else:
+        words += 40 * n * max(r, 1) * 2
+    if stacked:
+        words += n * n + m * n + m
+    return e * words + e * r * (m + n + 1)
+
+
+def snapshot_bytes(targets: Dict[str, TargetLayer], changes_base: bool) -> int:
+    """Host bytes of the rollback snapshot: every adapter's values, the base weights when they change."""
+    out = 0
+    for t in targets.values():
+        out += t.lora_A.numel() * t.lora_A.element_size() + t.lora_B.numel() * t.lora_B.element_size()
+        if changes_base:
+            out += t.m * t.n * t.weight.element_size()
+    return out
+
+
+def grad_bytes(t: TargetLayer) -> int:
+    """Bytes of one target in a weight-gradient pass: fp32 accumulator + the weight's ``.grad``."""
+    return t.m * t.n * (4 + t.weight.element_size())
+
+
+def structural_sharing(targets: Dict[str, TargetLayer]) -> Dict[str, str]:
+    """Layer -> owner of its ``Z``, guessed without data: siblings named q/k/v (gate/up, ...) with one input size.
+
+    The statistics pass finds the real sharing on its first batch; this guess serves the estimate."""
+    owner: Dict[str, str] = {}
+    seen: Dict[tuple, str] = {}
+    for name in targets:
+        parent, _, leaf = name.rpartition(".")
+        group = next((i for i, g in enumerate(_SHARED_NAMES) if leaf in g), None)
+        key = (parent, group, targets[name].n)
+        if group is not None and key in seen:
+            owner[name] = seen[key]
+        else:
+            owner[name] = name
+            if group is not None:
+                seen[key] = name
+    return owner
+
+
+@dataclass
+class MemoryPlan:
+    """What a call will do under a budget: passes (groups of layers), peak bytes, the smallest budget."""
+
+    method: str
+    budget: Optional[int]
+    groups: List[List[str]]
+    stats_bytes: int                # all statistics, one pass
+    peak_bytes: int                 # predicted peak above the model and one forward/backward
+    smallest_budget: int            # the smallest budget this plan can honour
+    snapshot_host_bytes: int = 0
+    per_group: List[Dict[str, int]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def passes(self) -> int:
+        return len(self.groups)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.budget >= self.smallest_budget
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"method": self.method, "budget": self.budget, "passes": self.passes, "groups": self.groups,
+                "stats_bytes": self.stats_bytes, "peak_bytes": self.peak_bytes,
+                "smallest_budget": self.smallest_budget, "snapshot_host_bytes": self.snapshot_host_bytes,
+                "per_group": self.per_group, "notes": self.notes}
+
+    def __str__(self) -> str:
+        b = "none" if self.budget is None else f"{self.budget / MiB:.1f} MiB"
+        lines = [f"lorainit memory plan: method {self.method}, budget {b}",
+                 f"  statistics of all targets: {self.stats_bytes / MiB:.1f} MiB",
+                 f"  passes: {self.passes}; predicted peak above the model and one forward/backward: "
+                 f"{self.peak_bytes / MiB:.1f} MiB",
+                 f"  smallest budget that works: {self.smallest_budget / MiB:.1f} MiB",
+                 f"  rollback snapshot (host memory): {self.snapshot_host_bytes / MiB:.1f} MiB"]
+        for i, (g, d) in enumerate(zip(self.groups, self.per_group)):
+            lines.append(f"  pass {i + 1}: {len(g)} layers, statistics {d['stats'] / MiB:.1f} MiB, "
+                         f"peak {d['peak'] / MiB:.1f} MiB")
+            if i == 7 and self.passes > 9:
+                lines.append(f"  ... {self.passes - 8} more passes")
+                break
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _units(names: Sequence[str], shared: Dict[str, str]) -> List[List[str]]:
+    units: Dict[str, List[str]] = {}
+    for name in names:
+        units.setdefault(shared.get(name, name), []).append(name)
+    return list(units.values())
+
+
+def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],
+                 budget: Optional[int], *, solver: str = "auto", dtype: torch.dtype = torch.float32) -> MemoryPlan:
+    """Passes of LoRA-DA under ``budget`` bytes (None: one pass); see the module docstring."""
+    units = _units(names, shared)
+    u_stats = [sum(stats_bytes(targets[n], dtype, with_z=(i == 0)) for i, n in enumerate(u)) for u in units]
+    u_work = [max(solve_bytes(targets[n], solver, dtype) for n in u) for u in units]
+    smallest = max(s + w for s, w in zip(u_stats, u_work))
+    groups: List[List[str]] = []
+    per: List[Dict[str, int]] = []
+    cur: List[str] = []
+    used = work = 0
+    for u, s, w in zip(units, u_stats, u_work):
+        if budget is not None and cur and used + s + max(work, w) > budget:
+            groups.append(cur)
+            per.append({"stats": used, "peak": used + work})
+            cur, used, work = [], 0, 0
+        cur.extend(u)
+        used += s
+        work = max(work, w)
+    if cur:
+        groups.append(cur)
+        per.append({"stats": used, "peak": used + work})
+    peak = max(d["peak"] for d in per)
+    return MemoryPlan("lora_da", budget, groups, sum(u_stats), peak, smallest, per_group=per)
+
+
+def _changes_base(method: str, config) -> bool:
+    if method in ("pissa", "milora", "lora_ga"):
+        return True
+    if method == "lora_one":
+        return bool(getattr(config, "subtract_init", False))
+    return bool(getattr(config, "preserve_output", False))
+
+
+def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, dataloader: Optional[Iterable] = None,
+                    adapter: Optional[str] = None, strict: bool = True) -> MemoryPlan:
+    """The memory plan of ``initialize_lora(model, dataloader, method, config)``, before running it.
+
+    Which layers share an input is guessed from their names (q/k/v, gate/up siblings) unless a
+    ``dataloader`` is given (one forward of its first batch finds it, as the statistics pass does).
+    With ``strict`` a ``max_memory`` below the smallest budget that works raises ``LoRAInitError``
+    naming that budget. Methods without statistics get a plan of one pass (the weight-gradient
+    methods: groups of fp32 gradients under ``max_memory``).
+    """
+    from .registry import get_method
+
+    spec = get_method(method)
+    config = spec.config_cls() if config is None else config
+    targets = find_targets(model, adapter)
+    names = list(targets)
+    budget = getattr(config, "max_memory", None)
+    snap = snapshot_bytes(targets, _changes_base(method, config))
+    if method == "lora_da":
+        shared = structural_sharing(targets)
+        if dataloader is not None:
+            from .context import InitContext
+            from .passes.stats import probe_shared_inputs
+
+            ctx = InitContext(model, targets, dataloader, num_samples=1, progress=False)
+            shared = probe_shared_inputs(model, targets, names, ctx.runner(config.token_mask), ctx.batches[0])
+        plan = plan_lora_da(targets, names, shared, budget, solver=config.solver, dtype=config.stats_dtype)
+        if any(o != n for n, o in shared.items()):
+            plan.notes.append("layers sharing an input share one Z in the statistics; the solve damps and "
+                              "factors a copy of it per layer (lorainit_kernels.methods.lora_da takes one Z per G)")
+    elif method in ("lora_ga", "lora_one"):
+        sizes = {n: grad_bytes(targets[n]) for n in names}
+        groups = plan_grad_groups(names, sizes, budget)
+        per = [{"stats": sum(sizes[n] for n in g), "peak": sum(sizes[n] for n in g)} for g in groups]
+        plan = MemoryPlan(method, budget, groups, sum(sizes.values()), max(d["peak"] for d in per),
+                          max(sizes.values()), per_group=per)
+    else:
+        plan = MemoryPlan(method, budget, [names], 0, 0, 0, per_group=[{"stats": 0, "peak": 0}])
+    plan.snapshot_host_bytes = snap
+    on_cpu = all(t.device.type == "cpu" for t in targets.values())
+    if on_cpu and snap:
+        plan.notes.append("the model is on the CPU: the rollback snapshot is in the same memory")
+    if strict and not plan.fits:
+        raise LoRAInitError(f"max_memory={budget} bytes ({budget / MiB:.1f} MiB) is below one layer's working set; "
+                            f"the smallest budget that works for method {method!r} is {plan.smallest_budget} bytes "
+                            f"({math.ceil(plan.smallest_budget / MiB)} MiB)")
+    return plan
+
+
+def plan_grad_groups(names: Sequence[str], sizes: Dict[str, int], budget: Optional[int]) -> List[List[str]]:
+    """Targets (model order) in groups whose weight-gradient bytes fit ``budget`` (None: one group)."""
+    if budget is None:
+        return [list(names)]
+    groups, cur, used = [], [], 0
+    for n in names:
+        if cur and used + sizes[n] > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += sizes[n]
+    if cur:
+        groups.append(cur)
+    return groups
