@@ -2,7 +2,8 @@
 
 Every pass freezes all parameters (except the base weights whose gradient it wants), switches to
 eval mode and disables the LoRA branches (the statistics are those of the base model), and puts
-all of that back afterwards, also on error.
+all of that back afterwards, also on error. On exit FSDP2 modules are resharded (a no-grad forward
+leaves the root's parameters unsharded), so reads and writes between passes see the sharded DTensors.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Dict, Sequence
 
 from torch import nn
 
+from .. import distributed as dist_utils
 from ..adapters import ModuleState
 from ..targets import TargetLayer
 
@@ -34,6 +36,7 @@ def pass_state(model: nn.Module, targets: Dict[str, TargetLayer], *, lora_enable
             m._disable_adapters = not lora_enabled
         yield
     finally:
+        dist_utils.reshard(model)
         saved.restore()
 
 
