@@ -108,7 +108,13 @@ class LossRunner:
         first target whose input was not finite) or else the batch.
         """
         prepared = self.prepare(batch)
-        loss, count = self.summed_loss(prepared, index)
+        try:
+            loss, count = self.summed_loss(prepared, index)
+        except LoRAInitError:  # e.g. NaN activations make the loss normalization undetectable: name the module
+            bad = culprit() if check_finite and culprit is not None else None
+            if bad is not None:
+                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
+            raise
         mask = self.mask(prepared)
         if check_finite and not bool(torch.isfinite(loss.detach())):
             bad = culprit() if culprit is not None else None
