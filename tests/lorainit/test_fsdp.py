@@ -9,6 +9,8 @@ what each rank saved and compare it with one process on the union of the ranks' 
 * a NaN planted in rank 1's data only: both ranks raise ``LoRAInitError`` naming rank 1 and the
   module, within seconds, and both models are unchanged;
 * a target that runs on rank 0 only gets zero statistics on rank 1 and the union result;
+* the Trainer recipe (initialize the unsharded model on every rank, then ``fully_shard``) gives the
+  union result and trains;
 * bucketed all-reduce: 3 dtypes x 10 tensors are 3 collectives.
 """
 import copy
@@ -161,6 +163,15 @@ def _worker(rank, world, port, out_dir):
                 res[method]["train_loss"] = float(loss)
                 res[method]["after_step"] = _full_state(model)
             res["stages"].append((method, time.perf_counter()))
+        # the Trainer recipe: initialize the unsharded model on every rank (its own data), then shard, then train
+        model = tiny_llama(seed=11)
+        initialize_lora(model, mine, method="lora_da", config=_config("lora_da"), num_samples=None, progress=False)
+        model = _shard(model)
+        res["recipe"] = {"state": _full_state(model), "dtensor": all(dist_utils.is_dtensor(p) for p in model.parameters())}
+        model.train()
+        batch = dict(mine[0], labels=mine[0]["input_ids"].masked_fill(mine[0]["attention_mask"] == 0, -100))
+        model(**batch).loss.backward()
+        res["recipe"]["grads"] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
         # a NaN in rank 1's data only
         model = _shard(tiny_llama(seed=11))
         emb = model.get_input_embeddings()
@@ -258,6 +269,16 @@ def test_fsdp2_equals_one_process_on_the_union(fsdp_results, method):
             assert _rel(state[name][1], W) < 1e-4, (method, name)
         if method in ("pissa", "lora_ga"):  # the base weights did change (residual)
             assert any(_rel(state[n][1], ranks[0]["lora_da"]["state"][n][1]) > 1e-3 for n in ref)
+
+
+def test_trainer_recipe_init_then_shard(fsdp_results):
+    """README recipe for accelerate/Trainer FSDP2: initialize_lora on the unsharded model, then shard."""
+    ranks, _ = fsdp_results
+    ref = _union_reference("lora_da")
+    for res in ranks:
+        assert res["recipe"]["dtensor"] and res["recipe"]["grads"]
+        for name, (prod, W) in ref.items():
+            assert _rel(res["recipe"]["state"][name][0], prod) < 1e-4, name
 
 
 @pytest.mark.parametrize("method", ["lora_da", "pissa"])
