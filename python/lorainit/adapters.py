@@ -10,6 +10,12 @@ puts all of it back, so any error leaves the model exactly as before.
 ``write_factors`` checks every factor first (shapes, finiteness) and only then writes:
 ``lora_A.weight = lora_A``, ``lora_B.weight = lora_B`` (cast to the adapter's dtype) and, when a
 method returns ``base_delta`` (m, n), ``W <- W + base_delta`` computed in fp32 (transposed for Conv1D).
+
+FSDP2 models: every parameter may be a ``DTensor``. The snapshot keeps each rank's *local shard*
+(restoring needs no communication), and a write cuts each full factor (identical on every rank,
+broadcast by the owner of its solve) into this rank's shard of ``lora_A`` / ``lora_B`` / ``W``.
+With a process group the checks end in an agreed status, so a failed check stops every rank
+before any of them writes.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from torch import Tensor, nn
 
 from lorainit_kernels.methods import LoRAFactors
 
+from . import distributed as dist_utils
+from .distributed import local, shard_of
 from .targets import LoRAInitError, TargetLayer
 
 __all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors", "cpu_copy"]
@@ -48,7 +56,8 @@ class ModuleState:
 
 
 def cpu_copy(t: Tensor) -> Tensor:
-    """A CPU copy of ``t`` (pinned when CUDA is available and ``t`` lives on a GPU, for fast copies back)."""
+    """A CPU copy of ``t`` (a local shard for DTensors; pinned when CUDA is available and ``t`` lives on
+    a GPU, for fast copies back)."""
     t = t.detach()
     if t.device.type == "cpu":
         return t.clone()
@@ -73,13 +82,13 @@ class ModelSnapshot:
                     self.hooks.append((d, dict(d)))
         self.lora = {}
         for name, t in targets.items():
-            self.lora[name] = (cpu_copy(t.lora_A), cpu_copy(t.lora_B))
+            self.lora[name] = (cpu_copy(local(t.lora_A)), cpu_copy(local(t.lora_B)))
         self.base: Dict[str, Tensor] = {}
 
     def save_base(self, t: TargetLayer) -> None:
         """Keep the base weight of ``t`` (on the CPU) before its first modification."""
         if t.name not in self.base:
-            self.base[t.name] = cpu_copy(t.weight)
+            self.base[t.name] = cpu_copy(local(t.weight))
 
     @torch.no_grad()
     def restore(self, *, values: bool = True) -> None:
@@ -94,10 +103,10 @@ class ModelSnapshot:
         if values:
             for name, (A, B) in self.lora.items():
                 t = self.targets[name]
-                t.lora_A.copy_(A)
-                t.lora_B.copy_(B)
+                local(t.lora_A).copy_(A)
+                local(t.lora_B).copy_(B)
             for name, W in self.base.items():
-                self.targets[name].weight.copy_(W)
+                local(self.targets[name].weight).copy_(W)
 
     def restore_state(self) -> None:
         """Modes, hooks, requires_grad, grads and flags only (keep the written values)."""
@@ -123,17 +132,24 @@ def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactor
     if unknown:
         raise LoRAInitError(f"factors for modules that are not LoRA targets: {unknown[:5]}")
     checked = {}
-    for name, f in factors.items():
-        t = targets[name]
-        work = torch.promote_types(t.weight_torch().dtype, torch.float32)  # base update in >= fp32
-        checked[name] = (_check(name, "lora_A", f.lora_A, (t.r, t.n), t.lora_A.dtype),
-                         _check(name, "lora_B", f.lora_B, (t.m, t.r), t.lora_B.dtype),
-                         None if f.base_delta is None else _check(name, "base_delta", f.base_delta, (t.m, t.n), work))
+    err = None
+    try:
+        for name, f in factors.items():
+            t = targets[name]
+            work = torch.promote_types(t.dtype, torch.float32)  # base update in >= fp32
+            checked[name] = (_check(name, "lora_A", f.lora_A, (t.r, t.n), t.lora_A.dtype),
+                             _check(name, "lora_B", f.lora_B, (t.m, t.r), t.lora_B.dtype),
+                             None if f.base_delta is None else _check(name, "base_delta", f.base_delta, (t.m, t.n),
+                                                                      work))
+    except Exception as e:  # every rank stops here if any rank's check failed
+        err = e
+    dist_utils.agree(err, "checking the factors before writing them")
     for name, (lora_A, lora_B, base_delta) in checked.items():
         t = targets[name]
-        t.lora_A.copy_(lora_A.to(t.lora_A.device))
-        t.lora_B.copy_(lora_B.to(t.lora_B.device))
+        local(t.lora_A).copy_(shard_of(t.lora_A, lora_A.to(t.lora_A.device)))
+        local(t.lora_B).copy_(shard_of(t.lora_B, lora_B.to(t.lora_B.device)))
         if base_delta is not None:
             snapshot.save_base(t)
-            W = t.weight_torch()
-            W.copy_((W.to(base_delta.dtype) + base_delta.to(W.device)).to(W.dtype))
+            W = local(t.weight)  # stored orientation (W^T for Conv1D), this rank's shard
+            delta = shard_of(t.weight, (base_delta.t() if t.transposed else base_delta).to(W.device))
+            W.copy_((W.to(delta.dtype) + delta).to(W.dtype))

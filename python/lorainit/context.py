@@ -94,11 +94,25 @@ class InitContext:
     # ---------------------------------------------------------------- data
     @property
     def batches(self) -> List[Any]:
-        """The first ``num_samples`` examples of the dataloader, as batches (read once)."""
+        """The first examples of the dataloader, as batches (read once).
+
+        ``num_samples`` is the total over all ranks: rank ``k`` of ``w`` takes the first
+        ``num_samples // w`` examples of its own dataloader, plus one on the first ``num_samples % w``
+        ranks (:func:`lorainit.distributed.samples_for_rank`); ``n_examples`` is the total over ranks.
+        """
         if self._batches is None:
             if self.dataloader is None:
                 raise LoRAInitError("this method needs data: pass a dataloader")
-            self._batches, self.n_examples = take_samples(self.dataloader, self.num_samples)
+            err = None
+            try:
+                share = dist_utils.samples_for_rank(self.num_samples, self.rank, self.world)
+                batches, n = take_samples(self.dataloader, share)
+            except Exception as e:
+                err = e
+            dist_utils.agree(err, "reading the statistics samples")
+            if self.world > 1:
+                n = int(dist_utils.all_reduce_scalars([n])[0])
+            self._batches, self.n_examples = batches, n
         return self._batches
 
     def dataset_length(self) -> Optional[int]:

@@ -12,12 +12,13 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
+from . import distributed as dist_utils
 from .adapters import ModelSnapshot
 from .configs import InitConfig
 from .context import InitContext
 from .registry import get_method
 from .report import InitReport
-from .targets import LoRAInitError, find_targets
+from .targets import LoRAInitError, find_targets, target_fingerprint
 
 __all__ = ["initialize_lora"]
 
@@ -49,6 +50,11 @@ def initialize_lora(
 
     Raises ``LoRAInitError`` (a ValueError) with a message naming the module/batch/argument for
     inputs that cannot be handled; the model is then exactly as before.
+
+    With ``torch.distributed`` initialized (DDP-style replicas, or an FSDP2 model: ``fully_shard``
+    per decoder layer and on the root) every rank calls this with its own dataloader; ``num_samples``
+    is the total over ranks, the result equals one process on the union of the ranks' samples, and
+    an error on any rank raises on every rank (README "Distributed and FSDP2").
     """
     t_start = time.perf_counter()
     spec = get_method(method)
@@ -62,7 +68,13 @@ def initialize_lora(
         raise LoRAInitError(f"method {method!r} needs data: pass a dataloader")
     if not isinstance(model, nn.Module):
         raise LoRAInitError(f"model must be a torch.nn.Module (a PEFT model), got {type(model).__name__}")
-    targets = find_targets(model, adapter)
+    err = None
+    try:
+        targets = find_targets(model, adapter)
+    except Exception as e:
+        err = e
+    dist_utils.agree(err, "finding the LoRA targets")
+    dist_utils.agree_fingerprint((method, target_fingerprint(targets)), "the method and the LoRA targets")
     snapshot = ModelSnapshot(model, targets)
     ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress,
                       snapshot=snapshot)

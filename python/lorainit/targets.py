@@ -12,13 +12,12 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TargetLayer", "find_targets", "LoRAInitError"]
+from .distributed import full, is_dtensor
+from .errors import LoRAInitError
+
+__all__ = ["TargetLayer", "find_targets", "target_fingerprint", "LoRAInitError"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class LoRAInitError(ValueError):
-    """An input lorainit cannot initialize from (the model is left exactly as it was)."""
 
 
 def _conv1d_class():
@@ -80,9 +79,20 @@ class TargetLayer:
     def device(self) -> torch.device:
         return self.base.weight.device
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the base weight is an FSDP2 ``DTensor`` (each rank holds a shard)."""
+        return is_dtensor(self.base.weight)
+
     def weight_torch(self) -> Tensor:
-        """The base weight ``W`` as an (m, n) view (transposed view for Conv1D)."""
+        """The base weight ``W`` as an (m, n) view (transposed view for Conv1D); a DTensor when sharded."""
         w = self.base.weight
+        return w.t() if self.transposed else w
+
+    def read_weight(self) -> Tensor:
+        """The full base weight ``W`` (m, n), detached. For an FSDP2 (DTensor) weight this gathers it:
+        a collective that every rank makes for the same layers in the same order."""
+        w = full(self.base.weight.detach())
         return w.t() if self.transposed else w
 
     def describe(self) -> dict:
@@ -138,7 +148,7 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
             raise LoRAInitError(f"{where}: base layer {type(base).__name__} is not supported; lorainit initializes "
                                 f"LoRA on nn.Linear and transformers Conv1D layers")
         if not isinstance(w, torch.Tensor) or w.dtype not in _FLOATS or w.dim() != 2 or \
-                type(w) not in (torch.Tensor, nn.Parameter):
+                (type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w)):
             wt = type(w).__name__ if w is not None else "None"
             dt = getattr(w, "dtype", None)
             raise LoRAInitError(f"{where}: base layer {type(base).__module__}.{type(base).__name__} has a {wt} weight of "
@@ -175,3 +185,10 @@ def check_rank(targets: Dict[str, TargetLayer], method: str) -> None:
         if t.r > min(t.m, t.n):
             raise LoRAInitError(f"{method}: module {t.name!r} has LoRA rank r={t.r} larger than min(m, n) = "
                                 f"min({t.m}, {t.n}); lower r in the LoraConfig (rank_pattern) for this module")
+
+
+def target_fingerprint(targets: Dict[str, TargetLayer]) -> List[tuple]:
+    """What the ranks must agree on before any collective: each target's name, kind, shape, rank, scaling,
+    dtypes, device type and whether it is sharded (``lorainit.distributed.agree_fingerprint``)."""
+    return [(n, t.kind, t.m, t.n, t.r, t.scaling, str(t.dtype), str(t.lora_A.dtype), t.device.type, t.sharded)
+            for n, t in targets.items()]

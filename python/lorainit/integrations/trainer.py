@@ -8,6 +8,12 @@ The callback runs ``initialize_lora`` once, at ``on_train_begin``, on the traine
 dataloader (so batches come collated and on the trainer's device). The optimizer was already built
 by then, but holds no state yet, and the adapters are written in place, so it trains the
 initialized values. Resuming from a checkpoint (``global_step > 0``) skips the initialization.
+
+Multi-process runs: every rank initializes from its own train dataloader (``num_samples`` is the
+total over ranks). With the Trainer's FSDP2 (accelerate) the callback sees the sharded model and
+goes through lorainit's DTensor path, but that combination was not run here; the tested recipe is
+to call ``initialize_lora`` on the unsharded PEFT model on every rank first and shard afterwards
+(README "Distributed and FSDP2").
 """
 from __future__ import annotations
 

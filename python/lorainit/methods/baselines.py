@@ -38,11 +38,12 @@ from torch import Tensor
 
 import lorainit_kernels.methods as lkm
 
+from .. import distributed as dist_utils
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
 from ..targets import LoRAInitError, check_rank
-from .common import MethodSpec, finalize, generator, kernel_call, layer_groups
+from .common import MethodSpec, finalize, generator, kernel_call, layer_groups, solve_spread
 
 __all__ = ["BaselineConfig", "PiSSAConfig", "MiLoRAConfig", "LoRAGAConfig", "LoRAOneConfig", "SPECS"]
 
@@ -215,6 +216,8 @@ def _random_init(kernel: Callable, method: str) -> Callable:
             for i, name in enumerate(names):
                 out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i])
                 ctx.record(name, time_s=dt)
+        if ctx.world > 1:  # cheap draws on every rank; rank 0's win (seed=None draws from each rank's own RNG)
+            dist_utils.broadcast_tensors([x for f in out.values() for x in (f.lora_A, f.lora_B)], src=0)
         ctx.info["seed"] = config.seed
         return out
 
@@ -224,23 +227,35 @@ def _random_init(kernel: Callable, method: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------ weight SVD
-def _weights(ctx: InitContext, names: List[str]) -> Tensor:
-    return torch.stack([ctx.targets[n].weight_torch().detach() for n in names])
+def _weight_svd(ctx: InitContext, method: str, fn: Callable, max_batch: Optional[int], generator=None, **kwargs):
+    """``fn`` (``lkm.pissa`` or ``lkm.milora``) on the stacked base weights of each shape group.
 
-
-def _weight_svd(ctx: InitContext, method: str, fn: Callable, max_batch: Optional[int], **kwargs):
-    """``fn`` (``lkm.pissa`` or ``lkm.milora``) on the stacked base weights of each shape group."""
+    The full weights are read one layer at a time (an all-gather each for FSDP2) and the groups'
+    solves are spread over the ranks (:func:`~lorainit.methods.common.solve_spread`).
+    """
     check_rank(ctx.targets, method)
+
+    def solve(key, names, inputs):
+        m, n, r, scaling = key
+        t0 = time.perf_counter()
+        f = kernel_call(method, names, fn, torch.stack([inputs[k] for k in names]), r, scaling=scaling,
+                        generator=generator, **kwargs)
+        dt = (time.perf_counter() - t0) / len(names)
+        for name in names:
+            ctx.record(name, time_s=dt)
+        return {name: (f.lora_A[i], f.lora_B[i], f.base_delta[i]) for i, name in enumerate(names)}
+
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
-        for (m, n, r, scaling), names in layer_groups(ctx.targets, max_batch=max_batch):
-            t0 = time.perf_counter()
-            f = kernel_call(method, names, fn, _weights(ctx, names), r, scaling=scaling, **kwargs)
-            dt = (time.perf_counter() - t0) / len(names)
-            for i, name in enumerate(names):
-                out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i], f.base_delta[i])
-                sv = (scaling * f.lora_A[i].float().pow(2).sum(-1)).tolist()  # sigma |a_i|^2 = S_i
-                ctx.record(name, singular_values=sv, time_s=dt)
+        groups = layer_groups(ctx.targets, max_batch=max_batch)
+        solved = solve_spread(ctx, method, groups, solve, read=lambda k: ctx.targets[k].read_weight(),
+                              with_delta=True, gen=generator)
+        for (m, n, r, scaling), names in groups:
+            for name in names:
+                A, B, D = solved[name]
+                out[name] = finalize(ctx.targets[name], A, B, D)
+                sv = (scaling * A.float().pow(2).sum(-1)).tolist()  # sigma |a_i|^2 = S_i
+                ctx.record(name, singular_values=sv)
     return out
 
 
@@ -254,7 +269,13 @@ def pissa_init(ctx: InitContext, config: PiSSAConfig) -> Dict[str, LoRAFactors]:
 
 def milora_init(ctx: InitContext, config: MiLoRAConfig) -> Dict[str, LoRAFactors]:
     """MiLoRA: ``lkm.milora`` on the stacked base weights of each shape group; the residual goes to the base."""
-    return _weight_svd(ctx, "milora", lkm.milora, config.max_batch)
+    return _weight_svd(ctx, "milora", _no_generator(lkm.milora), config.max_batch)
+
+
+def _no_generator(fn: Callable) -> Callable:
+    def call(*args, generator=None, **kwargs):
+        return fn(*args, **kwargs)
+    return call
 
 
 # ------------------------------------------------------------------------------------------ gradient SVD
@@ -273,15 +294,21 @@ def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[
     """``fn`` (``lkm.lora_ga`` or ``lkm.lora_one``) on the stacked weight gradients of each shape group."""
     grads = _grads(ctx, config.token_mask)
     gen = generator(config.seed)
+    with_delta = name == "lora_ga" or bool(getattr(config, "subtract_init", False))
+
+    def solve(key, names, inputs):
+        m, n, r, scaling = key
+        G = torch.stack([grads[k] for k in names])
+        f = kernel_call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
+                        generator=gen, **kwargs)
+        return {layer: (f.lora_A[i], f.lora_B[i], None if f.base_delta is None else f.base_delta[i])
+                for i, layer in enumerate(names)}
+
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
-        for (m, n, r, scaling), names in layer_groups(ctx.targets, max_batch=config.max_batch):
-            G = torch.stack([grads[k] for k in names])
-            f = kernel_call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
-                            generator=gen, **kwargs)
-            for i, layer in enumerate(names):
-                delta = None if f.base_delta is None else f.base_delta[i]
-                out[layer] = finalize(ctx.targets[layer], f.lora_A[i], f.lora_B[i], delta)
+        groups = layer_groups(ctx.targets, max_batch=config.max_batch)
+        for layer, (A, B, D) in solve_spread(ctx, name, groups, solve, with_delta=with_delta, gen=gen).items():
+            out[layer] = finalize(ctx.targets[layer], A, B, D)
     ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
     return out
 

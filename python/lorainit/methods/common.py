@@ -8,22 +8,26 @@
   becomes a :class:`~lorainit.targets.LoRAInitError` naming the method and the modules.
 * :func:`finalize`: factors cast to the adapter's dtype and device, with ``base_delta`` consistent
   with the cast factors.
+* :func:`solve_spread`: the per-group solves spread over the ranks of a process group (each
+  group's layers cut into one contiguous chunk per rank), the full weights read one layer at a
+  time, an agreed status before the owners broadcast their factors.
 
 This module imports no method module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
+from .. import distributed as dist_utils
 from ..adapters import LoRAFactors
 from ..configs import InitConfig
 from ..targets import LoRAInitError, TargetLayer
 
-__all__ = ["MethodSpec", "layer_groups", "kernel_call", "finalize", "generator"]
+__all__ = ["MethodSpec", "layer_groups", "kernel_call", "finalize", "generator", "solve_spread"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +106,71 @@ def finalize(t: TargetLayer, A: Tensor, B: Tensor, delta: Optional[Tensor] = Non
     if subtract_init or (delta is not None and (A2.dtype != A.dtype or B2.dtype != B.dtype)):
         delta = -(t.scaling * (B2.float() @ A2.float()))
     return LoRAFactors(A2.contiguous(), B2.contiguous(), delta)
+
+
+Solved = Tuple[Tensor, Tensor, Optional[Tensor]]
+
+
+def solve_spread(ctx: Any, method: str, groups: List[Tuple[tuple, List[str]]],
+                 solve: Callable[[tuple, List[str], Dict[str, Tensor]], Dict[str, Solved]], *,
+                 read: Optional[Callable[[str], Tensor]] = None, with_delta: bool = False,
+                 gen: Optional[torch.Generator] = None) -> Dict[str, Solved]:
+    """``{name: (lora_A, lora_B, base_delta or None)}`` of every layer of ``groups``, on every rank.
+
+    ``solve(key, names, inputs)`` computes the factors of ``names`` (one batched kernel call);
+    ``inputs[name] = read(name)`` when ``read`` is given (e.g. the full base weight). One process: one
+    call per group, as it always was. With a process group each group's layers are cut into
+    ``world`` contiguous chunks and rank ``k`` solves chunk ``k``: every rank calls ``read`` for every
+    layer of the group in order (an all-gather for an FSDP2 weight, one layer at a time) and keeps
+    only its own chunk's; the solve's outcome is agreed (an error on any rank raises on all, naming
+    it); then each owner broadcasts its factors (``with_delta``: and ``base_delta``), fp32 or wider.
+    ``gen`` (the solves' random generator) is set to rank 0's state after each group, so a chunk
+    starts from the state the whole group's call starts from in one process (one sketch per call).
+    """
+    out: Dict[str, Solved] = {}
+    rank, world = ctx.rank, ctx.world
+    for key, names in groups:
+        if world == 1:
+            inputs = {n: read(n) for n in names} if read is not None else {}
+            out.update(solve(key, names, inputs))
+            continue
+        chunks = dist_utils.split_owners(names, world)
+        mine = chunks[rank]
+        inputs = {}
+        err, res = None, {}
+        try:
+            if read is not None:
+                for n in names:  # collective reads: every rank, every layer of the group, in order
+                    w = read(n)
+                    if n in mine:
+                        inputs[n] = w
+                    del w
+            if mine:
+                res = solve(key, mine, inputs)
+        except Exception as e:
+            err = e
+        inputs.clear()
+        dist_utils.agree(err, f"{method}: the solve of modules {names[:3]}{'...' if len(names) > 3 else ''}")
+        per_rank: List[List[Tensor]] = []
+        for r, chunk in enumerate(chunks):
+            tensors = []
+            for n in chunk:
+                t = ctx.targets[n]
+                work = torch.promote_types(t.dtype, torch.float32)
+                if r == rank:
+                    A, B, D = res[n]
+                    A, B = A.to(t.device, work).contiguous(), B.to(t.device, work).contiguous()
+                    D = D.to(t.device, work).contiguous() if with_delta else None
+                else:
+                    A = torch.empty(t.r, t.n, dtype=work, device=t.device)
+                    B = torch.empty(t.m, t.r, dtype=work, device=t.device)
+                    D = torch.empty(t.m, t.n, dtype=work, device=t.device) if with_delta else None
+                out[n] = (A, B, D)
+                tensors += [A, B] + ([D] if with_delta else [])
+            per_rank.append(tensors)
+        dist_utils.broadcast_from(per_rank)
+        if gen is not None:
+            state = gen.get_state()
+            dist_utils.broadcast_tensors([state], src=0)
+            gen.set_state(state)
+    return out

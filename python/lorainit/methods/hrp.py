@@ -49,7 +49,7 @@ from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
 from ..targets import LoRAInitError, check_rank
-from .common import MethodSpec, finalize, generator, kernel_call, layer_groups
+from .common import MethodSpec, finalize, generator, kernel_call, layer_groups, solve_spread
 
 __all__ = ["HRPConfig", "hrp_init", "HRPDataWarning", "HRP"]
 
@@ -192,22 +192,24 @@ def _cycle(dataloader: Iterable, steps: int) -> Iterator[Tuple[Any, int]]:
         yield batch, epoch
 
 
-def _batch_loss(ctx: InitContext, config: HRPConfig, batch, step: int) -> Tensor:
+def _batch_loss(ctx: InitContext, config: HRPConfig, batch, step: int) -> Tuple[Tensor, float]:
     """The loss the preheat minimizes: ``config.loss_fn`` as returned, else a per-example/per-token mean.
 
     ``initialize_lora``'s ``loss_fn`` and the model's own loss both give a summed loss over the
     batch's loss terms (:class:`~lorainit.passes.loss.LossRunner`); dividing by their number keeps
-    the step size independent of the batch size.
+    the step size independent of the batch size. Returns ``(loss, weight)``: the weight (the number
+    of loss terms; 1 for ``config.loss_fn``) averages the ranks' gradients into the gradient of the
+    union's mean loss.
     """
     if config.loss_fn is not None:
         loss = config.loss_fn(ctx.model, batch)  # exactly as the dataloader yielded it
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise LoRAInitError(f"hrp: loss_fn(model, batch) must return a scalar tensor, got {type(loss).__name__} "
                                 f"{tuple(getattr(loss, 'shape', ()))} at preheat step {step}")
-        return loss.reshape(())
+        return loss.reshape(()), 1.0
     runner = ctx.runner("attention")
     loss, count = runner.summed_loss(runner.prepare(batch), step)
-    return loss / max(count, 1)
+    return loss / max(count, 1), float(max(count, 1))
 
 
 def _optimizer(config: HRPConfig, params: List[Tensor]) -> torch.optim.Optimizer:
@@ -270,22 +272,33 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
                 for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps)):
                     epochs = epoch + 1
                     opt.zero_grad(set_to_none=True)
+                    err, weight = None, 1.0
                     with torch.enable_grad():
-                        loss = _batch_loss(ctx, config, batch, step)
-                        if not bool(torch.isfinite(loss.detach())):
-                            raise LoRAInitError(f"hrp: the preheat loss is {float(loss)} at step {step}; lower "
-                                                f"HRPConfig.lr (now {config.lr}) or check the data")
-                        if not loss.requires_grad:
-                            raise LoRAInitError(f"hrp: the loss at preheat step {step} does not depend on any LoRA "
-                                                f"target layer's output")
+                        try:
+                            loss, weight = _batch_loss(ctx, config, batch, step)
+                            if not bool(torch.isfinite(loss.detach())):
+                                raise LoRAInitError(f"hrp: the preheat loss is {float(loss)} at step {step}; lower "
+                                                    f"HRPConfig.lr (now {config.lr}) or check the data")
+                            if not loss.requires_grad:
+                                raise LoRAInitError(f"hrp: the loss at preheat step {step} does not depend on any "
+                                                    f"LoRA target layer's output")
+                        except Exception as e:
+                            err = e
+                        dist_utils.agree(err, f"hrp: preheat step {step}")  # before backward's FSDP2 collectives
                         loss.backward()
                     if step == 0:
-                        _check_grads_reached(groups)
-                    if ctx.world > 1:
-                        grads = [p.grad for p in params]
-                        dist_utils.all_reduce_sum(grads)
-                        for gr in grads:
-                            gr.div_(ctx.world)
+                        err = None
+                        try:
+                            _check_grads_reached(groups)
+                        except Exception as e:
+                            err = e
+                        dist_utils.agree(err, "hrp: the first preheat step")
+                    if ctx.world > 1:  # gradient of the union's mean loss: sum_k w_k grad_k / sum_k w_k
+                        grads = [p.grad.mul_(weight) if p.grad is not None else torch.zeros_like(p) for p in params]
+                        total = torch.tensor([weight], dtype=torch.float64)
+                        dist_utils.all_reduce_sum(grads + [total])
+                        for p, gr in zip(params, grads):
+                            p.grad = gr.div_(float(total))
                     opt.step()
                     losses.append(float(loss.detach()))
                     bar.update(1)
@@ -301,18 +314,28 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
 
     out: Dict[str, LoRAFactors] = {}
     with ctx.timed("svd"):
+        preheated: Dict[str, Tuple[_PreheatGroup, int]] = {}
+        solve_groups = []
         for g in groups:
             position = {name: j for j, name in enumerate(g.names)}
             for (r,), sel in layer_groups(ctx.targets, g.names, key=lambda t: (t.r,), max_batch=config.max_batch):
-                idx = [position[name] for name in sel]
-                B_pre, A_pre = g.B.detach()[idx], g.A.detach()[idx]
-                f = kernel_call("hrp", sel, lkm.hrp, B_pre, A_pre, r, side=config.side)
-                sv = _product_singular_values(B_pre, A_pre, r + 1)
-                for j, name in enumerate(sel):
-                    out[name] = finalize(ctx.targets[name], f.lora_A[j], f.lora_B[j])
-                    ctx.record(name, preheat_rank=g.R,
-                               preheat_norm=float(B_pre[j].norm() * A_pre[j].norm() / math.sqrt(g.R)),
-                               preheat_singular_values=sv[j].tolist())
+                solve_groups.append(((r,), sel))
+                preheated.update({name: (g, position[name]) for name in sel})
+
+        def solve(key, sel, inputs):
+            B_pre = torch.stack([preheated[n][0].B.detach()[preheated[n][1]] for n in sel])
+            A_pre = torch.stack([preheated[n][0].A.detach()[preheated[n][1]] for n in sel])
+            f = kernel_call("hrp", sel, lkm.hrp, B_pre, A_pre, key[0], side=config.side)
+            return {name: (f.lora_A[j], f.lora_B[j], None) for j, name in enumerate(sel)}
+
+        solved = solve_spread(ctx, "hrp", solve_groups, solve)
+        for (r,), sel in solve_groups:
+            for name in sel:
+                g, j = preheated[name]
+                B_pre, A_pre = g.B.detach()[j], g.A.detach()[j]
+                out[name] = finalize(ctx.targets[name], solved[name][0], solved[name][1])
+                ctx.record(name, preheat_rank=g.R, preheat_norm=float(B_pre.norm() * A_pre.norm() / math.sqrt(g.R)),
+                           preheat_singular_values=_product_singular_values(B_pre, A_pre, r + 1).tolist())
     ctx.info.update({
         "preheat_steps": config.steps,
         "preheat_passes": epochs,

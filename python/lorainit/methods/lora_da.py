@@ -254,49 +254,55 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
     mine = [n for n in part if owners[n] == ctx.rank]
     seeds = _takes_seeds()
     key = (lambda t: (t.m, t.n, t.r, t.scaling, n_train[t.name]))
-    for (m, n, r, scaling), names_all in [((k[0], k[1], k[2], k[3]), v) for k, v in
-                                          layer_groups(ctx.targets, mine, key=key)]:
-        N = n_train[names_all[0]]
-        for names in _chunks(ctx, config, names_all, room):
-            if len(names) == 1:
-                st = part[names[0]]
-                Z, G, s = st.Z.unsqueeze(0), st.G.unsqueeze(0), st.s.unsqueeze(0)
-            else:
-                Z = torch.stack([part[k].Z for k in names])
-                G = torch.stack([part[k].G for k in names])
-                s = torch.stack([part[k].s for k in names])
-            extra = {"seeds": [layer_seed(k) for k in names]} if seeds else {}
-            t0 = time.perf_counter()
-            factors, info = kernel_call(
-                f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
-                step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
-                bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
-                solver=config.solver, **extra, **config.solver_options)
-            del Z, G, s
-            dt = (time.perf_counter() - t0) / len(names)
-            for i, name in enumerate(names):
-                row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
-                if info.get("step_norm") is not None:
-                    row["step_norm"] = float(info["step_norm"][i])
-                ctx.record(name, **row)
-                results[name] = (factors.lora_A[i].float().clone(), factors.lora_B[i].float().clone(),
-                                 info["evals"][i].float().clone())
-            del factors, info
-            for name in names:
-                part[name] = _Solved(part[name].count)  # drop G, s (and Z with its last layer)
+    err = None
+    try:
+        for (m, n, r, scaling), names_all in [((k[0], k[1], k[2], k[3]), v) for k, v in
+                                              layer_groups(ctx.targets, mine, key=key)]:
+            N = n_train[names_all[0]]
+            for names in _chunks(ctx, config, names_all, room):
+                if len(names) == 1:
+                    st = part[names[0]]
+                    Z, G, s = st.Z.unsqueeze(0), st.G.unsqueeze(0), st.s.unsqueeze(0)
+                else:
+                    Z = torch.stack([part[k].Z for k in names])
+                    G = torch.stack([part[k].G for k in names])
+                    s = torch.stack([part[k].s for k in names])
+                extra = {"seeds": [layer_seed(k) for k in names]} if seeds else {}
+                t0 = time.perf_counter()
+                factors, info = kernel_call(
+                    f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
+                    step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
+                    bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
+                    solver=config.solver, **extra, **config.solver_options)
+                del Z, G, s
+                dt = (time.perf_counter() - t0) / len(names)
+                for i, name in enumerate(names):
+                    row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
+                    if info.get("step_norm") is not None:
+                        row["step_norm"] = float(info["step_norm"][i])
+                    ctx.record(name, **row)
+                    results[name] = (factors.lora_A[i].float().clone(), factors.lora_B[i].float().clone(),
+                                     info["evals"][i].float().clone())
+                del factors, info
+                for name in names:
+                    part[name] = _Solved(part[name].count)  # drop G, s (and Z with its last layer)
+    except Exception as e:  # agreed below: an error on the owner of a solve stops every rank before any broadcast
+        err = e
     if ctx.world > 1:
+        dist_utils.agree(err, "lora_da: the solves")
+        per_rank = [[] for _ in range(ctx.world)]
         for name in sorted(part):
             t = ctx.targets[name]
-            if name in results:
-                A, B, ev = results[name]
-            else:
-                A = torch.empty(t.r, t.n, device=t.device)
-                B = torch.empty(t.m, t.r, device=t.device)
-                ev = torch.empty(t.r, device=t.device)
-            dist_utils.broadcast_tensors([A, B, ev], src=owners[name])
-            results[name] = (A, B, ev)
             if owners[name] != ctx.rank:
-                ctx.record(name, eigenvalues=ev.tolist())
+                results[name] = (torch.empty(t.r, t.n, device=t.device), torch.empty(t.m, t.r, device=t.device),
+                                 torch.empty(t.r, device=t.device))
+            per_rank[owners[name]].extend(results[name])
+        dist_utils.broadcast_from(per_rank)  # one bucketed broadcast per owner rank
+        for name in sorted(part):
+            if owners[name] != ctx.rank:
+                ctx.record(name, eigenvalues=results[name][2].tolist())
+    elif err is not None:
+        raise err
 
 
 class _Solved:

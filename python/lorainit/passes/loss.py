@@ -108,7 +108,13 @@ class LossRunner:
         first target whose input was not finite) or else the batch.
         """
         prepared = self.prepare(batch)
-        loss, count = self.summed_loss(prepared, index)
+        try:
+            loss, count = self.summed_loss(prepared, index)
+        except LoRAInitError:  # e.g. NaN activations make the loss normalization undetectable: name the module
+            bad = culprit() if check_finite and culprit is not None else None
+            if bad is not None:
+                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
+            raise
         mask = self.mask(prepared)
         if check_finite and not bool(torch.isfinite(loss.detach())):
             bad = culprit() if culprit is not None else None
@@ -198,14 +204,22 @@ def eval_loss(model: nn.Module, targets: Dict[str, TargetLayer], runner: LossRun
     """Mean loss over ``batches`` with the adapters as written (forward only, eval mode, LoRA on).
 
     The summed loss divided by its number of loss terms (loss tokens, or examples with a user
-    ``loss_fn``), summed over processes; NaN/Inf is returned as ``inf``.
+    ``loss_fn``), summed over processes; NaN/Inf is returned as ``inf``. Every rank runs as many
+    forwards as the rank with the most batches (the extra ones are not counted).
     """
     total, count = 0.0, 0
+    steps = dist_utils.all_reduce_max(len(batches))  # FSDP2: every rank runs as many forwards
     with pass_state(model, targets, lora_enabled=True):
-        for i, batch in enumerate(batches):
-            loss, c, _ = runner.forward(batch, i, check_finite=False)
-            total += float(loss)
-            count += c
+        for i in range(steps):
+            err = None
+            try:
+                loss, c, _ = runner.forward(batches[min(i, len(batches) - 1)], i, check_finite=False)
+            except Exception as e:
+                err = e
+            dist_utils.agree(err, f"held-out loss, batch {i}")
+            if i < len(batches):
+                total += float(loss)
+                count += c
     total, count = dist_utils.all_reduce_scalars([total, count])
     value = total / max(count, 1)
     return value if math.isfinite(value) else math.inf

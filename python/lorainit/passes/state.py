@@ -12,6 +12,8 @@ probability read through ``self.training`` (``attention_dropout`` of transformer
 modules, ``dropout`` of BART-style layers) is set to 0.0 for the pass instead, so such a module (it
 may be a checkpointed decoder layer) stays in train mode.
 The statistics are those of eval mode (no dropout), with the activation memory of training.
+On exit FSDP2 modules are resharded (a no-grad forward leaves the root's parameters unsharded),
+so reads and writes between passes see the sharded DTensors.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .. import distributed as dist_utils
 from ..adapters import ModuleState
 from ..targets import TargetLayer
 
@@ -111,6 +114,7 @@ def pass_state(model: nn.Module, targets: Dict[str, TargetLayer], *, lora_enable
         if hook is not None:
             hook.remove()
         restore_dropout_attrs(changed)
+        dist_utils.reshard(model)
         saved.restore()
 
 

@@ -8,6 +8,14 @@ accumulates ``Z``, ``G`` and ``s`` over the valid tokens. No ``.grad`` is stored
 parameter. Targets whose inputs are the same tensor (q/k/v, gate/up) are found at run time on the
 first batch and share one ``Z``. Under a memory budget :func:`plan_groups` splits the targets
 into groups with one pass each (layers sharing an input stay together).
+
+With a process group (:mod:`lorainit.distributed`): every rank runs as many batches as the rank
+with the most (a rank that ran out repeats its first batch with the statistics off, so FSDP2's
+collectives inside forward/backward always pair up); each batch's forward and backward end in an
+agreed status; after the last batch the ranks exchange which targets ran and which share an
+input (one all-gather), a target that did not run on some rank gets zero statistics there, and
+the sums and counts go through one bucketed all-reduce. Masks are moved to each input's device
+(models spread over devices).
 """
 from __future__ import annotations
 
@@ -106,6 +114,7 @@ class StatsCollector:
         self.order: List[str] = []
         self.error: Optional[BaseException] = None
         self.kernel_time = 0.0
+        self.active = True
         self._live: List[Tuple[str, Tensor]] = []
 
     def __enter__(self):
@@ -126,8 +135,10 @@ class StatsCollector:
         self.calls.clear()
 
     # -- per batch
-    def begin_batch(self, index: int):
+    def begin_batch(self, index: int, active: bool = True):
+        """Start batch ``index``; an inactive batch (a rank's padding batch) runs the hooks but adds nothing."""
         self.batch_index = index
+        self.active = active
         self.mask = None
         self.calls = {}
         self.order = []
@@ -155,6 +166,8 @@ class StatsCollector:
         if mask is None:
             return None
         lead = tuple(x.shape[:-1])
+        if mask.device != x.device:  # a model spread over devices: each layer's input on its own device
+            mask = mask.to(x.device)
         if tuple(mask.shape) == lead:
             return mask
         if mask.numel() == math.prod(lead):
@@ -164,7 +177,7 @@ class StatsCollector:
 
     def _make_grad_hook(self, name: str, x: Tensor):
         def grad_hook(g: Tensor):
-            if self.error is not None:
+            if self.error is not None or not self.active:
                 return None
             try:
                 t0 = time.perf_counter()
@@ -210,6 +223,26 @@ class StatsCollector:
             if owner != name and self.calls.get(name) != self.calls.get(owner):
                 raise LoRAInitError(f"modules {owner!r} and {name!r} shared their input tensor in batch 0 but not in "
                                     f"batch {self.batch_index}; the model's data flow changes between batches")
+
+    def complete(self, owners: Dict[str, str]) -> None:
+        """Adopt the Z-sharing of all ranks (``owners``: layer -> owner, for the targets that ran anywhere) and
+        give the targets that did not run here zero accumulators, so every rank reduces the same tensors."""
+        for name in self.names:
+            if name not in owners:
+                continue
+            if name in self.owner and self.owner[name] != owners[name]:
+                raise LoRAInitError(f"module {name!r} shares its input with {self.owner[name]!r} on this rank but "
+                                    f"with {owners[name]!r} on another")
+            self.owner[name] = owners[name]
+        for name in self.names:
+            if name in owners and name not in self.stats:
+                t = self.targets[name]
+                self.stats[name] = lk.KFACStats(t.n, t.m, track_input_cov=owners[name] == name, device=t.device,
+                                                dtype=self.dtype, backend=self.backend)
+
+    def fingerprint(self) -> Dict[str, tuple]:
+        """{target that ran here: (Z owner, accumulator dtype, tracks Z)}, what the ranks exchange before reducing."""
+        return {n: (self.owner[n], str(st.dtype), st.track_input_cov) for n, st in self.stats.items()}
 
     def first_nonfinite_input(self) -> Optional[str]:
         for name, x in self._live:
@@ -265,25 +298,53 @@ def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names
 def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any],
                runner: LossRunner, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
                progress: bool = False, desc: str = "lorainit statistics") -> StatsPass:
-    """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced."""
+    """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced.
+
+    With a process group: padded to the same number of batches on every rank, an agreed status after
+    each forward and backward, the targets that ran agreed before the bucketed all-reduce (module docstring).
+    """
     examples = 0
+    steps = dist_utils.all_reduce_max(len(batches))
     with pass_state(model, targets, train_mode=True), \
             StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
-            for i, batch in enumerate(batches):
-                col.begin_batch(i)
+            for i in range(steps):
+                real = i < len(batches)
+                batch = batches[i] if real else batches[0]
+                col.begin_batch(i, active=real)
                 with torch.enable_grad():
-                    loss, _, mask = runner.forward(batch, i, culprit=col.first_nonfinite_input)
-                    col.end_forward(mask)
-                    if not loss.requires_grad:
-                        raise LoRAInitError(f"batch {i}: the loss does not depend on any LoRA target layer's output")
+                    err = loss = None
+                    try:
+                        loss, _, mask = runner.forward(batch, i, culprit=col.first_nonfinite_input)
+                        col.end_forward(mask)
+                        if not loss.requires_grad:
+                            raise LoRAInitError(f"batch {i}: the loss does not depend on any LoRA target layer's "
+                                                f"output")
+                    except Exception as e:
+                        err = e
+                    dist_utils.agree(err, f"statistics pass, batch {i}")
                     loss.backward()
-                col.end_batch()
-                examples += count_examples([batch])
-                bar.update(1)
+                err = None
+                try:
+                    col.end_batch()
+                except Exception as e:
+                    err = e
+                dist_utils.agree(err, f"statistics pass, batch {i} (backward)")
+                if real:
+                    examples += count_examples([batch])
+                    bar.update(1)
         finally:
             bar.close()
+        if dist_utils.is_distributed():
+            merged: Dict[str, Tuple[str, str, bool]] = {}
+            for rank, fp in enumerate(dist_utils.gather_objects(col.fingerprint())):
+                for name, entry in fp.items():
+                    if merged.setdefault(name, entry) != entry:
+                        raise LoRAInitError(f"module {name!r}: the ranks disagree on its statistics (rank {rank}: "
+                                            f"Z owner, dtype, tracks Z = {entry}; an earlier rank: {merged[name]}); "
+                                            f"the model's data flow differs between ranks")
+            col.complete({name: entry[0] for name, entry in merged.items()})
         dist_utils.all_reduce_stats(col.stats)
         results = col.results()
     if dist_utils.is_distributed():
