@@ -120,7 +120,7 @@ class LayerMasks:
         """``(mask or None = every row, label)`` for one call of layer ``name`` on input ``x``."""
         kind = self.targets[name].kind
         lead = tuple(x.shape) if kind == "embedding" else tuple(x.shape[:-1])
-        label, mask = self._select(name, x, lead, masks)
+        mask, label = self._select(name, x, lead, masks)
         seen = self.used.setdefault(name, [])
         if label not in seen:
             seen.append(label)
