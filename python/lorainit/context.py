@@ -123,6 +123,9 @@ class InitContext:
                     self.info["skipped_batches"] = skipped
                 batches = kept
             self._batches, self.n_examples = batches, n
+            if self.loss_fn is not None and self.loss_reduction is None:
+                with self.pass_state():
+                    self.runner().check_reduction(batches[0], 0)
         return self._batches
 
     def dataset_length(self) -> Optional[int]:

@@ -63,8 +63,8 @@ class LossRunner:
 
     ``loss_reduction`` says what ``loss_fn`` returns: ``"sum"`` (the summed loss), ``"mean"`` (a
     mean over the batch's loss terms: multiplied by their number, the model's own loss tokens for
-    batches with ``labels`` (normalization detected as above, with one forward of the model),
-    else the batch's examples) or None (``"sum"``, with a check on the first batch that warns
+    batches with ``labels`` or with ``input_ids`` it makes causal-LM labels of (normalization
+    detected as above, with one forward of the model), else the batch's examples) or None (``"sum"``, with a check on the first batch that warns
     once, through ``checks``, when the value looks like a mean: equal to the model's own mean loss,
     or, without one, about the same on half the batch as on all of it).
     """
@@ -177,9 +177,6 @@ class LossRunner:
             if self.loss_reduction == "mean":
                 count = self._mean_count(batch, index)
                 return loss * count, count
-            if self.loss_reduction is None and not self.checks.get("reduction_checked"):
-                self.checks["reduction_checked"] = True
-                self._check_reduction(batch, loss.detach(), index)
             return loss, (1 if n is None else n)
         if not isinstance(batch, Mapping):
             raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
@@ -282,7 +279,8 @@ class LossRunner:
 
     def _mean_count(self, batch, index: int) -> int:
         """Loss terms of a batch whose ``loss_fn`` value is a mean (``loss_reduction="mean"``)."""
-        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        b = self._model_batch(batch)  # labels, or the causal-LM labels the model's own loss would use
+        labels = b.get("labels") if b is not None else None
         if isinstance(labels, Tensor) and labels.dim() >= 1 and not labels.is_floating_point():
             if self.mode is None:
                 self._model_loss(batch, index)  # detects the model's normalization once
@@ -298,8 +296,24 @@ class LossRunner:
         n = leading_size(batch)
         return 1 if n is None else n
 
+    @torch.no_grad()
+    def check_reduction(self, batch, index: int = 0) -> None:
+        """Warn (once per ``checks``) when ``loss_fn``, assumed to return a sum, returns what looks like a mean.
+
+        Runs outside the passes (its extra forwards must not reach their hooks); a no-op with
+        ``loss_reduction`` set or without a ``loss_fn``.
+        """
+        if self.loss_fn is None or self.loss_reduction is not None or self.checks.get("reduction_checked"):
+            return
+        self.checks["reduction_checked"] = True
+        try:
+            loss = self.loss_fn(self.model, batch)
+        except Exception:
+            return  # the pass itself reports a failing loss_fn
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            self._check_reduction(batch, loss.detach().reshape(()), index)
+
     def _check_reduction(self, batch, loss: Tensor, index: int) -> None:
-        """Warn once when a ``loss_fn`` (declared or assumed summed) returns what looks like a mean."""
         import warnings
 
         value = float(loss)
