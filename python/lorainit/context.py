@@ -111,8 +111,8 @@ class InitContext:
             if self.needs_loss_tokens():
                 kept = [b for b in batches if has_loss_tokens(b)]
                 if not kept:
-                    raise LoRAInitError(f"none of the {len(batches)} batches of the statistics samples has a loss "
-                                        f"token (every label is -100); check the labels / attention_mask")
+                    raise LoRAInitError(f"the statistics samples have no loss tokens: every label of their "
+                                        f"{len(batches)} batches is -100; check the labels / attention_mask")
                 if len(kept) < len(batches):
                     import warnings
 
@@ -123,9 +123,6 @@ class InitContext:
                     self.info["skipped_batches"] = skipped
                 batches = kept
             self._batches, self.n_examples = batches, n
-            if self.loss_fn is not None and self.loss_reduction is None:
-                with self.pass_state():
-                    self.runner().check_reduction(batches[0], 0)
         return self._batches
 
     def dataset_length(self) -> Optional[int]:

@@ -305,6 +305,7 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
                         loss.backward()
                     if step == 0:
                         _check_grads_reached(groups)
+                        ctx.runner("attention").finish_check()
                     if ctx.world > 1:
                         grads = [p.grad for p in params]
                         dist_utils.all_reduce_sum(grads)

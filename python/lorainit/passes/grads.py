@@ -75,6 +75,8 @@ def weight_grads(model: nn.Module, targets: Dict[str, TargetLayer], names: Seque
                     acc[n] += g.float()
                     t.weight.grad = None
                 tokens += int(mask.sum()) if mask is not None else count_positions(batch)
+                if i == 0:
+                    runner.finish_check()  # the loss_fn reduction check, outside the batch's hooks
                 bar.update(1)
         finally:
             bar.close()

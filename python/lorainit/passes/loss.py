@@ -64,9 +64,9 @@ class LossRunner:
     ``loss_reduction`` says what ``loss_fn`` returns: ``"sum"`` (the summed loss), ``"mean"`` (a
     mean over the batch's loss terms: multiplied by their number, the model's own loss tokens for
     batches with ``labels`` or with ``input_ids`` it makes causal-LM labels of (normalization
-    detected as above, with one forward of the model), else the batch's examples) or None (``"sum"``, with a check on the first batch that warns
-    once, through ``checks``, when the value looks like a mean: equal to the model's own mean loss,
-    or, without one, about the same on half the batch as on all of it).
+    detected as above, with one forward of the model), else the batch's examples) or None
+    (``"sum"``, with a check after the first batch (:meth:`finish_check`) that warns once,
+    through ``checks``, when the value equals the model's own mean loss on that batch).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, token_mask: str = "attention",
@@ -177,6 +177,8 @@ class LossRunner:
             if self.loss_reduction == "mean":
                 count = self._mean_count(batch, index)
                 return loss * count, count
+            if self.loss_reduction is None and index == 0 and not self.checks.get("reduction_checked"):
+                self._pending = (batch, float(loss.detach()), index)  # checked by finish_check()
             return loss, (1 if n is None else n)
         if not isinstance(batch, Mapping):
             raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
@@ -297,52 +299,31 @@ class LossRunner:
         return 1 if n is None else n
 
     @torch.no_grad()
-    def check_reduction(self, batch, index: int = 0) -> None:
-        """Warn (once per ``checks``) when ``loss_fn``, assumed to return a sum, returns what looks like a mean.
+    def finish_check(self) -> None:
+        """Warn (once per ``checks``) when ``loss_fn``, assumed to return a sum, returned the model's own mean loss.
 
-        Runs outside the passes (its extra forwards must not reach their hooks); a no-op with
-        ``loss_reduction`` set or without a ``loss_fn``.
+        The value of ``loss_fn`` on the first batch is kept by :meth:`summed_loss`; the passes call
+        this after that batch's backward (the model forward it needs must not feed their hooks
+        inside the batch). No-op with ``loss_reduction`` set, without a ``loss_fn`` or after the check.
         """
-        if self.loss_fn is None or self.loss_reduction is not None or self.checks.get("reduction_checked"):
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None or self.checks.get("reduction_checked"):
             return
         self.checks["reduction_checked"] = True
-        try:
-            loss = self.loss_fn(self.model, batch)
-        except Exception:
-            return  # the pass itself reports a failing loss_fn
-        if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._check_reduction(batch, loss.detach().reshape(()), index)
-
-    def _check_reduction(self, batch, loss: Tensor, index: int) -> None:
-        import warnings
-
-        value = float(loss)
+        batch, value, index = pending
         if not math.isfinite(value) or value == 0:
             return
-        hint = ("lorainit expects loss_fn to return the summed loss over the batch's loss tokens; pass "
-                "loss_reduction='mean' if it returns a mean (or loss_reduction='sum' to silence this check)")
         ref = self._model_loss(batch, index)
-        if ref is not None:
-            mean, count = ref
-            if count > 1 and math.isclose(value, mean, rel_tol=1e-3, abs_tol=1e-7):
-                warnings.warn(f"loss_fn returned {value:.6g} on batch {index}, the model's own mean loss over its "
-                              f"{count} loss tokens (their sum is {mean * count:.6g}); {hint}", LossReductionWarning,
-                              stacklevel=2)
+        if ref is None:
             return
-        n = leading_size(batch)
-        if n is None or n < 4 or not isinstance(batch, (Mapping, tuple, list, Tensor)):
-            return
-        from .batches import slice_examples
+        mean, count = ref
+        if count > 1 and math.isclose(value, mean, rel_tol=1e-3, abs_tol=1e-7):
+            import warnings
 
-        try:
-            with torch.no_grad():
-                half = float(self.loss_fn(self.model, slice_examples(batch, 0, n // 2)))
-        except Exception:
-            return
-        if math.isfinite(half) and half > 0 and value > 0 and 0.75 <= value / half <= 1.33:
-            warnings.warn(f"loss_fn returned {value:.6g} on batch {index} ({n} examples) and {half:.6g} on its first "
-                          f"{n // 2}: it does not grow with the batch, so it looks like a mean; {hint}",
-                          LossReductionWarning, stacklevel=2)
+            warnings.warn(f"loss_fn returned {value:.6g} on batch {index}, the model's own mean loss over its {count} "
+                          f"loss tokens (their sum is {mean * count:.6g}); lorainit expects loss_fn to return the "
+                          f"summed loss over the batch's loss tokens: pass loss_reduction='mean' if it returns a "
+                          f"mean (or loss_reduction='sum' to skip this check)", LossReductionWarning, stacklevel=2)
 
 
 @torch.no_grad()

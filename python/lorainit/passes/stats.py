@@ -324,6 +324,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                         raise LoRAInitError(f"batch {i}: the loss does not depend on any LoRA target layer's output")
                     loss.backward()
                 col.end_batch()
+                if i == 0:
+                    runner.finish_check()  # the loss_fn reduction check, outside the batch's hooks
                 examples += count_examples([batch])
                 bar.update(1)
         finally:
