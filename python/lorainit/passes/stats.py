@@ -14,7 +14,6 @@ into groups with one pass each (layers sharing an input stay together).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
