@@ -1,12 +1,15 @@
-"""``lorainit``: initialize a PEFT LoRA adapter from the command line.
+"""lorainit: initialize a PEFT LoRA adapter from the command line.
 
     lorainit init --model DIR --data FILE.jsonl --method lora_da --rank 8 --alpha 16 \\
                   --target-modules q_proj,v_proj --num-samples 256 --out ADAPTER_DIR
     lorainit methods            # the registered inits, what each needs, its paper
-    lorainit demo               # the digits comparison (same as `make demo`)
-    lorainit bench              # says where the benchmarks live: `make bench` in a source checkout
+    lorainit demo               # the digits comparison (same as make demo)
+    lorainit bench              # says where the benchmarks live: make bench in a source checkout
 
-Bad arguments and unreadable files print one line and exit with code 2.
+init is a thin layer over lorainit.initialize_lora: the JSONL file becomes a torch DataLoader over
+all its records (so N, the number of training tokens, is computed from the whole file, as the API
+does for a dataloader with a dataset), method options come from --config FILE.json and --set
+KEY=VALUE. Bad arguments and unreadable files print one line and exit with code 2.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class UsageError(Exception):
@@ -29,6 +32,38 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- data
+def read_records(path: Path, text_field: str) -> List[Any]:
+    """Records of a JSON-lines file: texts (``text_field``, or prompt + completion) or pre-tokenized
+    ``{"input_ids": [...], "labels": [...] (optional), "attention_mask": [...] (optional)}`` dicts."""
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file")
+    try:
+        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
+        tokenized = isinstance(json.loads(first), dict) and "input_ids" in json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tokenized = False
+    if not tokenized:
+        return read_texts(path, text_field)
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--data {path}:{lineno}: not valid JSON ({err.msg})") from err
+        ids = record.get("input_ids") if isinstance(record, dict) else None
+        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise UsageError(f"--data {path}:{lineno}: expected 'input_ids' as a non-empty list of ints (the file's "
+                             f"first record is pre-tokenized)")
+        for key in ("labels", "attention_mask"):
+            v = record.get(key)
+            if v is not None and not (isinstance(v, list) and len(v) == len(ids) and all(isinstance(i, int) for i in v)):
+                raise UsageError(f"--data {path}:{lineno}: {key!r} must be a list of {len(ids)} ints like input_ids")
+        records.append({k: record[k] for k in ("input_ids", "labels", "attention_mask") if record.get(k) is not None})
+    return records
+
+
 def read_texts(path: Path, text_field: str) -> List[str]:
     """Texts from a JSON-lines file: one object per line with ``text_field`` (or prompt + completion)."""
     if not path.is_file():
@@ -57,20 +92,100 @@ def read_texts(path: Path, text_field: str) -> List[str]:
     return texts
 
 
-def tokenized_batches(tokenizer, texts: List[str], *, batch_size: int, max_length: int, padding: str):
-    """Causal-LM batches: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    if tokenizer.pad_token is None:
-        raise UsageError("--model: the tokenizer has no pad, eos or unk token to pad with")
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", truncation=True, max_length=max_length,
-                        padding="max_length" if padding == "max_length" else "longest")
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    return out
+class Collate:
+    """Pads a list of records into one causal-LM batch: ``input_ids``, ``attention_mask``, ``labels``.
+
+    Text records are tokenized (truncated to ``max_length``); pre-tokenized ones are truncated too.
+    Padding goes on the right with ``pad_id``; padded labels are -100, and a record without
+    ``labels`` gets ``labels = input_ids``. ``padding="max_length"`` pads to ``max_length``.
+    """
+
+    def __init__(self, tokenizer, *, max_length: int, padding: str = "longest", pad_id: int = 0):
+        self.tokenizer, self.max_length, self.padding, self.pad_id = tokenizer, max_length, padding, pad_id
+
+    def __call__(self, records):
+        import torch
+
+        rows = []
+        for rec in records:
+            if isinstance(rec, str):
+                ids = self.tokenizer(rec, truncation=True, max_length=self.max_length)["input_ids"]
+                rec = {"input_ids": ids}
+            ids = list(rec["input_ids"])[: self.max_length]
+            labels = list(rec.get("labels", ids))[: self.max_length]
+            am = list(rec.get("attention_mask", [1] * len(ids)))[: self.max_length]
+            rows.append((ids, labels, am))
+        width = self.max_length if self.padding == "max_length" else max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        am = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (a, b, c) in enumerate(rows):
+            ids[i, :len(a)] = torch.tensor(a)
+            am[i, :len(a)] = torch.tensor(c)
+            labels[i, :len(a)] = torch.tensor(b).masked_fill(torch.tensor(c) == 0, -100)
+        return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+def jsonl_dataloader(records: List[Any], tokenizer=None, *, batch_size: int = 8, max_length: int = 512,
+                     padding: str = "longest", pad_id: int = 0):
+    """A torch DataLoader over every record (in file order), batched by :class:`Collate`: what
+    ``lorainit init`` passes to ``initialize_lora``; ``len(loader.dataset)`` is the number of records."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(records, batch_size=batch_size, shuffle=False,
+                      collate_fn=Collate(tokenizer, max_length=max_length, padding=padding, pad_id=pad_id))
+
+
+def parse_options(config_file: Optional[str], sets: List[str]) -> Dict[str, Any]:
+    """Method options from ``--config FILE.json`` (an object) then ``--set KEY=VALUE`` (JSON values, else strings)."""
+    opts: Dict[str, Any] = {}
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--config {config_file}: cannot read ({err})") from err
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--config {config_file}: not valid JSON ({err.msg})") from err
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {config_file}: expected a JSON object of method options")
+        opts.update(data)
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set step_scale=0.01")
+        try:
+            opts[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.strip()] = value
+    return opts
+
+
+def build_config(method: str, opts: Dict[str, Any]):
+    """The method's config from ``opts`` (None without options); one-line UsageError for unknown or bad fields."""
+    import dataclasses
+
+    import torch
+
+    from .registry import get_method
+
+    if not opts:
+        return None
+    cls = get_method(method).config_cls
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(opts) - set(fields))
+    if unknown:
+        raise UsageError(f"--set/--config: {cls.__name__} has no option {', '.join(unknown)}; options: "
+                         f"{', '.join(sorted(fields))}")
+    for key, value in list(opts.items()):
+        if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None),
+                                                                                torch.dtype):
+            opts[key] = getattr(torch, value[6:])
+        elif isinstance(value, list):
+            opts[key] = tuple(value)
+    try:
+        return cls(**opts)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--set/--config: {err}") from err
 
 
 # ----------------------------------------------------------------------------- commands
@@ -90,6 +205,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def cmd_init(args) -> int:
     import torch
 
@@ -100,19 +218,31 @@ def cmd_init(args) -> int:
     if args.method not in known:
         raise UsageError(f"--method {args.method!r}: not registered; choose one of {sorted(known)}")
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"--model {model_dir}: not a model directory (no config.json)")
-    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    if not targets:
-        raise UsageError("--target-modules: give at least one module name, e.g. q_proj,v_proj")
+    gguf = args.gguf_file
+    if not (model_dir / "config.json").is_file() and not (gguf and (model_dir / gguf).is_file()):
+        raise UsageError(f"--model {model_dir}: not a model directory (no config.json"
+                         f"{'' if not gguf else f' and no {gguf}'})")
+    if args.target_modules.strip() == "all-linear":
+        targets: Any = "all-linear"
+    else:
+        targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+        if not targets:
+            raise UsageError("--target-modules: give at least one module name, e.g. q_proj,v_proj, or all-linear")
     for name, value in (("--rank", args.rank), ("--num-samples", args.num_samples),
                         ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
     spec = known[args.method]
-    texts = read_texts(Path(args.data), args.text_field) if args.data else None
-    if spec["needs_data"] and texts is None:
+    config = build_config(args.method, parse_options(args.config, args.set))
+    records = read_records(Path(args.data), args.text_field) if args.data else None
+    if spec["needs_data"] and records is None:
         raise UsageError(f"--data is required for --method {args.method}")
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+    except RuntimeError as err:
+        raise UsageError(f"--device {args.device}: {str(err).splitlines()[0]}") from err
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,22 +251,34 @@ def cmd_init(args) -> int:
 
     hf_logging.disable_progress_bar()  # our own bar shows the pass that takes time
     torch.manual_seed(args.seed)
+    extra = {"gguf_file": gguf} if gguf else {}
+    needs_tokenizer = records is not None and any(isinstance(r, str) for r in records[:1])
+    tokenizer = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--model {model_dir}: cannot load ({str(err).splitlines()[0]})") from err
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise UsageError(f"--target-modules: {missing} not found in the model")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **extra)
+    except Exception as err:  # noqa: BLE001 - tokenizers fail in many ways; one line is what the user needs
+        if needs_tokenizer:
+            raise UsageError(f"--model {model_dir}: no usable tokenizer ({type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:160]}); add the tokenizer files or pass "
+                             f"pre-tokenized JSONL with 'input_ids'") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                     torch_dtype=getattr(torch, args.dtype), **extra)
+    except (OSError, ValueError, ImportError) as err:
+        raise UsageError(f"--model {model_dir}: cannot load ({(str(err).splitlines() or [''])[0]})") from err
+    model.to(device)
+    if targets != "all-linear":
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise UsageError(f"--target-modules: {missing} not found in the model")
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
                                                   use_rslora=args.rslora, lora_dropout=0.0, task_type="CAUSAL_LM"))
-    config = None
     if args.max_memory is not None:
-        from .registry import get_method
+        if config is None:
+            from .registry import get_method
 
-        config = get_method(args.method).config_cls()
+            config = get_method(args.method).config_cls()
         if not hasattr(config, "max_memory"):
             raise UsageError(f"--max-memory: method {args.method!r} has no memory budget")
         config = config.replace(max_memory=int(args.max_memory * (1 << 20)))
@@ -146,9 +288,16 @@ def cmd_init(args) -> int:
         print(estimate_memory(peft_model, args.method, config))
         return 0
     loader = None
-    if texts is not None:
-        loader = tokenized_batches(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                                   padding=args.padding)
+    if records is not None:
+        pad_id = 0
+        if tokenizer is not None:
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+            if tokenizer.pad_token is None and needs_tokenizer:
+                raise UsageError("--model: the tokenizer has no pad, eos or unk token to pad with")
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        loader = jsonl_dataloader(records, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                                  padding=args.padding, pad_id=pad_id)
     report = initialize_lora(peft_model, loader, method=args.method, config=config, num_samples=args.num_samples,
                              progress=not args.quiet)
     out = Path(args.out)
@@ -159,7 +308,8 @@ def cmd_init(args) -> int:
         # adapter is only meaningful on the residual base, which is saved beside it.
         base_dir = out / "base_model"
         _save_residual_base(peft_model, base_dir)
-        tokenizer.save_pretrained(base_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(base_dir)
     peft_model.save_pretrained(out, safe_serialization=True)
     report.to_json(out / "lorainit_report.json")
     if not args.quiet:
@@ -212,13 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="initialize a LoRA adapter for a local model and save it (PEFT format)")
     p.add_argument("--model", required=True, help="a local transformers model directory (config.json, weights, tokenizer)")
-    p.add_argument("--data", help="JSON-lines file with a 'text' field per line (or 'prompt' + 'completion')")
+    p.add_argument("--gguf-file", help="load the model (and tokenizer) from this GGUF file inside --model")
+    p.add_argument("--data", help="JSON-lines file: a 'text' field per line (or 'prompt' + 'completion'), or "
+                                  "pre-tokenized 'input_ids' (optional 'labels', -100 = no loss)")
     p.add_argument("--text-field", default="text", help="field holding the text (default: %(default)s)")
-    p.add_argument("--method", default="lora_da", help="init method, see `lorainit methods` (default: %(default)s)")
+    p.add_argument("--method", default="lora_da", help="init method, see: lorainit methods (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. --set step_scale=0.01; values are JSON, else strings")
+    p.add_argument("--config", metavar="FILE.json", help="method options as a JSON object (--set overrides them)")
+    p.add_argument("--device", default="cpu", help="device for the model and the init (default: %(default)s)")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: %(default)s)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
-    p.add_argument("--target-modules", required=True, help="comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument("--target-modules", required=True,
+                   help="comma-separated module names, e.g. q_proj,v_proj, or all-linear")
     p.add_argument("--num-samples", type=int, default=256, help="statistics samples (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size of the statistics pass (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (default: %(default)s)")
@@ -241,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits_demo.build_parser(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="where the microbenchmarks are (`make bench` in a source checkout)")
+    p = sub.add_parser("bench", help="where the microbenchmarks are (make bench in a source checkout)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old flags, accepted and ignored
     p.add_argument("names", nargs="*", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

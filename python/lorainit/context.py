@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,12 +34,12 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from .adapters import LoRAFactors, ModelSnapshot, write_factors
-from .passes.batches import take_samples
+from .passes.batches import has_loss_tokens, leading_size, slice_examples, take_samples
 from .passes.grads import weight_grads
 from .passes.loss import LossRunner, eval_loss
 from .passes.state import pass_state, progress_bar
 from .passes.stats import LayerStats, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
-from .targets import LoRAInitError, TargetLayer
+from .targets import LoRAInitError, LoRAInitWarning, TargetLayer
 
 __all__ = ["InitContext"]
 
@@ -52,8 +53,10 @@ class InitContext:
 
     def __init__(self, model: nn.Module, targets: Dict[str, TargetLayer], dataloader: Optional[Iterable], *,
                  loss_fn: Optional[Callable] = None, num_samples: Optional[int] = 256, progress: bool = True,
-                 snapshot: Optional[ModelSnapshot] = None):
+                 snapshot: Optional[ModelSnapshot] = None, loss_reduction: Optional[str] = None):
         self.model = model
+        self.loss_reduction = loss_reduction
+        self._checks: Dict[str, Any] = {}  # once-per-call checks shared by the loss runners
         self.targets = targets
         self.names = list(targets)  # model order
         self.dataloader = dataloader
@@ -92,6 +95,10 @@ class InitContext:
         write_factors(self.targets, factors, self._snapshot)
 
     # ---------------------------------------------------------------- data
+    def needs_loss_tokens(self) -> bool:
+        """Whether a batch without loss tokens is unusable (the model's mean loss, or a mean ``loss_fn``)."""
+        return self.loss_fn is None or self.loss_reduction == "mean"
+
     @property
     def batches(self) -> List[Any]:
         """The first examples of the dataloader, as batches (read once).
@@ -99,6 +106,8 @@ class InitContext:
         ``num_samples`` is the total over all ranks: rank ``k`` of ``w`` takes the first
         ``num_samples // w`` examples of its own dataloader, plus one on the first ``num_samples % w``
         ranks (:func:`lorainit.distributed.samples_for_rank`); ``n_examples`` is the total over ranks.
+        Batches without loss tokens (every label -100) are skipped with a warning when the loss is
+        the model's own or a mean ``loss_fn`` (their mean loss is undefined); an error when none is left.
         """
         if self._batches is None:
             if self.dataloader is None:
@@ -107,6 +116,7 @@ class InitContext:
             try:
                 share = dist_utils.samples_for_rank(self.num_samples, self.rank, self.world)
                 batches, n = take_samples(self.dataloader, share)
+                batches, n = self._drop_batches_without_loss_tokens(batches, n)
             except Exception as e:
                 err = e
             dist_utils.agree(err, "reading the statistics samples")
@@ -114,6 +124,22 @@ class InitContext:
                 n = int(dist_utils.all_reduce_scalars([n])[0])
             self._batches, self.n_examples = batches, n
         return self._batches
+
+    def _drop_batches_without_loss_tokens(self, batches: List[Any], n: int) -> Tuple[List[Any], int]:
+        """``(batches, examples)`` without the batches whose every label is -100 (one warning)."""
+        if not self.needs_loss_tokens():
+            return batches, n
+        kept = [b for b in batches if has_loss_tokens(b)]
+        if not kept:
+            raise LoRAInitError(f"the statistics samples have no loss tokens: every label of their "
+                                f"{len(batches)} batches is -100; check the labels / attention_mask")
+        if len(kept) < len(batches):
+            skipped = len(batches) - len(kept)
+            warnings.warn(f"lorainit: skipped {skipped} of {len(batches)} batches without loss tokens "
+                          f"(every label -100)", LoRAInitWarning, stacklevel=4)
+            n -= sum((leading_size(b) or 1) for b in batches if not has_loss_tokens(b))
+            self.info["skipped_batches"] = skipped
+        return kept, n
 
     def dataset_length(self) -> Optional[int]:
         """``len(dataloader.dataset)`` when the dataloader has a sized dataset, else None."""
@@ -124,11 +150,23 @@ class InitContext:
             return None
 
     def split_holdout(self, fraction: float) -> Tuple[List[Any], List[Any]]:
-        """(statistics batches, held-out batches): the last ``max(1, round(fraction * #batches))`` batches."""
+        """(statistics batches, held-out batches): the last ``max(1, round(fraction * #batches))`` batches.
+
+        With a single batch, its last ``max(1, round(fraction * size))`` examples are held out instead.
+        """
         b = self.batches
+        if len(b) == 1:
+            size = leading_size(b[0])
+            if size is not None and size >= 2:
+                k = min(size - 1, max(1, int(round(fraction * size))))
+                stats, held = slice_examples(b[0], 0, size - k), slice_examples(b[0], size - k, size)
+                if not self.needs_loss_tokens() or (has_loss_tokens(stats) and has_loss_tokens(held)):
+                    self.info["held_out_examples"] = k
+                    return [stats], [held]
         if len(b) < 2:
-            raise LoRAInitError(f"holding out samples to score the step size needs at least 2 batches, got {len(b)}; "
-                                f"raise num_samples, lower the batch size, or set a numeric step_scale")
+            raise LoRAInitError(f"holding out samples to score the step size needs at least 2 examples, got "
+                                f"{len(b)} batch of {leading_size(b[0]) or 1}; raise num_samples or set a numeric "
+                                f"step_scale")
         k = min(len(b) - 1, max(1, int(round(fraction * len(b)))))
         return b[:-k], b[-k:]
 
@@ -136,7 +174,8 @@ class InitContext:
     def runner(self, token_mask: str = "attention") -> LossRunner:
         """The :class:`~lorainit.passes.loss.LossRunner` (summed loss, token mask) of this model and loss_fn."""
         if token_mask not in self._runners:
-            self._runners[token_mask] = LossRunner(self.model, self.loss_fn, token_mask)
+            self._runners[token_mask] = LossRunner(self.model, self.loss_fn, token_mask,
+                                                   loss_reduction=self.loss_reduction, checks=self._checks)
         return self._runners[token_mask]
 
     def pass_state(self, *, lora_enabled: bool = False, grad_weights: Sequence[str] = ()):
@@ -182,7 +221,8 @@ class InitContext:
             self.info["stats_examples"] = done.examples
             self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
             for name, st in done.stats.items():
-                self.record(name, tokens=st.count, shares_input_with=None if st.z_owner == name else st.z_owner)
+                self.record(name, tokens=st.count, token_mask=(done.masks or {}).get(name),
+                            shares_input_with=None if st.z_owner == name else st.z_owner)
             stats = done.stats
             del done
             yield stats
@@ -199,14 +239,19 @@ class InitContext:
                              token_mask: str = "attention") -> Tuple[Dict[str, Tensor], int]:
         """Full weight gradients ``(1/T) sum_t g_t x_t^T`` (m, n) of the targets (torch orientation, fp32).
 
-        Returns ``({name: grad}, T)`` with ``T`` the number of valid tokens; all-reduced across
-        processes (:func:`lorainit.passes.grads.weight_grads`).
+        Returns ``({name: grad}, T)``: each layer's gradient is divided by its own number of valid tokens
+        (the mask matching its input, :mod:`lorainit.passes.masks`; the report gets ``tokens`` and
+        ``token_mask`` per layer); ``T`` is the number of valid tokens of the batches' main mask
+        (``attention_mask``). All-reduced across processes (:func:`lorainit.passes.grads.weight_grads`).
         """
         names = list(self.names if names is None else names)
         batches = list(self.batches if batches is None else batches)
         with self.timed("weight_grads"):
-            return weight_grads(self.model, self.targets, names, batches, self.runner(token_mask),
-                                progress=self.progress and self.rank == 0)
+            grads, total, tokens, used = weight_grads(self.model, self.targets, names, batches,
+                                                      self.runner(token_mask), progress=self.progress and self.rank == 0)
+        for name in names:
+            self.record(name, tokens=tokens[name], token_mask=used.get(name))
+        return grads, total
 
     def eval_loss(self, batches: Sequence[Any], token_mask: str = "attention") -> float:
         """Mean loss over ``batches`` with the adapters as written (:func:`lorainit.passes.loss.eval_loss`)."""

@@ -33,12 +33,15 @@ def initialize_lora(
     loss_fn: Optional[Callable] = None,
     progress: bool = True,
     adapter: Optional[str] = None,
+    loss_reduction: Optional[str] = None,
 ) -> InitReport:
     """Initialize every LoRA adapter of ``model`` in place with ``method``; returns an :class:`InitReport`.
 
     Args:
         model: a PEFT model (``get_peft_model(...)``) or any module containing PEFT LoRA layers on
-            ``nn.Linear`` / transformers ``Conv1D`` base layers; the targets are the layers PEFT wrapped.
+            ``nn.Linear``, transformers ``Conv1D`` or ``nn.Embedding`` base layers; the targets are the
+            layers PEFT wrapped. An embedding is the linear map ``weight^T`` of one-hot token inputs;
+            a method whose math is not defined for it (``orthogonal``) refuses it with an error.
         dataloader: an iterable of batches (dicts of model inputs, or anything ``loss_fn`` takes);
             the first ``num_samples`` examples are used (``None`` = all). Methods without data take None.
         method: a registered name (``lorainit.methods()`` lists them), e.g. ``"lora_da"``.
@@ -46,7 +49,18 @@ def initialize_lora(
         loss_fn: ``loss_fn(model, batch) -> summed loss`` over the batch; default: the model's own
             loss (from ``labels``) times its number of loss tokens (DESIGN.md section 2).
         progress: tqdm progress bars for the data passes.
-        adapter: which adapter to initialize (default: the active one).
+        adapter: which adapter to initialize (default: the active one). With several active adapters
+            this is required (one adapter per call: call once per adapter).
+        loss_reduction: what ``loss_fn`` returns: ``"sum"`` (the summed loss) or ``"mean"`` (a mean over
+            the batch's loss terms; lorainit multiplies it by their number: the model's own loss
+            tokens for batches with ``labels``, else the examples). None (default) treats it as a sum
+            and warns once (``LossReductionWarning``) when the first batch's value looks like a mean.
+
+    Token validity is per layer (:mod:`lorainit.passes.masks`): encoder layers use ``attention_mask``,
+    decoder layers of an encoder-decoder ``decoder_attention_mask`` (else the label mask), per-example
+    layers (poolers, classifier heads) count every example as one token; the report's
+    ``token_mask`` column says which mask each layer used. Batches without loss tokens are skipped
+    with a warning (an error when none is left).
 
     Raises ``LoRAInitError`` (a ValueError) with a message naming the module/batch/argument for
     inputs that cannot be handled; the model is then exactly as before.
@@ -64,6 +78,11 @@ def initialize_lora(
         raise LoRAInitError(f"method {method!r} takes a {spec.config_cls.__name__}, got {type(config).__name__}")
     if loss_fn is not None and not callable(loss_fn):
         raise LoRAInitError(f"loss_fn must be callable as loss_fn(model, batch) -> summed loss, got {type(loss_fn).__name__}")
+    if loss_reduction not in (None, "sum", "mean"):
+        raise LoRAInitError(f"loss_reduction must be 'sum', 'mean' or None, got {loss_reduction!r}")
+    if loss_reduction is not None and loss_fn is None:
+        raise LoRAInitError(f"loss_reduction={loss_reduction!r} describes a loss_fn, but none was given (the model's own "
+                            f"loss is always turned into the summed loss)")
     if spec.needs_data and dataloader is None:
         raise LoRAInitError(f"method {method!r} needs data: pass a dataloader")
     if not isinstance(model, nn.Module):
@@ -77,7 +96,7 @@ def initialize_lora(
     dist_utils.agree_fingerprint((method, target_fingerprint(targets)), "the method and the LoRA targets")
     snapshot = ModelSnapshot(model, targets)
     ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress,
-                      snapshot=snapshot)
+                      snapshot=snapshot, loss_reduction=loss_reduction)
     try:
         factors = spec.fn(ctx, config)
         if not isinstance(factors, dict):

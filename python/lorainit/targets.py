@@ -1,8 +1,16 @@
 """Find the PEFT LoRA layers of a model and describe each in torch orientation (DESIGN.md section 2).
 
-A target is a PEFT ``LoraLayer`` whose base layer is an ``nn.Linear`` (weight ``(m, n)``) or a
-transformers ``Conv1D`` (GPT-2; weight stored transposed, ``(n, m)``). Nothing here depends on
-module names: the targets are exactly the layers PEFT wrapped according to its config.
+A target is a PEFT ``LoraLayer`` whose base layer is an ``nn.Linear`` (weight ``(m, n)``), a
+transformers ``Conv1D`` (GPT-2; weight stored transposed, ``(n, m)``) or an ``nn.Embedding``.
+An embedding of ``vocab`` rows of size ``d`` is the linear layer ``y = W x`` with ``W = weight^T``
+of shape ``(m, n) = (d, vocab)`` acting on one-hot inputs ``x``; PEFT's ``lora_embedding_A``
+``(r, vocab)`` and ``lora_embedding_B`` ``(d, r)`` are then ``lora_A`` / ``lora_B`` of that view
+(PEFT adds ``scaling * (B @ A)^T`` to ``weight``), so it is stored transposed, as Conv1D.
+Nothing here depends on module names: the targets are exactly the layers PEFT wrapped according
+to its config.
+
+One adapter per call: with several *active* adapters ``find_targets`` asks for ``adapter=NAME``
+(call ``initialize_lora`` once per adapter) instead of picking one silently.
 """
 from __future__ import annotations
 
@@ -13,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import full, is_dtensor
-from .errors import LoRAInitError
+from .errors import LoRAInitError, LoRAInitWarning
 
-__all__ = ["TargetLayer", "find_targets", "target_fingerprint", "LoRAInitError"]
+__all__ = ["TargetLayer", "find_targets", "target_fingerprint", "LoRAInitError", "LoRAInitWarning"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,7 +58,7 @@ class TargetLayer:
     module: nn.Module  # the PEFT LoraLayer
     base: nn.Module  # its base layer (nn.Linear or Conv1D)
     adapter: str
-    kind: str  # "linear" or "conv1d"
+    kind: str  # "linear", "conv1d" or "embedding"
     m: int
     n: int
     r: int
@@ -65,10 +73,14 @@ class TargetLayer:
 
     @property
     def lora_A(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.module.lora_embedding_A[self.adapter]
         return self.module.lora_A[self.adapter].weight
 
     @property
     def lora_B(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.module.lora_embedding_B[self.adapter]
         return self.module.lora_B[self.adapter].weight
 
     @property
@@ -101,25 +113,33 @@ class TargetLayer:
                 "dtype": str(self.dtype).replace("torch.", "")}
 
 
+def _holds(layer: nn.Module, adapter: str) -> bool:
+    return adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {})
+
+
 def _active_adapter(model: nn.Module, layers: List[nn.Module], adapter: Optional[str]) -> str:
     if adapter is not None:
         return adapter
+    names = set()
+    for layer in layers:
+        active = layer.active_adapters
+        names.update(a for a in ([active] if isinstance(active, str) else active) if _holds(layer, a))
+    if len(names) > 1:
+        raise LoRAInitError(f"the model has several active LoRA adapters {sorted(names)}; lorainit initializes one "
+                            f"adapter per call: pass adapter=NAME (once per adapter)")
+    if len(names) == 1:
+        return names.pop()
     active = getattr(model, "active_adapter", None)  # PeftModel / LoraModel
     if isinstance(active, str):
         return active
-    names = set()
-    for layer in layers:
-        names.update(a for a in layer.active_adapters if a in layer.lora_A)
-    if len(names) == 1:
-        return names.pop()
-    raise LoRAInitError(f"the model has several active LoRA adapters {sorted(names)}; pass adapter=NAME to choose one")
+    raise LoRAInitError("the model has no active LoRA adapter; pass adapter=NAME")
 
 
 def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, TargetLayer]:
     """The LoRA target layers of ``model`` (a PeftModel or any module with PEFT LoRA layers), by name.
 
     Raises LoRAInitError for a model without LoRA layers, a merged adapter, LoRA variants (DoRA, ...)
-    and base layers lorainit cannot write (quantized weights, embeddings, convolutions).
+    and base layers lorainit cannot write (quantized weights, convolutions).
     """
     LoraLayer = _lora_layer_class()
     Conv1D = _conv1d_class()
@@ -130,7 +150,7 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
     adapter = _active_adapter(model, [m for _, m in lora_layers], adapter)
     targets: Dict[str, TargetLayer] = {}
     for name, mod in lora_layers:
-        if adapter not in getattr(mod, "lora_A", {}):
+        if not _holds(mod, adapter):
             continue
         where = f"module {name!r} (adapter {adapter!r})"
         if getattr(mod, "merged", False):
@@ -142,11 +162,17 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
         w = getattr(base, "weight", None)
         if Conv1D is not None and isinstance(base, Conv1D):
             kind, transposed = "conv1d", True
-        elif isinstance(base, nn.Linear):
+        elif isinstance(base, nn.Linear) and adapter in getattr(mod, "lora_A", {}):
             kind, transposed = "linear", False
+        elif isinstance(base, nn.Embedding) and adapter in getattr(mod, "lora_embedding_A", {}):
+            kind, transposed = "embedding", True
+            scale = mod._get_embed_scale() if hasattr(mod, "_get_embed_scale") else None
+            if scale is not None:
+                raise LoRAInitError(f"{where}: scaled embedding {type(base).__name__} (embed_scale) is not supported; "
+                                    f"its update is not a plain linear map of the one-hot input")
         else:
             raise LoRAInitError(f"{where}: base layer {type(base).__name__} is not supported; lorainit initializes "
-                                f"LoRA on nn.Linear and transformers Conv1D layers")
+                                f"LoRA on nn.Linear, transformers Conv1D and nn.Embedding layers")
         if not isinstance(w, torch.Tensor) or w.dtype not in _FLOATS or w.dim() != 2 or \
                 (type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w)):
             wt = type(w).__name__ if w is not None else "None"
@@ -157,12 +183,14 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
             raise LoRAInitError(f"{where}: base weight is on the meta device (offloaded); load the model's weights first")
         if kind == "linear":
             m, n = base.out_features, base.in_features
-        else:
+        else:  # Conv1D: weight (n, m); Embedding: weight (vocab, d) = (n, m)
             n, m = w.shape
         if tuple((w.t() if transposed else w).shape) != (m, n):
             raise LoRAInitError(f"{where}: base weight shape {tuple(w.shape)} does not match {kind} ({m}, {n})")
-        A = mod.lora_A[adapter].weight
-        B = mod.lora_B[adapter].weight
+        if kind == "embedding":
+            A, B = mod.lora_embedding_A[adapter], mod.lora_embedding_B[adapter]
+        else:
+            A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
         r = int(mod.r[adapter])
         if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
             raise LoRAInitError(f"{where}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not ({r}, {n}) / ({m}, {r})")

@@ -31,17 +31,20 @@ def test_layer_groups_split_same_shapes_by_dtype():
 
 
 def test_mask_follows_each_input_to_its_device():
+    from lorainit.passes.masks import TokenMasks
     from lorainit.passes.stats import StatsCollector
     from lorainit.targets import find_targets
 
     model = branch_mlp()
     targets = find_targets(model)
     col = StatsCollector(targets, list(targets))
-    col.mask = torch.ones(2, 5, dtype=torch.bool)  # the runner puts it on the first parameter's device
+    # the runner puts the batch's mask on the first parameter's device
+    col.masks = TokenMasks(encoder=("attention_mask", torch.ones(2, 5, dtype=torch.bool)))
     x = torch.empty(2, 5, 24, device="meta")  # an input on another device
-    mask = col._mask_for("fc2", x)
+    fc2 = next(n for n in targets if n.endswith("fc2"))
+    mask = col._mask_for(fc2, x)
     assert mask.device == x.device and tuple(mask.shape) == (2, 5)
-    flat = col._mask_for("fc2", torch.empty(10, 24, device="meta"))  # flattened tokens
+    flat = col._mask_for(fc2, torch.empty(10, 24, device="meta"))  # flattened tokens
     assert flat.device.type == "meta" and tuple(flat.shape) == (10,)
 
 

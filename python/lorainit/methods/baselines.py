@@ -201,13 +201,34 @@ class LoRAOneConfig(InitConfig):
 
 
 # ------------------------------------------------------------------------------------------ random inits
+def _random_embedding(ctx: InitContext, method: str, names: List[str], gen) -> Dict[str, LoRAFactors]:
+    """PEFT's init of an embedding adapter (``init_lora_weights=True`` and ``"gaussian"`` alike):
+    ``lora_embedding_A = 0``, ``lora_embedding_B ~ N(0, 1)``; PEFT defines no orthogonal init for embeddings."""
+    if method == "orthogonal":
+        raise LoRAInitError(f"orthogonal: cannot initialize the embedding targets {names[:4]}: PEFT defines the "
+                            f"orthogonal init only for linear layers (embedding adapters start from A = 0, B ~ N(0, 1)); "
+                            f"use method='lora' or leave the embeddings out of target_modules")
+    out = {}
+    for name in names:
+        t = ctx.targets[name]
+        A = torch.zeros(t.r, t.n, dtype=t.lora_A.dtype)
+        B = torch.randn(t.m, t.r, generator=gen, dtype=torch.float32).to(t.lora_B.dtype)
+        out[name] = finalize(t, A, B)
+        ctx.record(name, init="PEFT embedding init: A = 0, B ~ N(0, 1)")
+    return out
+
+
 def _random_init(kernel: Callable, method: str) -> Callable:
     def init(ctx: InitContext, config: BaselineConfig) -> Dict[str, LoRAFactors]:
         check_rank(ctx.targets, method)
         gen = generator(config.seed)
         out: Dict[str, LoRAFactors] = {}
         key = (lambda t: (t.m, t.n, t.r))
-        for (m, n, r), names in layer_groups(ctx.targets, max_batch=config.max_batch, key=key):
+        embeddings = [n for n, t in ctx.targets.items() if t.kind == "embedding"]
+        if embeddings and method == "orthogonal":
+            _random_embedding(ctx, method, embeddings, gen)  # raises: not defined for embeddings
+        linear = [n for n in ctx.names if n not in embeddings]
+        for (m, n, r), names in layer_groups(ctx.targets, linear, max_batch=config.max_batch, key=key):
             t0 = time.perf_counter()
             lora_A = ctx.targets[names[0]].lora_A
             f = kernel_call(method, names, kernel, m, n, r, batch_shape=(len(names),), generator=gen,
@@ -216,6 +237,8 @@ def _random_init(kernel: Callable, method: str) -> Callable:
             for i, name in enumerate(names):
                 out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i])
                 ctx.record(name, time_s=dt)
+        if embeddings:  # after the linear layers, from the same generator
+            out.update(_random_embedding(ctx, method, embeddings, gen))
         if ctx.world > 1:  # cheap draws on every rank; rank 0's win (seed=None draws from each rank's own RNG)
             dist_utils.broadcast_tensors([x for f in out.values() for x in (f.lora_A, f.lora_B)], src=0)
         ctx.info["seed"] = config.seed
@@ -283,7 +306,7 @@ def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
     grads, tokens = ctx.collect_weight_grads(token_mask=token_mask)
     ctx.info["grad_tokens"] = tokens
     for name, g in grads.items():
-        ctx.record(name, tokens=tokens, grad_norm=float(g.norm()))
+        ctx.record(name, grad_norm=float(g.norm()))
         if not bool(g.abs().amax() > 0):
             raise LoRAInitError(f"module {name!r}: its weight gradient is exactly zero over the samples; the loss "
                                 f"does not depend on this layer (cannot take singular vectors of a zero gradient)")

@@ -48,7 +48,8 @@ from .. import distributed as dist_utils
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
-from ..targets import LoRAInitError, check_rank
+from ..passes.batches import has_loss_tokens
+from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, generator, kernel_call, layer_groups, solve_spread
 
 __all__ = ["HRPConfig", "hrp_init", "HRPDataWarning", "HRP"]
@@ -138,22 +139,38 @@ class _PreheatGroup:
         self.trained.requires_grad_(True)
 
 
-def _make_hook(group: _PreheatGroup, i: int):
+def _make_hook(group: _PreheatGroup, i: int, embedding: bool = False):
     def hook(module, args, output):
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
-        delta = F.linear(F.linear(x.to(group.A.dtype), group.A[i]), group.B[i])
+        if embedding:  # W = weight^T on one-hot inputs: B A e_id = B A[:, id]
+            delta = F.linear(F.embedding(x, group.A[i].mT), group.B[i])
+        else:
+            delta = F.linear(F.linear(x.to(group.A.dtype), group.A[i]), group.B[i])
         return output + delta.to(output.dtype)
     return hook
 
 
 # ------------------------------------------------------------------------------------------ data
-def _cycle(dataloader: Iterable, steps: int) -> Iterator[Tuple[Any, int]]:
+def _cycle(dataloader: Iterable, steps: int, keep: Optional[Callable[[Any], bool]] = None
+           ) -> Iterator[Tuple[Any, int]]:
     """Yield ``(batch, epoch)`` for ``steps`` batches, re-iterating the dataloader (and warning once) if it ends.
 
     A one-shot iterator (``iter(x) is x``) is cycled over the batches it yielded, kept in memory.
+    Batches for which ``keep(batch)`` is False (no loss tokens) are skipped, with one warning.
     """
+    skipped = [0]
+
+    def usable(batch) -> bool:
+        if keep is None or keep(batch):
+            return True
+        if skipped[0] == 0:
+            warnings.warn("hrp: skipping batches without loss tokens (every label -100)", LoRAInitWarning,
+                          stacklevel=4)
+        skipped[0] += 1
+        return False
+
     try:
         first = iter(dataloader)
     except TypeError as err:
@@ -167,6 +184,9 @@ def _cycle(dataloader: Iterable, steps: int) -> Iterator[Tuple[Any, int]]:
         except StopIteration:
             if epoch == 0:
                 per_epoch = done
+            if done == 0 and skipped[0]:
+                raise LoRAInitError(f"hrp: none of the {skipped[0]} batches of the dataloader has a loss token "
+                                    f"(every label is -100)") from None
             if done == 0 or (epoch > 0 and per_epoch == 0):
                 raise LoRAInitError("hrp: the dataloader yielded no batches (empty dataloader)") from None
             if not warned:
@@ -188,6 +208,8 @@ def _cycle(dataloader: Iterable, steps: int) -> Iterator[Tuple[Any, int]]:
                                     f"{count_before} in the first); pass a re-iterable dataloader") from None
         if one_shot and epoch == 0:
             kept.append(batch)
+        if not usable(batch):
+            continue
         done += 1
         yield batch, epoch
 
@@ -266,10 +288,12 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
             ctx.model.train()
         try:
             for name, (g, i) in where.items():
-                handles.append(ctx.targets[name].module.register_forward_hook(_make_hook(g, i)))
+                embedding = ctx.targets[name].kind == "embedding"
+                handles.append(ctx.targets[name].module.register_forward_hook(_make_hook(g, i, embedding)))
             bar = ctx.progress_bar(config.steps, "lorainit HRP preheat", unit="step")
             try:
-                for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps)):
+                keep = has_loss_tokens if config.loss_fn is None and ctx.needs_loss_tokens() else None
+                for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps, keep)):
                     epochs = epoch + 1
                     opt.zero_grad(set_to_none=True)
                     err, weight = None, 1.0
@@ -290,6 +314,7 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
                         err = None
                         try:
                             _check_grads_reached(groups)
+                            ctx.runner("attention").finish_check()
                         except Exception as e:
                             err = e
                         dist_utils.agree(err, "hrp: the first preheat step")

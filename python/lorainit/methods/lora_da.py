@@ -9,6 +9,10 @@ Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC
     A     = r smallest eigenvectors of Omega,  P = dW A
     lora_A = A^T,  lora_B = eta P / (sigma nu)              (sigma: PEFT scaling, nu: 1 or sigma_max(dW))
 
+Embedding targets (``nn.Embedding``, the linear map ``W = weight^T`` (d, vocab) on one-hot
+inputs) have a diagonal ``Z = diag(token frequencies)``, so ``Omega = c Z_d^-1 - alpha dW^T dW`` is
+diagonal minus rank <= d and is never formed (vocab n can be 50k): :func:`embedding_factors`.
+
 The per-layer math is ``lorainit_kernels.methods.lora_da``; this module gathers the statistics,
 stacks layers of one shape into one batched call, spreads the calls over processes, estimates
 ``N`` and searches ``eta`` (``step_scale="auto"``: the mean loss of held-out statistics samples
@@ -39,7 +43,7 @@ from ..passes.stats import stats_bytes
 from ..targets import LoRAInitError, check_rank
 from .common import MethodSpec, finalize, kernel_call, layer_groups
 
-__all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "LORA_DA"]
+__all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "embedding_factors", "LORA_DA"]
 
 PAPER = ("Zhang et al. 2025, LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via Asymptotic "
          "Analysis, arXiv 2510.24561")
@@ -230,6 +234,109 @@ def _chunks(ctx: InitContext, config: LoRADAConfig, names, room: Optional[int]):
         used += need
     if cur:
         yield cur
+def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, damping: float = defaults.DAMPING,
+                      bias_weight: float = defaults.BIAS_WEIGHT, variance_weight: float = defaults.VARIANCE_WEIGHT,
+                      fisher: bool = defaults.FISHER, normalize_step: bool = defaults.NORMALIZE_STEP,
+                      solver: str = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None):
+    """LoRA-DA of an embedding target from its diagonal statistics, without any n x n matrix.
+
+    ``z`` (n,) token frequencies (``Z = diag(z)``), ``G`` (m, n), ``s`` (m,) as in DESIGN.md
+    section 2. With ``z_d = z + damping mean(z)``, ``s_d = s + damping mean(s)``,
+    ``dW = -diag(s_d)^-1 G diag(z_d)^-1`` (``-G`` without ``fisher``), ``c = beta sum(1/s_d) / N``:
+    ``Omega = diag(c / z_d) - alpha dW^T dW``. A token that never occurs has a zero column in ``G`` and
+    so in ``dW``: ``e_j`` is an eigenvector of ``Omega`` with the largest diagonal value ``c / z_d,j``,
+    above every eigenvalue of the block of the occurring tokens (a diagonal minus a PSD matrix). The
+    r smallest eigenpairs therefore come from that block, ``n_s x n_s`` (n_s = distinct tokens seen),
+    completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) when
+    ``n_s`` is below ``defaults.EIGH_CROSSOVER_N`` (or ``solver="eigh"``) and otherwise by
+    ``lk.lobpcg`` on the operator ``X -> (c / z_d) X - alpha dW_s^T (dW_s X)``. Same PEFT form as
+    ``lorainit_kernels.methods.lora_da`` at ``step_scale=1``: returns ``(lora_A (r, n), lora_B (m, r),
+    evals (r,), info)`` with ``scaling lora_B lora_A = dW A A^T / nu``.
+    """
+    import lorainit_kernels as lk
+
+    n, m = z.shape[0], G.shape[0]
+    dt = torch.float64
+    z, s = z.to(dt), s.to(dt)
+    zd = z + damping * z.mean()
+    sd = s + damping * s.mean()
+    seen = torch.nonzero(z > 0).flatten()
+    unseen = torch.nonzero(z <= 0).flatten()
+    if bool((zd <= 0).any()):
+        raise ValueError(f"damping={damping}: {int(unseen.numel())} of the {n} tokens never occur in the samples, so "
+                         f"Z = diag(token frequencies) is singular; use damping > 0")
+    if bool((sd <= 0).any()):
+        raise ValueError("the output-gradient second moment s is zero; the loss does not depend on this layer")
+    Gs = G[:, seen].to(dt)
+    dWs = -(Gs / sd[:, None]) / zd[seen][None, :] if fisher else -Gs
+    c = variance_weight * float((1.0 / sd).sum()) / float(n_train)
+    d = c / zd  # the diagonal of c Z_d^-1
+    ds = d[seen]
+    ns = int(seen.numel())
+    k = min(rank, ns)
+    info: Dict[str, Any] = {"seen_tokens": ns}
+    use_eigh = solver == "eigh" or (solver == "auto" and ns < defaults.EIGH_CROSSOVER_N.get(G.device.type, 768)) \
+        or ns <= 3 * k
+    if k == 0:
+        vals, vecs = torch.zeros(0, dtype=dt), torch.zeros(0, 0, dtype=dt)
+        info.update(solver="none", iterations=0, converged=True, residual=0.0)
+    elif use_eigh:
+        Om = torch.diag(ds) - bias_weight * (dWs.T @ dWs)
+        ev, V = torch.linalg.eigh(Om)
+        vals, vecs = ev[:k], V[:, :k]
+        res = (Om @ vecs - vecs * vals).norm(dim=0) / (ev.abs().max() + vals.abs())
+        info.update(solver="eigh", iterations=0, converged=True, residual=float(res.max()))
+    else:
+        op_dt = torch.float32 if G.dtype != torch.float64 else torch.float64
+        dWo, dso = dWs.to(op_dt), ds.to(op_dt)
+
+        def apply(X):
+            return dso[:, None] * X - bias_weight * (dWo.T @ (dWo @ X))
+
+        vals, vecs, linfo = lk.lobpcg(apply, k, n=ns, dtype=op_dt, device=G.device, tol=tol, maxiter=maxiter,
+                                      return_info=True)
+        vals, vecs = vals.to(dt), vecs.to(dt)
+        info.update(solver="lobpcg", iterations=int(torch.as_tensor(linfo["iterations"]).reshape(-1)[0]),
+                    converged=bool(torch.as_tensor(linfo["converged"]).all()),
+                    residual=float(torch.as_tensor(linfo["residual"]).max()))
+    A = torch.zeros(n, rank, dtype=dt, device=G.device)
+    A[seen, :k] = vecs
+    evals = torch.empty(rank, dtype=dt, device=G.device)
+    evals[:k] = vals
+    if k < rank:  # fewer distinct tokens than the rank: the unseen e_j (all at the largest eigenvalue)
+        fill = unseen[: rank - k]
+        A[fill, torch.arange(k, rank, device=G.device)] = 1.0
+        evals[k:] = d[fill]
+    P = dWs @ A[seen]  # dW A: unseen columns of dW are zero
+    nu = 1.0
+    if normalize_step:
+        nu = float(torch.linalg.matrix_norm(dWs, ord=2)) if ns else 0.0
+        if not nu > 0 or not math.isfinite(nu):
+            raise ValueError(f"the Fisher-gradient step has largest singular value {nu}; cannot normalize (is G zero?)")
+        info["step_norm"] = nu
+    lora_A = A.T.contiguous().float()
+    lora_B = (P / (scaling * nu)).float()
+    return lora_A, lora_B, evals.float(), info
+
+
+def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_train, results) -> None:
+    for name in names:
+        t, st = ctx.targets[name], part[name]
+        t0 = time.perf_counter()
+        try:
+            lora_A, lora_B, evals, info = embedding_factors(
+                st.Z, st.G, st.s, t.r, n_train=n_train[name], scaling=t.scaling, damping=config.damping,
+                bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
+                normalize_step=config.normalize_step, solver=config.solver, **config.solver_options)
+        except (ValueError, RuntimeError) as err:
+            raise LoRAInitError(f"lora_da: embedding {name!r}: {err}") from err
+        row = {"eigenvalues": evals.tolist(), "time_s": time.perf_counter() - t0, "solver": info["solver"],
+               "iters": info["iterations"], "converged": info["converged"], "residual": info["residual"],
+               "seen_tokens": info["seen_tokens"]}
+        if "step_norm" in info:
+            row["step_norm"] = info["step_norm"]
+        ctx.record(name, **row)
+        results[name] = (lora_A, lora_B, evals)
 
 
 def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
@@ -253,9 +360,12 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
         room = max(config.max_memory - held, 0)
     mine = [n for n in part if owners[n] == ctx.rank]
     seeds = _takes_seeds()
+    embeddings = [n for n in mine if part[n].diag]
+    mine = [n for n in mine if not part[n].diag]
     key = (lambda t: (t.m, t.n, t.r, t.scaling, n_train[t.name]))
     err = None
     try:
+        _solve_embeddings(ctx, config, part, embeddings, n_train, results)
         for (m, n, r, scaling), names_all in [((k[0], k[1], k[2], k[3]), v) for k, v in
                                               layer_groups(ctx.targets, mine, key=key)]:
             N = n_train[names_all[0]]

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..targets import LoRAInitError
 
-__all__ = ["leading_size", "count_examples", "count_positions", "take_samples", "to_device", "model_device"]
+__all__ = ["leading_size", "count_examples", "count_positions", "take_samples", "to_device", "model_device",
+           "slice_examples", "has_loss_tokens"]
 
 
 def leading_size(batch) -> Optional[int]:
@@ -46,6 +47,38 @@ def _slice_batch(batch, k: int):
     if isinstance(batch, list):
         return [cut(v) for v in batch]
     return batch
+
+
+def slice_examples(batch, start: int, stop: int):
+    """Examples ``start:stop`` of a dict/tuple/tensor batch (tensors with a leading batch dim are cut)."""
+    size = leading_size(batch)
+
+    def cut(v):
+        return v[start:stop] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({key: cut(v) for key, v in batch.items()}) if type(batch) is not dict else \
+            {key: cut(v) for key, v in batch.items()}
+    if isinstance(batch, tuple):
+        return type(batch)(*map(cut, batch)) if hasattr(batch, "_fields") else tuple(map(cut, batch))
+    if isinstance(batch, list):
+        return [cut(v) for v in batch]
+    return batch
+
+
+def has_loss_tokens(batch) -> bool:
+    """False for a mapping batch whose integer ``labels`` are all -100 (or, without labels, whose
+    ``attention_mask`` is all 0, so that the labels made from ``input_ids`` would be); True otherwise."""
+    if not isinstance(batch, Mapping):
+        return True
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor):
+        return labels.is_floating_point() or bool(labels.ne(-100).any())
+    am = batch.get("attention_mask")
+    if isinstance(am, Tensor) and isinstance(batch.get("input_ids"), Tensor):
+        return bool(am.ne(0).any())
+    return True
 
 
 def take_samples(dataloader: Iterable, num_samples: Optional[int]) -> Tuple[List[Any], int]:

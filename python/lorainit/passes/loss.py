@@ -16,11 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as dist_utils
-from ..targets import LoRAInitError, TargetLayer
+from ..targets import LoRAInitError, LoRAInitWarning, TargetLayer
 from .batches import leading_size, model_device, to_device
+from .masks import TokenMasks, is_encoder_decoder
 from .state import pass_state
 
-__all__ = ["LossRunner", "eval_loss"]
+__all__ = ["LossRunner", "eval_loss", "LossReductionWarning", "LOSS_REDUCTIONS"]
+
+LOSS_REDUCTIONS = (None, "sum", "mean")
+
+
+class LossReductionWarning(LoRAInitWarning):
+    """A user ``loss_fn`` returned what looks like a mean, not the summed loss lorainit expects."""
 
 
 def _takes_labels(model: nn.Module) -> bool:
@@ -53,12 +60,23 @@ class LossRunner:
     loss tokens, detected on the first batch by matching the reported loss against the
     cross-entropy of the logits with shifted (causal LM), unshifted (token classification) or
     per-example (sequence classification) labels.
+
+    ``loss_reduction`` says what ``loss_fn`` returns: ``"sum"`` (the summed loss), ``"mean"`` (a
+    mean over the batch's loss terms: multiplied by their number, the model's own loss tokens for
+    batches with ``labels`` or with ``input_ids`` it makes causal-LM labels of (normalization
+    detected as above, with one forward of the model), else the batch's examples) or None
+    (``"sum"``, with a check after the first batch (:meth:`finish_check`) that warns once,
+    through ``checks``, when the value equals the model's own mean loss on that batch).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, token_mask: str = "attention"):
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, token_mask: str = "attention",
+                 loss_reduction: Optional[str] = None, checks: Optional[dict] = None):
         self.model = model
         self.loss_fn = loss_fn
         self.token_mask = token_mask
+        self.loss_reduction = loss_reduction
+        self.checks = {} if checks is None else checks
+        self.enc_dec = is_encoder_decoder(model)
         self.device = model_device(model)
         self.mode: Optional[str] = None  # "shifted", "unshifted" or "examples" once detected
         self.added_labels = False
@@ -85,6 +103,30 @@ class LossRunner:
             return am.to(self.device).bool()
         return None
 
+    def masks(self, batch) -> TokenMasks:
+        """Every token mask of a prepared batch, for the per-layer choice of :mod:`~lorainit.passes.masks`."""
+        if not isinstance(batch, Mapping):
+            self.mask(batch)  # raises for token_mask="labels"
+            return TokenMasks(examples=leading_size(batch))
+        out = TokenMasks(examples=leading_size(batch))
+        if self.enc_dec:
+            am = batch.get("attention_mask")
+            if isinstance(am, Tensor):
+                out.encoder = ("attention_mask", am.to(self.device).bool())
+            dam, labels = batch.get("decoder_attention_mask"), batch.get("labels")
+            if self.token_mask == "labels" or not isinstance(dam, Tensor):
+                if isinstance(labels, Tensor) and labels.dim() >= 2:
+                    out.decoder = ("labels (decoder)", labels.to(self.device).ne(-100))
+                elif self.token_mask == "labels":
+                    raise LoRAInitError("token_mask='labels' needs token-level 'labels' in every batch")
+            if out.decoder is None and isinstance(dam, Tensor):
+                out.decoder = ("decoder_attention_mask", dam.to(self.device).bool())
+            return out
+        mask = self.mask(batch)
+        if mask is not None:
+            out.encoder = ("labels" if self.token_mask == "labels" else "attention_mask", mask)
+        return out
+
     # -- forward
     def prepare(self, batch):
         if self.loss_fn is not None:
@@ -107,6 +149,12 @@ class LossRunner:
         With ``check_finite`` a NaN/Inf loss raises, naming the module ``culprit()`` returns (the
         first target whose input was not finite) or else the batch.
         """
+        loss, count, masks = self.forward_masks(batch, index, check_finite=check_finite, culprit=culprit)
+        return loss, count, masks.primary
+
+    def forward_masks(self, batch, index: int, *, check_finite: bool = True,
+                      culprit: Optional[Callable[[], Optional[str]]] = None) -> Tuple[Tensor, int, TokenMasks]:
+        """As :meth:`forward`, with every token mask of the batch (:class:`~lorainit.passes.masks.TokenMasks`)."""
         prepared = self.prepare(batch)
         try:
             loss, count = self.summed_loss(prepared, index)
@@ -115,7 +163,7 @@ class LossRunner:
             if bad is not None:
                 raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
             raise
-        mask = self.mask(prepared)
+        mask = self.masks(prepared)
         if check_finite and not bool(torch.isfinite(loss.detach())):
             bad = culprit() if culprit is not None else None
             if bad is not None:
@@ -130,8 +178,14 @@ class LossRunner:
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise LoRAInitError(f"loss_fn(model, batch) must return a scalar tensor (the summed loss), got "
                                     f"{type(loss).__name__} {getattr(loss, 'shape', '')} for batch {index}")
+            loss = loss.reshape(())
             n = leading_size(batch)
-            return loss.reshape(()), (1 if n is None else n)
+            if self.loss_reduction == "mean":
+                count = self._mean_count(batch, index)
+                return loss * count, count
+            if self.loss_reduction is None and index == 0 and not self.checks.get("reduction_checked"):
+                self._pending = (batch, float(loss.detach()), index)  # checked by finish_check()
+            return loss, (1 if n is None else n)
         if not isinstance(batch, Mapping):
             raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
                                 f"loss_fn(model, batch) -> summed loss for such batches")
@@ -164,6 +218,8 @@ class LossRunner:
             raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
                                 f"attention_mask)")
         if self.mode is None:
+            if not bool(torch.isfinite(loss)):  # no mode to detect from a NaN: the caller names the NaN
+                return counts["shifted"] if counts["shifted"] > 0 else counts["unshifted"]
             self.mode = self._detect_mode(labels, logits, loss, index)
         count = counts[self.mode]
         if count <= 0:
@@ -197,6 +253,83 @@ class LossRunner:
         raise LoRAInitError(f"cannot tell how the model's loss ({ref:.6g} on batch {index}) is normalized: it matches "
                             f"none of {', '.join(f'{k}={float(v):.6g}' for k, v in cands.items()) or 'no candidate'}; "
                             f"pass loss_fn(model, batch) -> summed loss")
+
+
+    # -- loss_fn reductions
+    def _model_batch(self, batch):
+        """The batch as the model's own forward takes it (on its device, labels added), or None."""
+        if not isinstance(batch, Mapping):
+            return None
+        b = to_device(batch, self.device)
+        if "labels" not in b and self._takes_labels and isinstance(b.get("input_ids"), Tensor):
+            labels = b["input_ids"].clone()
+            am = b.get("attention_mask")
+            if isinstance(am, Tensor):
+                labels = labels.masked_fill(am.to(labels.device) == 0, -100)
+            b = {**b, "labels": labels}
+        return b if isinstance(b.get("labels"), Tensor) else None
+
+    def _model_loss(self, batch, index: int):
+        """``(model's mean loss, its number of loss terms)`` on ``batch`` (no grad), or None."""
+        b = self._model_batch(batch)
+        if b is None:
+            return None
+        try:
+            with torch.no_grad():
+                out = self.model(**b)
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+            if not isinstance(loss, Tensor) or not bool(torch.isfinite(loss)):
+                return None
+            return float(loss), self._loss_count(b, logits, loss.detach(), index)
+        except Exception:
+            return None
+
+    def _mean_count(self, batch, index: int) -> int:
+        """Loss terms of a batch whose ``loss_fn`` value is a mean (``loss_reduction="mean"``)."""
+        b = self._model_batch(batch)  # labels, or the causal-LM labels the model's own loss would use
+        labels = b.get("labels") if b is not None else None
+        if isinstance(labels, Tensor) and labels.dim() >= 1 and not labels.is_floating_point():
+            if self.mode is None:
+                self._model_loss(batch, index)  # detects the model's normalization once
+            if self.mode == "shifted" and labels.dim() >= 2:
+                count = int(labels[..., 1:].ne(-100).sum())
+            elif self.mode == "examples" or labels.dim() == 1:
+                count = int(labels.shape[0])
+            else:
+                count = int(labels.ne(-100).sum())
+            if count <= 0:
+                raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100)")
+            return count
+        n = leading_size(batch)
+        return 1 if n is None else n
+
+    @torch.no_grad()
+    def finish_check(self) -> None:
+        """Warn (once per ``checks``) when ``loss_fn``, assumed to return a sum, returned the model's own mean loss.
+
+        The value of ``loss_fn`` on the first batch is kept by :meth:`summed_loss`; the passes call
+        this after that batch's backward (the model forward it needs must not feed their hooks
+        inside the batch). No-op with ``loss_reduction`` set, without a ``loss_fn`` or after the check.
+        """
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None or self.checks.get("reduction_checked"):
+            return
+        self.checks["reduction_checked"] = True
+        batch, value, index = pending
+        if not math.isfinite(value) or value == 0:
+            return
+        ref = self._model_loss(batch, index)
+        if ref is None:
+            return
+        mean, count = ref
+        if count > 1 and math.isclose(value, mean, rel_tol=1e-3, abs_tol=1e-7):
+            import warnings
+
+            warnings.warn(f"loss_fn returned {value:.6g} on batch {index}, the model's own mean loss over its {count} "
+                          f"loss tokens (their sum is {mean * count:.6g}); lorainit expects loss_fn to return the "
+                          f"summed loss over the batch's loss tokens: pass loss_reduction='mean' if it returns a "
+                          f"mean (or loss_reduction='sum' to skip this check)", LossReductionWarning, stacklevel=2)
 
 
 @torch.no_grad()

@@ -5,8 +5,11 @@ the LoRA branches disabled, so each target computes ``y = W x + b`` of its base 
 hook on each target's base layer sees ``x`` (the layer input) and puts a tensor hook on ``y``;
 backward then delivers ``g = dL/dy`` of the **summed** loss and ``KFACStats.update(x, g, mask)``
 accumulates ``Z``, ``G`` and ``s`` over the valid tokens. No ``.grad`` is stored for any
-parameter. Targets whose inputs are the same tensor (q/k/v, gate/up) are found at run time on the
-first batch and share one ``Z``. Under a memory budget :func:`plan_groups` splits the targets
+parameter. Each layer's valid tokens come from the mask that matches its input
+(:mod:`~lorainit.passes.masks`: encoder / decoder masks, one token per example for poolers and
+heads). Targets whose inputs are the same tensor (q/k/v, gate/up) are found at run time on the
+first batch and share one ``Z``. ``nn.Embedding`` targets get :class:`EmbeddingStats`: their
+one-hot inputs make ``Z`` diagonal (the token frequencies), kept as a vector. Under a memory budget :func:`plan_groups` splits the targets
 into groups with one pass each (layers sharing an input stay together).
 
 With a process group (:mod:`lorainit.distributed`): every rank runs as many batches as the rank
@@ -19,7 +22,6 @@ the sums and counts go through one bucketed all-reduce. Masks are moved to each 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,9 +35,10 @@ from .. import distributed as dist_utils
 from ..targets import LoRAInitError, TargetLayer
 from .batches import count_examples
 from .loss import LossRunner
+from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
-__all__ = ["LayerStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "probe_shared_inputs",
+__all__ = ["LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "probe_shared_inputs",
            "stats_pass"]
 
 
@@ -49,12 +52,58 @@ class LayerStats:
     s: Tensor  # (m,)
     count: int
     z_owner: str  # the layer whose accumulator holds Z (itself when not shared)
+    diag: bool = False  # Z is the (n,) diagonal (embedding targets: token frequencies)
+
+
+class EmbeddingStats:
+    """K-FAC statistics of an ``nn.Embedding`` target (the linear map ``W = weight^T`` on one-hot inputs).
+
+    With ``x_t = e_{id_t}``: ``Z = (1/T) sum_t e e^T = diag(token frequencies)`` (kept as the (n,)
+    vector of counts), ``G = (1/T) sum_t g_t e_{id_t}^T`` (column ``id`` += ``g_t``, stored (n, m)
+    for row scatters) and ``s = (1/T) sum_t g_t * g_t``; never an n x n matrix. Accumulated in
+    ``dtype`` (fp32 default) on the weight's device.
+    """
+
+    def __init__(self, n: int, m: int, *, device=None, dtype=torch.float32):
+        self.n, self.m, self.dtype = n, m, dtype
+        self.z = torch.zeros(n, dtype=dtype, device=device)
+        self.gt = torch.zeros(n, m, dtype=dtype, device=device)
+        self.g2 = torch.zeros(m, dtype=dtype, device=device)
+        self.count = 0
+
+    def update(self, ids: Tensor, grad_output: Tensor, mask: Optional[Tensor] = None) -> int:
+        ids = ids.reshape(-1)
+        g = grad_output.reshape(-1, self.m)
+        if mask is not None:
+            keep = mask.reshape(-1).to(ids.device)
+            ids, g = ids[keep], g[keep]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            raise ValueError(f"token ids outside [0, {self.n})")
+        g = g.to(self.dtype)
+        self.z.index_add_(0, ids, torch.ones_like(ids, dtype=self.dtype))
+        self.gt.index_add_(0, ids, g)
+        self.g2 += (g * g).sum(0)
+        self.count += int(ids.numel())
+        return int(ids.numel())
+
+    def sums(self) -> list:
+        return [self.z, self.gt, self.g2]
+
+    def input_cov(self) -> Tensor:
+        return self.z / max(self.count, 1)
+
+    def grad(self) -> Tensor:
+        return self.gt.t() / max(self.count, 1)
+
+    def grad_sq(self) -> Tensor:
+        return self.g2 / max(self.count, 1)
 
 
 def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool = True) -> int:
     """Bytes of one layer's accumulators: Z (n^2, unless shared), G (m n), s (m)."""
     e = torch.finfo(dtype).bits // 8
-    return e * ((t.n * t.n if with_z else 0) + t.m * t.n + t.m)
+    z = (t.n if t.kind == "embedding" else t.n * t.n) if with_z else 0
+    return e * (z + t.m * t.n + t.m)
 
 
 def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: Dict[str, str],
@@ -100,8 +149,9 @@ class StatsCollector:
     """
 
     def __init__(self, targets: Dict[str, TargetLayer], names: Sequence[str], *, dtype=torch.float32,
-                 backend: str = "auto", probe_only: bool = False):
+                 backend: str = "auto", probe_only: bool = False, model: Optional[nn.Module] = None):
         self.targets = targets
+        self.layer_masks = LayerMasks(model, targets, list(names))
         self.names = list(names)
         self.dtype, self.backend = dtype, backend
         self.probe_only = probe_only
@@ -109,7 +159,7 @@ class StatsCollector:
         self.owner: Dict[str, str] = {}  # layer -> layer whose accumulator holds its Z
         self.handles = []
         self.batch_index = -1
-        self.mask: Optional[Tensor] = None
+        self.masks: Optional[TokenMasks] = None
         self.calls: Dict[str, List[Tuple]] = {}
         self.order: List[str] = []
         self.error: Optional[BaseException] = None
@@ -121,6 +171,7 @@ class StatsCollector:
         for name in self.names:
             t = self.targets[name]
             self.handles.append(t.base.register_forward_hook(self._make_hook(name)))
+        self.handles.extend(self.layer_masks.attach())
         return self
 
     def __exit__(self, *exc):
@@ -139,7 +190,8 @@ class StatsCollector:
         """Start batch ``index``; an inactive batch (a rank's padding batch) runs the hooks but adds nothing."""
         self.batch_index = index
         self.active = active
-        self.mask = None
+        self.masks = None
+        self.layer_masks.begin_batch()
         self.calls = {}
         self.order = []
         self._live = []
@@ -148,7 +200,7 @@ class StatsCollector:
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
-                raise LoRAInitError(f"module {name!r}: expected a tensor input and output in batch {self.batch_index}")
+                raise LoRAInitError(f"module {name!r}, batch {self.batch_index}: expected a tensor input and output")
             x = inputs[0]
             self.calls.setdefault(name, []).append(_input_key(x))
             self.order.append(name)
@@ -162,18 +214,8 @@ class StatsCollector:
         return hook
 
     def _mask_for(self, name: str, x: Tensor) -> Optional[Tensor]:
-        mask = self.mask
-        if mask is None:
-            return None
-        lead = tuple(x.shape[:-1])
-        if mask.device != x.device:  # a model spread over devices: each layer's input on its own device
-            mask = mask.to(x.device)
-        if tuple(mask.shape) == lead:
-            return mask
-        if mask.numel() == math.prod(lead):
-            return mask.reshape(lead)
-        raise LoRAInitError(f"module {name!r}: input of shape {tuple(x.shape)} does not match the token mask of shape "
-                            f"{tuple(mask.shape)} in batch {self.batch_index}")
+        """The mask matching this layer's input (:meth:`LayerMasks.select`; errors do not name the module)."""
+        return self.layer_masks.select(name, x, self.masks)[0]
 
     def _make_grad_hook(self, name: str, x: Tensor):
         def grad_hook(g: Tensor):
@@ -191,17 +233,21 @@ class StatsCollector:
             return None
         return grad_hook
 
-    def end_forward(self, mask: Optional[Tensor] = None):
-        """Set the batch's token mask; fix Z-sharing on the first batch (layers called once whose inputs
-        are one tensor object) and check it on later batches."""
-        self.mask = mask
+    def end_forward(self, mask=None):
+        """Set the batch's token masks (a :class:`TokenMasks`, or one mask tensor); fix Z-sharing on the first
+        batch (layers called once whose inputs are one tensor object) and check it on later batches."""
+        if isinstance(mask, Tensor):
+            mask = TokenMasks(encoder=("attention_mask", mask))
+        self.masks = mask
         if self.batch_index == 0 or not self.stats:
             seen: Dict[Tuple, str] = {}
             for name in self.order:
                 if name in self.owner or name not in self.calls:
                     continue
                 keys = self.calls[name]
-                if len(keys) == 1 and keys[0] in seen:
+                if self.targets[name].kind == "embedding":  # token ids: its own (diagonal) Z
+                    self.owner[name] = name
+                elif len(keys) == 1 and keys[0] in seen:
                     self.owner[name] = seen[keys[0]]
                 else:
                     self.owner[name] = name
@@ -213,6 +259,9 @@ class StatsCollector:
                 if name not in self.owner:
                     continue
                 t = self.targets[name]
+                if t.kind == "embedding":
+                    self.stats[name] = EmbeddingStats(t.n, t.m, device=t.device, dtype=self.dtype)
+                    continue
                 self.stats[name] = lk.KFACStats(t.n, t.m, track_input_cov=self.owner[name] == name,
                                                 device=t.device, dtype=self.dtype, backend=self.backend)
         for name in self.names:
@@ -265,9 +314,12 @@ class StatsCollector:
                 raise LoRAInitError(f"module {name!r} received no valid tokens in the statistics pass (it never ran, "
                                     f"or every token was masked)")
             owner = self.owner[name]
-            out[name] = LayerStats(name=name, Z=None, G=st.g_sum.div_(st.count), s=st.s_sum.div_(st.count),
-                                   count=st.count, z_owner=owner)
-        zs = {o: self.stats[o].z_sum.div_(self.stats[o].count) for o in {s.z_owner for s in out.values()}}
+            diag = isinstance(st, EmbeddingStats)
+            # means in place (no second copy): the accumulators are released below
+            G, s = (st.grad(), st.grad_sq()) if diag else (st.g_sum.div_(st.count), st.s_sum.div_(st.count))
+            out[name] = LayerStats(name=name, Z=None, G=G, s=s, count=st.count, z_owner=owner, diag=diag)
+        zs = {o: self.stats[o].input_cov() if isinstance(self.stats[o], EmbeddingStats)
+              else self.stats[o].z_sum.div_(self.stats[o].count) for o in {s.z_owner for s in out.values()}}
         for s in out.values():
             s.Z = zs[s.z_owner]
             if self.stats[s.z_owner].count != s.count:
@@ -283,12 +335,14 @@ class StatsPass:
     stats: Dict[str, LayerStats]
     examples: int
     kernel_s: float
+    masks: Dict[str, Optional[str]] = None  # per layer: which token mask its statistics used
 
 
 def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str],
                         runner: LossRunner, batch: Any) -> Dict[str, str]:
     """Which targets receive the same input tensor (layer -> owner), from one forward of ``batch``."""
-    with pass_state(model, targets), torch.no_grad(), StatsCollector(targets, names, probe_only=True) as col:
+    with pass_state(model, targets), torch.no_grad(), \
+            StatsCollector(targets, names, probe_only=True, model=model) as col:
         col.begin_batch(0)
         runner.summed_loss(runner.prepare(batch), 0)
         col.end_forward(None)
@@ -306,7 +360,7 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
     examples = 0
     steps = dist_utils.all_reduce_max(len(batches))
     with pass_state(model, targets, train_mode=True), \
-            StatsCollector(targets, names, dtype=dtype, backend=backend) as col:
+            StatsCollector(targets, names, dtype=dtype, backend=backend, model=model) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
             for i in range(steps):
@@ -316,8 +370,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                 with torch.enable_grad():
                     err = loss = None
                     try:
-                        loss, _, mask = runner.forward(batch, i, culprit=col.first_nonfinite_input)
-                        col.end_forward(mask)
+                        loss, _, masks = runner.forward_masks(batch, i, culprit=col.first_nonfinite_input)
+                        col.end_forward(masks)
                         if not loss.requires_grad:
                             raise LoRAInitError(f"batch {i}: the loss does not depend on any LoRA target layer's "
                                                 f"output")
@@ -328,6 +382,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                 err = None
                 try:
                     col.end_batch()
+                    if i == 0:
+                        runner.finish_check()  # the loss_fn reduction check, outside the batch's hooks
                 except Exception as e:
                     err = e
                 dist_utils.agree(err, f"statistics pass, batch {i} (backward)")
@@ -349,4 +405,4 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
         results = col.results()
     if dist_utils.is_distributed():
         examples = int(dist_utils.all_reduce_scalars([examples])[0])
-    return StatsPass(results, examples, col.kernel_time)
+    return StatsPass(results, examples, col.kernel_time, {n: col.layer_masks.label(n) for n in names})
