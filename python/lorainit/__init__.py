@@ -20,7 +20,7 @@ from .methods.hrp import HRPConfig
 from .methods.lora_da import LoRADAConfig
 from .registry import register_method
 from .report import InitReport
-from .targets import LoRAInitError
+from .targets import LoRAInitError, LoRAInitWarning
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,7 @@ _LAZY = {
 }
 
 __all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
-           "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError",
+           "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "LoRAInitWarning",
            "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method"]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lorainit_kernels as lk
+from lorainit_kernels import defaults as lk_defaults
 from lorainit.methods.lora_da import LoRADAConfig
 from lorainit.init import initialize_lora
 from lorainit.registry import methods, register_method
@@ -23,13 +24,37 @@ def test_adapters_equal_lora_da_factors_on_the_pass_statistics():
     batches = lm_batches(n=16, bs=4, seed=3)
     stats = InitContext(model, find_targets(model), batches, num_samples=None, progress=False).collect_stats()
     # dense solver on both sides: fp32 LOBPCG stops at its own tolerance (P A^T within ~1e-3)
-    cfg = LoRADAConfig(step_scale=0.5, n_train=1000.0, solver="eigh")
+    cfg = LoRADAConfig(step_scale=0.5, n_train=1000.0, solver="eigh", normalize_step=False)
     initialize_lora(model, batches, config=cfg, num_samples=None, progress=False)
     for name, t in find_targets(model).items():
         st = stats[name]
         A, P, _ = lk.lora_da_factors(st.Z, st.G, st.s, t.r, n_train=1000.0, damping=cfg.damping, solver="eigh")
         assert t.scaling == 4.0
         assert rel(t.scaling * t.lora_B @ t.lora_A, 0.5 * P @ A.T) < 1e-5, name
+
+
+def test_default_step_is_normalized_by_the_largest_singular_value_of_the_step():
+    # the default parametrization (lorainit_kernels.defaults): eta * dW A A^T / sigma_max(dW) per layer
+    import lorainit_kernels.methods as lkm
+
+    model = tiny_llama(seed=5).double()
+    batches = lm_batches(n=16, bs=4, seed=2)
+    ref = brute_stats(model, batches)
+    eta = 0.7
+    initialize_lora(model, batches, config=LoRADAConfig(step_scale=eta, n_train=3000.0, solver="eigh",
+                                                        stats_dtype=torch.float64), num_samples=None, progress=False)
+    for name, t in find_targets(model).items():
+        r = ref[name]
+        A, P, _ = lk.lora_da_factors(r["Z"], r["G"], r["s"], t.r, n_train=3000.0, solver="eigh")
+        Zd = r["Z"] + lk_defaults.DAMPING * r["Z"].diagonal().mean() * torch.eye(r["Z"].shape[0], dtype=r["Z"].dtype)
+        sd = r["s"] + lk_defaults.DAMPING * r["s"].mean()
+        dW = -(r["G"] / sd[:, None]) @ torch.linalg.inv(Zd)
+        nu = torch.linalg.matrix_norm(dW, ord=2)
+        update = t.scaling * (t.lora_B.double() @ t.lora_A.double())
+        assert rel(update, eta * P @ A.T / nu) < 1e-5, name
+        # and it is what the tensor-level methods.lora_da gives with its defaults
+        f, _ = lkm.lora_da(r["Z"], r["G"], r["s"], t.r, n_train=3000.0, scaling=t.scaling, step_scale=eta, solver="eigh")
+        assert rel(update, t.scaling * f.lora_B @ f.lora_A) < 1e-5, name
 
 
 def _factors(model):
@@ -44,7 +69,8 @@ def test_adapters_equal_lora_da_factors_on_brute_force_stats(build, rslora):
     batches = lm_batches(n=16, bs=4, seed=3)
     ref = brute_stats(model, batches)
     eta, damping = 0.37, 1e-2
-    cfg = LoRADAConfig(step_scale=eta, damping=damping, n_train=5000.0, stats_dtype=torch.float64)
+    cfg = LoRADAConfig(step_scale=eta, damping=damping, n_train=5000.0, stats_dtype=torch.float64,
+                       normalize_step=False)
     report = initialize_lora(model, batches, config=cfg, num_samples=None, progress=False)
     targets = find_targets(model)
     for name, t in targets.items():

@@ -1,5 +1,7 @@
 """LoRADAConfig's defaults come from lorainit_kernels.defaults; solver options reach the solver; the shared
 per-layer helpers of lorainit.methods.common."""
+import warnings
+
 import pytest
 import torch
 
@@ -66,3 +68,42 @@ def test_layer_groups_split_by_dtype_and_finalize_casts_consistently():
     assert f.lora_A.dtype == torch.float16 and f.lora_B.dtype == t.lora_B.dtype
     assert torch.allclose(f.base_delta, -(t.scaling * f.lora_B.float() @ f.lora_A.float()))
     assert finalize(t, A, B).base_delta is None
+
+
+# ------------------------------------------------------------------ what the report and one warning say
+def test_auto_falling_back_to_b_zero_says_so_with_the_scores():
+    from helpers import lm_batches, tiny_llama
+
+    from lorainit import LoRAInitWarning, initialize_lora
+    from lorainit.methods.lora_da import LoRADAConfig
+
+    model = tiny_llama(seed=3)
+    # steps a million times the layer's own: every one of them raises the held-out loss
+    cfg = LoRADAConfig(step_scale="auto", step_grid=(1e6, 1e7), holdout_fraction=0.25)
+    with pytest.warns(LoRAInitWarning, match="B = 0") as rec:
+        report = initialize_lora(model, lm_batches(n=16, bs=4), config=cfg, progress=False)
+    assert sum("B = 0" in str(w.message) for w in rec) == 1
+    search = report.info["step_search"]
+    assert search["fallback"] is True and report.info["step_scale"] == 0.0
+    assert set(search["scores"]) == {"0.0", "1000000.0", "10000000.0"}
+
+
+def test_warnings_for_n_train_fallback_and_rank_deficient_statistics():
+    from helpers import lm_batches, tiny_llama
+
+    from lorainit import LoRAInitWarning, initialize_lora
+    from lorainit.methods.lora_da import LoRADAConfig
+
+    model = tiny_llama(seed=4)
+    few = lm_batches(n=2, bs=2)  # a plain list (no dataset length) with fewer tokens than the hidden size
+    with pytest.warns(LoRAInitWarning) as rec:
+        report = initialize_lora(model, few, config=LoRADAConfig(step_scale=0.5), progress=False)
+    text = [str(w.message) for w in rec]
+    assert sum("n_train fell back" in t for t in text) == 1
+    assert sum("fewer statistics tokens than their input dimension" in t for t in text) == 1
+    assert "n_train_fallback" in report.info["warnings"] and report.info["rank_deficient_Z"]
+    # with n_train given and enough tokens, neither warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAInitWarning)
+        initialize_lora(tiny_llama(seed=4), lm_batches(n=24, bs=4),
+                        config=LoRADAConfig(step_scale=0.5, n_train=1e5), progress=False)

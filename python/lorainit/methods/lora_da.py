@@ -40,7 +40,7 @@ from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number
 from ..context import InitContext
 from ..passes.stats import stats_bytes
-from ..targets import LoRAInitError, check_rank
+from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, kernel_call, layer_groups
 
 __all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "embedding_factors", "LORA_DA"]
@@ -75,20 +75,23 @@ class LoRADAConfig(InitConfig):
         n_train: number of training tokens ``N`` in the variance term; None estimates it as
             ``len(dataloader.dataset) * mean valid tokens per example`` of the statistics samples
             (the report says which value and source were used).
-        damping: relative damping ``delta`` of ``Z`` and ``s`` (default ``defaults.DAMPING``, 1e-2:
-            on the digits task (3 seeds) it beat 1e-3 at rank 4 (test acc 0.986 vs 0.979 at
-            eta=0.1) and rank 1 (0.72 vs 0.69 at eta=0); with 1e-3, eta=1 started at a loss 39x
-            that of no step).
+        damping: relative damping ``delta`` of ``Z`` and ``s`` (default ``defaults.DAMPING``, 0.1:
+            the lowest held-out losses right after init on SmolLM2-135M and on digits among 1e-3,
+            1e-2 and 0.1; bench/experiments/results/smollm2_step_research.md).
         step_scale: ``eta``, a number >= 0, or ``"auto"`` (default): a coarse-to-fine search over
-            ``step_grid`` (and eta = 0; :func:`search_step_grid`) scoring the mean loss of the held-out statistics samples with
-            forward passes only; one common eta for all layers. With ``preserve_output`` the search
-            scores the adapters without the base correction (the outputs it measures are those of
-            the step), then writes the chosen eta with it. On digits at rank 4 auto reached
-            0.980 (eta=1: 0.842, eta=0: 0.970, PEFT default 0.969). At rank 1 every eta > 0 hurt
-            (auto 0.47, eta=0 0.72, PEFT default 0.85): for very low ranks use ``step_scale=0``.
+            ``step_grid`` (and eta = 0; :func:`search_step_grid`) scoring the mean loss of the
+            held-out statistics samples with forward passes only; one common eta for all layers.
+            When eta = 0 wins (B = 0: no step helps), the report's ``info["step_search"]`` says
+            ``fallback=True`` with the scores and one warning says so. With ``preserve_output``
+            the search scores the adapters without the base correction, then writes the chosen
+            eta with it.
         normalize_step: divide each layer's step by the largest singular value of its ``dW``
-            (as the public reference code does) so that eta is a per-layer spectral norm. Default
-            False: on digits (rank 4) the normalized step was too small to matter (0.971 at eta=1).
+            (as the public reference code does), so ``eta`` is the spectral norm of the step
+            relative to the layer's own. Default True: the raw step is 81x-275x ``||W||_F`` on
+            SmolLM2, whose optimum raw eta (<= 1e-4) lies 3.5 decades from digits' (0.3);
+            normalized, the optima are ~1 (SmolLM2: held-out loss 1.57 vs 2.35 untouched) and 3-10
+            (digits), one grid ``{0.3, 1, 3, 10}`` for both. With ``normalize_step=False`` pass a
+            ``step_grid`` of raw etas (e.g. ``(1e-4, 1e-3, 1e-2, 0.1)``).
         preserve_output: subtract the init update ``eta P A^T`` from the base weight (computed in
             fp32), so the model's outputs are unchanged at step 0. Save such an adapter with
             ``save_pretrained(dir, path_initial_model_for_weight_conversion=...)`` or save the base too.
@@ -195,7 +198,28 @@ def _n_train(ctx: InitContext, config: LoRADAConfig, count: int) -> Tuple[float,
     length = ctx.dataset_length()
     if length and examples:
         return float(length) * count / examples, "len(dataset) x mean valid tokens per example"
-    return float(count), "tokens in the statistics samples (the dataloader has no dataset length)"
+    return float(count), _N_FALLBACK
+
+
+_N_FALLBACK = "tokens in the statistics samples (the dataloader has no dataset length)"
+
+
+def _warn_about_statistics(ctx: InitContext) -> None:
+    """One warning each (and the report) when N fell back to the statistics tokens, and when layers saw
+    fewer statistics tokens than their input dimension (Z is then rank deficient: damping decides A)."""
+    if ctx.info.get("n_train_source") == _N_FALLBACK:
+        ctx.info.setdefault("warnings", []).append("n_train_fallback")
+        warnings.warn("lora_da: n_train fell back to the number of statistics tokens because the dataloader has no "
+                      "dataset length; N sets the variance term of Omega, so pass LoRADAConfig(n_train=tokens in "
+                      "your training set) or a DataLoader over a sized dataset", LoRAInitWarning, stacklevel=4)
+    short = [n for n in ctx.names if ctx.targets[n].kind != "embedding"
+             and (ctx.layer_info[n].get("tokens") or 0) < ctx.targets[n].n]
+    if short:
+        ctx.info["rank_deficient_Z"] = short
+        t = ctx.targets[short[0]]
+        warnings.warn(f"lora_da: {len(short)} layer(s) saw fewer statistics tokens than their input dimension (e.g. "
+                      f"{short[0]!r}: {ctx.layer_info[short[0]].get('tokens')} tokens, n = {t.n}): their Z is rank "
+                      f"deficient and the damping decides A there; raise num_samples", LoRAInitWarning, stacklevel=4)
 
 
 def _solver_row(solver: Dict[str, Any], i: int) -> Dict[str, Any]:
@@ -486,6 +510,7 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
     if missing:
         raise LoRAInitError(f"LoRA-DA produced no factors for {missing[:5]}")
     ctx.info["n_train"] = sorted({ctx.layer_info[n]["n_train"] for n in ctx.names})[:4]
+    _warn_about_statistics(ctx)
     if auto:
         with ctx.timed("step_search"):
             def held_out_loss(eta: float) -> float:
@@ -497,7 +522,14 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
             if not finite:
                 raise LoRAInitError(f"step_scale='auto': every step size gave a NaN/Inf held-out loss: {scores}")
             eta = min(finite, key=lambda k: (finite[k], k))
-        ctx.info["step_search"] = {"scores": {str(k): v for k, v in scores.items()}, "held_out_batches": len(holdout)}
+        fallback = eta == 0.0
+        ctx.info["step_search"] = {"scores": {str(k): v for k, v in scores.items()}, "held_out_batches": len(holdout),
+                                   "fallback": fallback}
+        if fallback:
+            shown = ", ".join(f"{k:g}: {v:.4g}" for k, v in scores.items())
+            warnings.warn(f"lora_da step_scale='auto': no step of the grid lowered the held-out loss, so the "
+                          f"adapters start with B = 0 (only A is data-aware); held-out loss by eta: {shown}. "
+                          f"Try a smaller step_grid or a numeric step_scale", LoRAInitWarning, stacklevel=3)
     else:
         eta = float(config.step_scale)
     ctx.info["step_scale"] = eta
