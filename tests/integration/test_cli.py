@@ -96,3 +96,12 @@ def test_help_describes_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("init", "methods", "demo", "bench"):
         assert command in out
+
+
+def test_demo_model_smollm2_goes_to_the_real_model_demo_with_its_own_options():
+    from lorainit.cli import _smollm2_demo_argv
+
+    assert _smollm2_demo_argv(["demo", "--model", "smollm2", "--layers", "0,1"]) == ["--layers", "0,1"]
+    assert _smollm2_demo_argv(["demo", "--samples", "8", "--model=smollm2"]) == ["--samples", "8"]
+    assert _smollm2_demo_argv(["demo", "--model", "digits"]) is None
+    assert _smollm2_demo_argv(["init", "--model", "smollm2"]) is None
