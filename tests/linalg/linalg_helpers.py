@@ -146,7 +146,10 @@ def reference_guidance(Z, G, s, *, n_train, damping=1e-3, alpha=1.0, beta=1.0, f
     Zs = 0.5 * (Z + Z.transpose(-1, -2))
     Zd = Zs + damping * Zs.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(n, dtype=torch.float64)
     sd = s + damping * s.mean(-1, keepdim=True)
-    Zi = torch.linalg.inv(Zd)
+    # Z_d is SPD: its inverse from the Cholesky factor (MKL's LU path, getrf + laswp, was seen to fail
+    # spuriously under a loaded full-suite run with "Parameter 6 was incorrect on entry to DLASWP")
+    Zi = torch.cholesky_inverse(torch.linalg.cholesky(Zd))
+    Zi = 0.5 * (Zi + Zi.transpose(-1, -2))
     dW = -(G @ Zi) / sd[..., :, None] if fisher else -G
     c = beta * (1.0 / sd).sum(-1) / n_train
     Om = c[..., None, None] * Zi - alpha * dW.transpose(-1, -2) @ dW

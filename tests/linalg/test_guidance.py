@@ -346,4 +346,5 @@ def test_auto_solver_uses_the_crossover(monkeypatch):
     monkeypatch.setitem(defaults.EIGH_CROSSOVER_N, "cpu", 40)
     info = lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, backend=BACKEND, return_info=True)[3]
     assert info["solver"] == "lobpcg"
+    monkeypatch.undo()
     assert lk.linalg.choose_solver(4096, 8, "cpu") == "lobpcg" and lk.linalg.choose_solver(64, 8, "cpu") == "eigh"
