@@ -45,13 +45,7 @@ def read_records(path: Path, text_field: str) -> List[Any]:
     if not tokenized:
         return read_texts(path, text_field)
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--data {path}:{lineno}: not valid JSON ({err.msg})") from err
+    for lineno, record in _json_lines(path):
         ids = record.get("input_ids") if isinstance(record, dict) else None
         if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
             raise UsageError(f"--data {path}:{lineno}: expected 'input_ids' as a non-empty list of ints (the file's "
@@ -64,11 +58,8 @@ def read_records(path: Path, text_field: str) -> List[Any]:
     return records
 
 
-def read_texts(path: Path, text_field: str) -> List[str]:
-    """Texts from a JSON-lines file: one object per line with ``text_field`` (or prompt + completion)."""
-    if not path.is_file():
-        raise UsageError(f"--data {path}: no such file")
-    texts = []
+def _json_lines(path: Path):
+    """``(line number, record)`` of every non-empty line of a JSON-lines file (one-line UsageErrors)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -77,9 +68,17 @@ def read_texts(path: Path, text_field: str) -> List[str]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as err:
             raise UsageError(f"--data {path}:{lineno}: not valid JSON ({err.msg})") from err
+
+
+def read_texts(path: Path, text_field: str) -> List[str]:
+    """Texts from a JSON-lines file: one object per line with ``text_field`` (or prompt + completion)."""
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file")
+    texts = []
+    for lineno, record in _json_lines(path):
         if isinstance(record, dict) and isinstance(record.get(text_field), str):
             texts.append(record[text_field])
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):

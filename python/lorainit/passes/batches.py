@@ -33,38 +33,32 @@ def leading_size(batch) -> Optional[int]:
     return None
 
 
-def _slice_batch(batch, k: int):
-    """The first ``k`` examples of a dict/tuple/tensor batch (other values pass through)."""
-    def cut(v):
-        return v[:k] if isinstance(v, Tensor) and v.dim() else v
+def _map_tensors(batch, cut):
+    """``batch`` with ``cut`` applied to every value of a dict / tuple / namedtuple / list (or to a tensor)."""
     if isinstance(batch, Tensor):
-        return batch[:k]
+        return cut(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({key: cut(v) for key, v in batch.items()}) if type(batch) is not dict else \
-            {key: cut(v) for key, v in batch.items()}
+        items = {key: cut(v) for key, v in batch.items()}
+        return items if type(batch) is dict else type(batch)(items)
     if isinstance(batch, tuple):
         return type(batch)(*map(cut, batch)) if hasattr(batch, "_fields") else tuple(map(cut, batch))
     if isinstance(batch, list):
         return [cut(v) for v in batch]
     return batch
+
+
+def _slice_batch(batch, k: int):
+    """The first ``k`` examples of a dict/tuple/tensor batch (other values pass through)."""
+    return _map_tensors(batch, lambda v: v[:k] if isinstance(v, Tensor) and v.dim() else v)
 
 
 def slice_examples(batch, start: int, stop: int):
     """Examples ``start:stop`` of a dict/tuple/tensor batch (tensors with a leading batch dim are cut)."""
-    size = leading_size(batch)
-
-    def cut(v):
-        return v[start:stop] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
     if isinstance(batch, Tensor):
         return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return type(batch)({key: cut(v) for key, v in batch.items()}) if type(batch) is not dict else \
-            {key: cut(v) for key, v in batch.items()}
-    if isinstance(batch, tuple):
-        return type(batch)(*map(cut, batch)) if hasattr(batch, "_fields") else tuple(map(cut, batch))
-    if isinstance(batch, list):
-        return [cut(v) for v in batch]
-    return batch
+    size = leading_size(batch)
+    return _map_tensors(batch, lambda v: v[start:stop] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size
+                        else v)
 
 
 def has_loss_tokens(batch) -> bool:
