@@ -233,6 +233,7 @@ def main(argv=None) -> int:
             print(f"{m} seed {seed}: exact match {r['accuracy']:.3f}, loss {r['heldout_loss_init']:.3f} -> "
                   f"{r['heldout_loss_end']:.3f}, init {r['init_s']:.1f} s, train {r['train_s']:.0f} s, "
                   f"eval {r['eval_s']:.0f} s", flush=True)
+            write(seeds[:si])  # after every run: a stopped run still leaves what it measured
         write(seeds[:si + 1])
     print((out / f"{stem}.md").read_text())
     return 0
