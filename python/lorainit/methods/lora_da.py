@@ -299,7 +299,7 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
     ns = int(seen.numel())
     k = min(rank, ns)
     info: Dict[str, Any] = {"seen_tokens": ns}
-    use_eigh = solver == "eigh" or (solver == "auto" and ns < defaults.EIGH_CROSSOVER_N.get(G.device.type, 768)) \
+    use_eigh = solver == "eigh" or (solver == "auto" and ns < defaults.EIGH_CROSSOVER_N.get(G.device.type, defaults.EIGH_CROSSOVER_N["cuda"])) \
         or ns <= 3 * k
     if k == 0:
         vals, vecs = torch.zeros(0, dtype=dt), torch.zeros(0, 0, dtype=dt)
