@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--init-samples", type=int, default=64)
     p.add_argument("--hrp-rank", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=50)
+    p.add_argument("--max-ops", type=int, default=2, help="operations per problem (1..max-ops)")
+    p.add_argument("--max-value", type=int, default=50, help="largest starting or added integer")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, 4 steps, 20 test problems")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     base, tok = load_smollm2(torch.float32)
-    train, test = ar.split_problems(args.train, max(args.test, args.heldout_loss), seed=2026)
+    train, test = ar.split_problems(args.train, max(args.test, args.heldout_loss), seed=2026,
+                                    max_ops=args.max_ops, max_value=args.max_value)
     base_acc, base_out = ar.exact_match(base, tok, test[:args.test], batch_size=args.eval_batch)
     from peft import LoraConfig, get_peft_model
     base_loss = heldout_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=PROJ)),
