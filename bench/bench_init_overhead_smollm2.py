@@ -73,7 +73,7 @@ def _plain_fwd_bwd(model, batches, weights):
         model.train(was)
 
 
-def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1e-3, layers=None,
+def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.0, layers=None,
         with_auto: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="16 samples x 32 tokens, 2 layers, one repeat")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--step", type=float, default=1e-3, help="the fixed step_scale")
+    p.add_argument("--step", type=float, default=1.0, help="the fixed step_scale (normalized: the default one-batch step)")
     p.add_argument("--auto", action="store_true", help="also time step_scale='auto'")
     args = p.parse_args(argv)
     if args.quick:

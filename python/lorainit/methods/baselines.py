@@ -30,6 +30,7 @@ Conventions:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -42,7 +43,7 @@ from .. import distributed as dist_utils
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
-from ..targets import LoRAInitError, check_rank
+from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, generator, kernel_call, layer_groups, solve_spread
 
 __all__ = ["BaselineConfig", "PiSSAConfig", "MiLoRAConfig", "LoRAGAConfig", "LoRAOneConfig", "SPECS"]
@@ -132,6 +133,7 @@ def _check_gradient_options(c: str, config) -> None:
     check_seed(c, config.seed)
     check_choice(c, "token_mask", config.token_mask, ("attention", "labels"))
     check_int(c, "max_batch", config.max_batch, minimum=1, allow_none=True)
+    check_int(c, "max_memory", config.max_memory, minimum=1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class LoRAGAConfig(InitConfig):
         stable_gamma: gamma of the stable scale. niter / oversample / seed: the randomized SVD
             (``oversample=None``: ``q = min(4r, m, n)`` as the reference). token_mask: ``"attention"``
             or ``"labels"`` (which tokens the gradient averages over). max_batch: layers per SVD call.
+        max_memory: bytes bounding the weight-gradient accumulators plus one SVD call's stacked
+            gradients (:func:`gradient_groups`); None = every layer in one pass.
     """
 
     direction: str = "ArB2r"
@@ -160,6 +164,7 @@ class LoRAGAConfig(InitConfig):
     seed: Optional[int] = 0
     token_mask: str = "attention"
     max_batch: Optional[int] = None
+    max_memory: Optional[int] = None
 
     def __post_init__(self):
         c = "LoRAGAConfig"
@@ -181,6 +186,7 @@ class LoRAOneConfig(InitConfig):
         stable_gamma: gamma (default 128, the reference's value). normalize, subtract_init: above.
         niter / oversample / seed: randomized SVD (``niter=None``, default: exact SVD).
         token_mask: ``"attention"`` or ``"labels"``. max_batch: layers per SVD call.
+        max_memory: as for :class:`LoRAGAConfig`.
     """
 
     stable_gamma: float = 128.0
@@ -191,6 +197,7 @@ class LoRAOneConfig(InitConfig):
     seed: Optional[int] = 0
     token_mask: str = "attention"
     max_batch: Optional[int] = None
+    max_memory: Optional[int] = None
 
     def __post_init__(self):
         c = "LoRAOneConfig"
@@ -302,8 +309,54 @@ def _no_generator(fn: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------ gradient SVD
-def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
-    grads, tokens = ctx.collect_weight_grads(token_mask=token_mask)
+def gradient_groups(ctx: InitContext, max_memory: Optional[int]) -> List[List[str]]:
+    """The targets in model order, cut into weight-gradient passes that fit in ``max_memory`` bytes.
+
+    A pass holds its layers' fp32 ``m x n`` accumulators (:func:`lorainit.memory.grad_bytes` without
+    the ``.grad`` the hook-based pass never writes) until they are solved; its SVD calls then stack
+    at most what the budget leaves (:func:`_chunk_by_bytes`), one layer at a time when nothing is left
+    (a one-layer call stacks a view, no copy). A pass is closed when its accumulators plus its largest
+    layer would exceed the budget; a layer larger than the budget gets a pass of its own (reported
+    in ``info["memory"]["over_budget"]`` and warned about once by the caller).
+    """
+    if max_memory is None:
+        return [list(ctx.names)]
+    groups: List[List[str]] = []
+    cur, held, largest = [], 0, 0
+    for name in ctx.names:
+        b = _acc_bytes(ctx.targets[name])
+        if cur and held + b + max(largest, b) > max_memory:
+            groups.append(cur)
+            cur, held, largest = [], 0, 0
+        cur.append(name)
+        held += b
+        largest = max(largest, b)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _acc_bytes(t) -> int:
+    return 4 * t.m * t.n
+
+
+def _chunk_by_bytes(ctx: InitContext, names: List[str], room: Optional[int]) -> List[List[str]]:
+    """``names`` (one shape group) in runs whose stacked fp32 gradients fit in ``room`` bytes."""
+    if room is None:
+        return [names]
+    out, cur, used = [], [], 0
+    for name in names:
+        b = _acc_bytes(ctx.targets[name])
+        if cur and used + b > room:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(name)
+        used += b
+    return out + ([cur] if cur else [])
+
+
+def _grads(ctx: InitContext, token_mask: str, names: List[str]) -> Dict[str, Tensor]:
+    grads, tokens = ctx.collect_weight_grads(names, token_mask=token_mask)
     ctx.info["grad_tokens"] = tokens
     for name, g in grads.items():
         ctx.record(name, grad_norm=float(g.norm()))
@@ -314,24 +367,50 @@ def _grads(ctx: InitContext, token_mask: str) -> Dict[str, Tensor]:
 
 
 def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[str, LoRAFactors]:
-    """``fn`` (``lkm.lora_ga`` or ``lkm.lora_one``) on the stacked weight gradients of each shape group."""
-    grads = _grads(ctx, config.token_mask)
-    gen = generator(config.seed)
+    """``fn`` (``lkm.lora_ga`` or ``lkm.lora_one``) on the stacked weight gradients of each shape group.
+
+    With ``config.max_memory`` the gradients come in several passes (:func:`gradient_groups`), each
+    solved and dropped before the next. With a seed, every SVD call draws its sketch from a generator
+    freshly seeded with ``config.seed``, so a layer's factors do not depend on which layers share its
+    call (the same adapters for every ``max_memory`` and ``max_batch``).
+    """
+    shared_gen = generator(config.seed)
     with_delta = name == "lora_ga" or bool(getattr(config, "subtract_init", False))
-
-    def solve(key, names, inputs):
-        m, n, r, scaling = key
-        G = torch.stack([grads[k] for k in names])
-        f = kernel_call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
-                        generator=gen, **kwargs)
-        return {layer: (f.lora_A[i], f.lora_B[i], None if f.base_delta is None else f.base_delta[i])
-                for i, layer in enumerate(names)}
-
+    passes = gradient_groups(ctx, config.max_memory)
+    if config.max_memory is not None:
+        over = [n for n in ctx.names if 2 * _acc_bytes(ctx.targets[n]) > config.max_memory]
+        ctx.info["memory"] = {"budget": config.max_memory, "passes": len(passes), "over_budget": over[:8]}
+        if over:
+            warnings.warn(f"{name}: max_memory={config.max_memory} bytes is below one layer's weight-gradient working "
+                          f"set (its fp32 accumulator and the solve; e.g. {over[0]!r}: "
+                          f"{2 * _acc_bytes(ctx.targets[over[0]])} bytes); such layers get a pass of their own and "
+                          f"exceed the budget", LoRAInitWarning, stacklevel=4)
+    ctx.info["passes"] = len(passes)
     out: Dict[str, LoRAFactors] = {}
-    with ctx.timed("svd"):
-        groups = layer_groups(ctx.targets, max_batch=config.max_batch)
-        for layer, (A, B, D) in solve_spread(ctx, name, groups, solve, with_delta=with_delta, gen=gen).items():
-            out[layer] = finalize(ctx.targets[layer], A, B, D)
+    for group in passes:
+        grads = _grads(ctx, config.token_mask, group)
+
+        def solve(key, names, inputs):
+            m, n, r, scaling = key
+            G = grads[names[0]].unsqueeze(0) if len(names) == 1 else torch.stack([grads[k] for k in names])
+            gen = generator(config.seed) if config.seed is not None else shared_gen
+            f = kernel_call(name, names, fn, G, r, scaling=scaling, niter=config.niter, oversample=config.oversample,
+                            generator=gen, **kwargs)
+            del G
+            for k in names:  # the accumulator is not needed once its layer is solved
+                grads.pop(k, None)
+            return {layer: (f.lora_A[i], f.lora_B[i], None if f.base_delta is None else f.base_delta[i])
+                    for i, layer in enumerate(names)}
+
+        held = sum(_acc_bytes(ctx.targets[k]) for k in group)
+        room = None if config.max_memory is None else max(config.max_memory - held, 0)
+        groups = [(key, chunk) for key, names in layer_groups(ctx.targets, group, max_batch=config.max_batch)
+                  for chunk in _chunk_by_bytes(ctx, names, room)]
+        with ctx.timed("svd"):
+            for layer, (A, B, D) in solve_spread(ctx, name, groups, solve, with_delta=with_delta,
+                                                 gen=shared_gen).items():
+                out[layer] = finalize(ctx.targets[layer], A, B, D)
+        del grads
     ctx.info["gradient"] = "per-token mean of the summed-loss gradient, (1/T) sum_t g_t x_t^T"
     return out
 
