@@ -2,6 +2,7 @@
 
     lorainit init --model DIR --data FILE.jsonl --method lora_da --rank 8 --alpha 16 \\
                   --target-modules q_proj,v_proj --num-samples 256 --out ADAPTER_DIR
+    lorainit init ... --stats-cache stats.safetensors   # a sweep pays the statistics pass once
     lorainit methods            # the registered inits, what each needs, its paper
     lorainit demo               # the digits comparison (same as make demo)
     lorainit bench              # says where the benchmarks live: make bench in a source checkout
@@ -298,7 +299,7 @@ def cmd_init(args) -> int:
         loader = jsonl_dataloader(records, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                                   padding=args.padding, pad_id=pad_id)
     report = initialize_lora(peft_model, loader, method=args.method, config=config, num_samples=args.num_samples,
-                             progress=not args.quiet)
+                             progress=not args.quiet, stats_cache=args.stats_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     changed_base = bool(report.info.get("base_modified", False))
@@ -386,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     p.add_argument("--max-memory", type=float, default=None,
                    help="MiB bounding the init's peak above the model and one forward/backward (LoRA-DA)")
+    p.add_argument("--stats-cache", metavar="PATH", default=None,
+                   help="save the K-FAC statistics to PATH (a .safetensors file) and reuse them on the next call "
+                        "with the same model, targets and data, without a statistics pass (LoRA-DA); a cache that "
+                        "does not match is refused: delete it or pass another path")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan (passes, groups, peak bytes) and exit; refuses a --max-memory "
                         "below one layer's working set, naming the smallest budget that works")

@@ -9,7 +9,8 @@ A method ``fn(ctx, config) -> {layer name: LoRAFactors}`` uses these names, all 
   :meth:`~InitContext.dataset_length`;
 * the passes (:mod:`lorainit.passes`), bound to this model and data:
   :meth:`~InitContext.iter_stats` / :meth:`~InitContext.collect_stats` (K-FAC statistics
-  ``Z, G, s`` per layer, DESIGN.md section 2, under an optional memory budget),
+  ``Z, G, s`` per layer, DESIGN.md section 2, under an optional memory budget; read from / saved
+  to ``stats_cache`` when the call has one, :mod:`lorainit.passes.cache`),
   :meth:`~InitContext.collect_weight_grads` (full weight gradients, for LoRA-GA / LoRA-One),
   :meth:`~InitContext.eval_loss` (mean loss with the adapters as written, forward only); for a
   method that trains (HRP) :meth:`~InitContext.runner`, :meth:`~InitContext.pass_state` and
@@ -25,9 +26,11 @@ base model), switches to eval mode and restores all of that afterwards, also on 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +41,8 @@ from .passes.batches import has_loss_tokens, leading_size, slice_examples, take_
 from .passes.grads import weight_grads
 from .passes.loss import LossRunner, eval_loss
 from .passes.state import pass_state, progress_bar
-from .passes.stats import LayerStats, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
+from .passes import cache as _cache
+from .passes.stats import LayerStats, StatsPass, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
 from .targets import LoRAInitError, LoRAInitWarning, TargetLayer
 
 __all__ = ["InitContext"]
@@ -53,8 +57,13 @@ class InitContext:
 
     def __init__(self, model: nn.Module, targets: Dict[str, TargetLayer], dataloader: Optional[Iterable], *,
                  loss_fn: Optional[Callable] = None, num_samples: Optional[int] = 256, progress: bool = True,
-                 snapshot: Optional[ModelSnapshot] = None, loss_reduction: Optional[str] = None):
+                 snapshot: Optional[ModelSnapshot] = None, loss_reduction: Optional[str] = None,
+                 stats_cache: Optional[Union[str, "os.PathLike[str]"]] = None):
         self.model = model
+        # the statistics cache (lorainit.passes.cache): its path, and whether a statistics request used it
+        self.stats_cache: Optional[Path] = None if stats_cache is None else _cache.check_path(stats_cache)
+        self.stats_cache_used = False
+        self._sources: List[Iterator] = []  # statistics generators, closed by close()
         self.loss_reduction = loss_reduction
         self._checks: Dict[str, Any] = {}  # once-per-call checks shared by the loss runners
         self.targets = targets
@@ -199,34 +208,75 @@ class InitContext:
         per layer on top of the statistics, e.g. a solve), the layers are split into groups (layers
         sharing an input stay together) and each group gets its own pass over the same batches.
         The caller should drop each dict (and each layer's tensors) as soon as it is done with them.
+
+        With ``stats_cache`` (:mod:`lorainit.passes.cache`) a matching cache file replaces the passes
+        (the groups of the current budget are read one at a time), a missing one is written from the
+        passes' means before each group is yielded, and a cache that does not match raises.
         """
         names = list(self.names if names is None else names)
         batches = list(self.batches if batches is None else batches)
         if not batches:
             raise LoRAInitError("no batches for the statistics pass")
         runner = self.runner(token_mask)
-        groups = [names]
         work = max((working_set(n) for n in names), default=0) if working_set is not None else 0
-        if max_memory is not None and sum(stats_bytes(self.targets[n], dtype) for n in names) + work > max_memory:
-            with self.timed("probe"):
-                shared = probe_shared_inputs(self.model, self.targets, names, runner, batches[0])
-            groups = plan_groups(names, self.targets, shared, max_memory, dtype, working_set)
-            self.shared_inputs = shared
-        self.info["passes"] = len(groups)
-        for gi, group in enumerate(groups):
-            desc = "lorainit statistics" + (f" (pass {gi + 1}/{len(groups)})" if len(groups) > 1 else "")
-            with self.timed("stats_pass"):
-                done = stats_pass(self.model, self.targets, group, batches, runner, dtype=dtype, backend=backend,
-                                  progress=self.progress and self.rank == 0, desc=desc)
-            self.info["stats_examples"] = done.examples
-            self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
-            for name, st in done.stats.items():
-                self.record(name, tokens=st.count, token_mask=(done.masks or {}).get(name),
-                            shares_input_with=None if st.z_owner == name else st.z_owner)
-            stats = done.stats
-            del done
-            yield stats
-            del stats
+        grouped = max_memory is not None and \
+            sum(stats_bytes(self.targets[n], dtype) for n in names) + work > max_memory
+
+        def plan(shared: Optional[Dict[str, str]]) -> List[List[str]]:
+            if not grouped:
+                return [names]
+            if shared is None:
+                with self.timed("probe"):
+                    shared = probe_shared_inputs(self.model, self.targets, names, runner, batches[0])
+            self.shared_inputs = dict(shared)
+            return plan_groups(names, self.targets, shared, max_memory, dtype, working_set)
+
+        def passes() -> Iterator[Tuple[int, StatsPass]]:
+            groups = plan(None)
+            self.info["passes"] = len(groups)
+            for gi, group in enumerate(groups):
+                desc = "lorainit statistics" + (f" (pass {gi + 1}/{len(groups)})" if len(groups) > 1 else "")
+                with self.timed("stats_pass"):
+                    done = stats_pass(self.model, self.targets, group, batches, runner, dtype=dtype, backend=backend,
+                                      progress=self.progress and self.rank == 0, desc=desc)
+                self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
+                yield len(groups), done
+                done = None
+
+        if self.stats_cache is None:
+            source = passes()
+        else:
+            self.stats_cache_used = True
+            with self.timed("stats_cache_check"):
+                key = _cache.cache_key(self.model, self.targets, names, batches, all_batches=self._batches,
+                                            dtype=dtype, token_mask=token_mask, loss_fn=self.loss_fn,
+                                            loss_reduction=self.loss_reduction, backend=backend)
+            source = _cache.cached_stats(self.stats_cache, key, self.targets, compute=passes, plan=plan,
+                                              dtype=dtype, info=self.info, timings=self.timings)
+        self._sources.append(source)
+        try:
+            for _, done in source:
+                self._record_pass(done)
+                stats = done.stats
+                done = None
+                yield stats
+                stats = None
+        finally:
+            source.close()
+
+    def _record_pass(self, done: StatsPass) -> None:
+        """Report what one pass (or one group read from the cache) produced: examples, tokens, masks, sharing."""
+        self.info["stats_examples"] = done.examples
+        for name, st in done.stats.items():
+            self.record(name, tokens=st.count, token_mask=(done.masks or {}).get(name),
+                        shares_input_with=None if st.z_owner == name else st.z_owner)
+
+    def close(self) -> None:
+        """Close the statistics generators left open (``initialize_lora`` calls it, also on error): a cache
+        that was being written and is not complete has its files removed."""
+        sources, self._sources = self._sources, []
+        for source in sources:
+            source.close()
 
     def collect_stats(self, names: Optional[Sequence[str]] = None, **kwargs) -> Dict[str, LayerStats]:
         """All layers' statistics as one dict (the groups of a memory budget are merged)."""

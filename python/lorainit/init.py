@@ -3,12 +3,16 @@
 One transaction: find the targets, snapshot the model, run the method (data passes through
 :class:`~lorainit.context.InitContext`), write every factor, apply ``freeze_A``; on any error the
 snapshot restores weights, ``requires_grad``, ``.grad``, train/eval modes and hooks, so the model
-is exactly as before.
+is exactly as before. With ``stats_cache`` the K-FAC statistics are read from, or saved to, a file
+(:mod:`lorainit.passes.cache`); a cache write fails before the model changes, and a call that fails
+before its cache is complete leaves no cache file behind.
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Iterable, Optional
+import warnings
+from typing import Callable, Iterable, Optional, Union
 
 from torch import nn
 
@@ -16,9 +20,10 @@ from . import distributed as dist_utils
 from .adapters import ModelSnapshot
 from .configs import InitConfig
 from .context import InitContext
+from .passes.cache import check_path
 from .registry import get_method
 from .report import InitReport
-from .targets import LoRAInitError, find_targets, target_fingerprint
+from .targets import LoRAInitError, LoRAInitWarning, find_targets, target_fingerprint
 
 __all__ = ["initialize_lora"]
 
@@ -34,6 +39,7 @@ def initialize_lora(
     progress: bool = True,
     adapter: Optional[str] = None,
     loss_reduction: Optional[str] = None,
+    stats_cache: Optional[Union[str, "os.PathLike[str]"]] = None,
 ) -> InitReport:
     """Initialize every LoRA adapter of ``model`` in place with ``method``; returns an :class:`InitReport`.
 
@@ -55,6 +61,20 @@ def initialize_lora(
             the batch's loss terms; lorainit multiplies it by their number: the model's own loss
             tokens for batches with ``labels``, else the examples). None (default) treats it as a sum
             and warns once (``LossReductionWarning``) when the first batch's value looks like a mean.
+        stats_cache: a file path (e.g. ``"stats.safetensors"``) for the K-FAC statistics, so that a sweep
+            over ranks, step sizes or ablations pays the statistics pass once
+            (:mod:`lorainit.passes.cache`). A missing file is written after the statistics pass (under
+            a memory budget with several passes, one ``<stem>.pass-<i>-of-<k>.safetensors`` file per
+            pass beside it); an existing file is reused without a statistics pass when it matches this
+            call (targets and their shapes, a fingerprint of the model's weights, the statistics
+            samples, dtype, ``token_mask`` and loss), else ``LoRAInitError`` names what differs: a
+            cache is never overwritten (delete it or pass another path). ``report.info["stats_cache"]``
+            says ``hit`` and the files. The held-out batches of ``step_scale="auto"`` are not cached
+            (its step search still runs forward passes), and ``"auto"`` holds out samples that a
+            numeric ``step_scale`` uses, so the two need separate cache files. A method that computes
+            no K-FAC statistics (``lora``, ``pissa``, ``lora_ga``, ``hrp``, ...) ignores the path and
+            warns once (``LoRAInitWarning``); with a process group, rank 0 writes and every rank reads
+            (a shared filesystem).
 
     Token validity is per layer (:mod:`lorainit.passes.masks`): encoder layers use ``attention_mask``,
     decoder layers of an encoder-decoder ``decoder_attention_mask`` (else the label mask), per-example
@@ -87,16 +107,17 @@ def initialize_lora(
         raise LoRAInitError(f"method {method!r} needs data: pass a dataloader")
     if not isinstance(model, nn.Module):
         raise LoRAInitError(f"model must be a torch.nn.Module (a PEFT model), got {type(model).__name__}")
-    err = None
+    err = cache_path = None
     try:
         targets = find_targets(model, adapter)
+        cache_path = None if stats_cache is None else check_path(stats_cache)  # agreed with the targets
     except Exception as e:
         err = e
     dist_utils.agree(err, "finding the LoRA targets")
     dist_utils.agree_fingerprint((method, target_fingerprint(targets)), "the method and the LoRA targets")
     snapshot = ModelSnapshot(model, targets)
     ctx = InitContext(model, targets, dataloader, loss_fn=loss_fn, num_samples=num_samples, progress=progress,
-                      snapshot=snapshot, loss_reduction=loss_reduction)
+                      snapshot=snapshot, loss_reduction=loss_reduction, stats_cache=cache_path)
     try:
         factors = spec.fn(ctx, config)
         if not isinstance(factors, dict):
@@ -104,6 +125,11 @@ def initialize_lora(
         missing = [n for n in targets if n not in factors]
         if missing:
             raise LoRAInitError(f"method {method!r} returned no factors for {missing[:5]}")
+        if cache_path is not None and not ctx.stats_cache_used:
+            ctx.info["stats_cache"] = {"path": str(cache_path), "used": False}
+            warnings.warn(f"lorainit: stats_cache={str(cache_path)!r} is unused: method {method!r} computes no K-FAC "
+                          f"statistics (the cache serves methods that do, such as lora_da)", LoRAInitWarning,
+                          stacklevel=2)
         with ctx.timed("write"):
             ctx.write(factors)
         snapshot.restore_state()  # passes may have touched modes/flags/grad: back to the user's state
@@ -111,8 +137,12 @@ def initialize_lora(
             for t in targets.values():
                 t.lora_A.requires_grad_(False)
     except BaseException:
-        snapshot.restore()
+        try:
+            ctx.close()  # an incomplete stats_cache is removed
+        finally:
+            snapshot.restore()
         raise
+    ctx.close()
     ctx.timings["total"] = time.perf_counter() - t_start
     rows = []
     for name, t in targets.items():

@@ -29,7 +29,9 @@ class InitReport:
         method: registered method name; config: its configuration as a dict.
         layers: one dict per target layer (name, shape, rank, tokens, n_train, eigenvalues, solver
             iterations and residual, time, ...; which keys exist depends on the method).
-        info: global facts (n_train source, step-size search scores and the chosen eta, passes, ...).
+        info: global facts (n_train source, step-size search scores and the chosen eta, passes, ...;
+            ``stats_cache``: ``{"path", "hit", "files", ...}`` with a statistics cache, ``"used": False``
+            when the method computes no statistics).
         timings: seconds per phase (statistics pass, kernels inside it, solves, line search, writes, total).
     """
 
