@@ -121,6 +121,12 @@ def to_markdown(result: Dict[str, object], info: Dict[str, object]) -> str:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
     for note in result.get("notes", []):
         lines += ["", note]
+    for table in result.get("tables", []):  # further tables: {"title", "columns", "rows", "notes"}
+        tc = table["columns"]
+        lines += ["", f"### {table['title']}", "", "| " + " | ".join(tc) + " |", "|" + "---|" * len(tc)]
+        lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in tc) + " |" for row in table["rows"]]
+        for note in table.get("notes", []):
+            lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

@@ -104,7 +104,7 @@ std::vector<i64> compact_rows(const std::uint8_t* mask, i64 T) {
 std::string kfac_update(std::uintptr_t x_ptr, i64 x_row_stride, int x_dtype, i64 T, i64 n, std::uintptr_t g_ptr,
                         i64 g_row_stride, int g_dtype, i64 m, std::uintptr_t mask_ptr, bool with_input_cov,
                         std::uintptr_t z_ptr, std::uintptr_t gs_ptr, std::uintptr_t ss_ptr, int isa,
-                        int num_threads) {
+                        int num_threads, bool accumulate) {
   const char* op = "_C.kfac_update";
   check_dtype(op, "x", x_dtype);
   check_matrix(op, "x", x_ptr, T, n, x_row_stride, x_dtype);
@@ -127,6 +127,7 @@ std::string kfac_update(std::uintptr_t x_ptr, i64 x_row_stride, int x_dtype, i64
   p.Z = with_input_cov ? reinterpret_cast<float*>(z_ptr) : nullptr;
   p.G = has_g ? reinterpret_cast<float*>(gs_ptr) : nullptr;
   p.s = has_g ? reinterpret_cast<float*>(ss_ptr) : nullptr;
+  p.accumulate = accumulate;
   if (!p.Z && !p.G) return "none";
   py::gil_scoped_release release;
   const std::vector<i64> rows = compact_rows(reinterpret_cast<const std::uint8_t*>(mask_ptr), T);
@@ -136,7 +137,7 @@ std::string kfac_update(std::uintptr_t x_ptr, i64 x_row_stride, int x_dtype, i64
 }
 
 std::string weighted_gram(std::uintptr_t v_ptr, i64 v_row_stride, int v_dtype, i64 T, i64 d, std::uintptr_t w_ptr,
-                          std::uintptr_t out_ptr, int isa, int num_threads) {
+                          std::uintptr_t out_ptr, int isa, int num_threads, bool accumulate) {
   const char* op = "_C.weighted_gram";
   check_dtype(op, "v", v_dtype);
   check_matrix(op, "v", v_ptr, T, d, v_row_stride, v_dtype);
@@ -149,6 +150,7 @@ std::string weighted_gram(std::uintptr_t v_ptr, i64 v_row_stride, int v_dtype, i
   p.x = {reinterpret_cast<const char*>(v_ptr), v_row_stride, v_dtype, d};
   p.w = reinterpret_cast<const float*>(w_ptr);
   p.Z = reinterpret_cast<float*>(out_ptr);
+  p.accumulate = accumulate;
   py::gil_scoped_release release;
   std::vector<i64> rows = compact_rows(nullptr, T);
   p.rows = rows.data();
@@ -259,16 +261,19 @@ PYBIND11_MODULE(_C, m) {
         "Zs = sum x x^T (n, n), Gs = sum g x^T (m, n), ss = sum g*g (m) over the tokens whose mask byte is\n"
         "nonzero (all when mask_ptr = 0), fp32 accumulation, one pass over x. Inputs are (T, n) / (T, m)\n"
         "with unit column stride and the given element row strides; g_dtype = -1 means no g. Outputs are\n"
-        "preallocated contiguous fp32 buffers, fully overwritten. isa = -1 picks the best level this CPU\n"
+        "preallocated contiguous fp32 buffers, fully overwritten, or with accumulate=True added to (Zs must\n"
+        "then be symmetric: its lower triangle is re-mirrored). isa = -1 picks the best level this CPU\n"
         "runs (see isa_levels()). Releases the GIL. Returns the name of the kernel that ran.",
         py::arg("x_ptr"), py::arg("x_row_stride"), py::arg("x_dtype"), py::arg("T"), py::arg("n"), py::arg("g_ptr"),
         py::arg("g_row_stride"), py::arg("g_dtype"), py::arg("m"), py::arg("mask_ptr"), py::arg("with_input_cov"),
-        py::arg("z_ptr"), py::arg("gs_ptr"), py::arg("ss_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
+        py::arg("z_ptr"), py::arg("gs_ptr"), py::arg("ss_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0,
+        py::arg("accumulate") = false);
   m.def("weighted_gram", &weighted_gram,
         "out = sum_t w_t v_t v_t^T (d, d), symmetric, fp32 accumulation; w_ptr = 0 means all weights 1,\n"
-        "else T contiguous fp32 weights (any sign). Releases the GIL. Returns the kernel name.",
+        "else T contiguous fp32 weights (any sign). accumulate=True adds to out (symmetric) instead of\n"
+        "overwriting it. Releases the GIL. Returns the kernel name.",
         py::arg("v_ptr"), py::arg("v_row_stride"), py::arg("v_dtype"), py::arg("T"), py::arg("d"), py::arg("w_ptr"),
-        py::arg("out_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
+        py::arg("out_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0, py::arg("accumulate") = false);
   m.def("sym_matmul", &sym_matmul,
         "Y = A W for a batch of symmetric fp32 matrices, reading only the upper triangle of each A (the\n"
         "strictly lower triangle is never read). A: matrix b at a_ptr + 4 * b * a_mat_stride, rows lda floats\n"

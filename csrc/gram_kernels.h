@@ -42,6 +42,7 @@ struct Problem {
   float* Z = nullptr;          // n x n row-major, or nullptr when not wanted
   float* G = nullptr;          // m x n row-major, or nullptr when g is absent
   float* s = nullptr;          // m, or nullptr when g is absent
+  bool accumulate = false;     // add to Z, G, s (Z symmetric) instead of overwriting them
 };
 
 inline float bf16_to_f32(std::uint16_t h) {

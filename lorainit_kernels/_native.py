@@ -79,13 +79,17 @@ def _check_rows(op: str, name: str, t: Tensor) -> int:
 
 
 def kfac_update(
-    x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+    x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool,
+    out: Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32; see ``reference.kfac_update``.
 
     ``x`` (T, n), ``g`` (T, m) or None, ``mask`` (T,) bool or None. Zs is computed on one
     triangle and mirrored; empty (0, 0) when ``with_input_cov`` is False. Gs, ss are empty
     (0, n), (0,) when ``g`` is None.
+
+    ``out = (Z, G, s)``: contiguous fp32 CPU accumulators (``Z`` symmetric; None where not
+    tracked) to which the sums are **added** in place, without a temporary; returned as given.
     """
     op = "native kfac_update"
     x_code = _check_rows(op, "x", x)
@@ -102,20 +106,38 @@ def kfac_update(
             raise ValueError(f"{op}: mask must be a CPU bool tensor of shape ({T},), got {mask.dtype} "
                              f"{tuple(mask.shape)} on {mask.device}")
         mask = mask.contiguous()
-    Zs = torch.empty((n, n) if with_input_cov else (0, 0), dtype=torch.float32, device="cpu")
-    Gs = torch.empty((m, n), dtype=torch.float32, device="cpu")
-    ss = torch.empty((m,), dtype=torch.float32, device="cpu")
+    if out is None:
+        Zs = torch.empty((n, n) if with_input_cov else (0, 0), dtype=torch.float32, device="cpu")
+        Gs = torch.empty((m, n), dtype=torch.float32, device="cpu")
+        ss = torch.empty((m,), dtype=torch.float32, device="cpu")
+    else:
+        Zs, Gs, ss = out
+        Zs = _accumulator(op, "Z", Zs, (n, n)) if with_input_cov else torch.empty((0, 0))
+        Gs = _accumulator(op, "G", Gs, (m, n)) if g is not None else torch.empty((0, n))
+        ss = _accumulator(op, "s", ss, (m,)) if g is not None else torch.empty((0,))
     _C().kfac_update(
         x.data_ptr(), x.stride(0), x_code, T, n,
         0 if g is None else g.data_ptr(), 0 if g is None else g.stride(0), g_code, m,
         0 if mask is None else mask.data_ptr(), with_input_cov,
-        Zs.data_ptr(), Gs.data_ptr(), ss.data_ptr(), requested_isa(), torch.get_num_threads(),
+        Zs.data_ptr(), Gs.data_ptr(), ss.data_ptr(), requested_isa(), torch.get_num_threads(), out is not None,
     )
     return Zs, Gs, ss
 
 
-def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """``sum_t w_t v_t v_t^T`` (d, d), fp32, symmetric; ``weights`` (T,) fp32 (any sign) or None (ones)."""
+def _accumulator(op: str, name: str, t: Optional[Tensor], shape) -> Tensor:
+    """An output the kernel adds to: a contiguous fp32 CPU tensor of ``shape``."""
+    if t is None or t.dtype != torch.float32 or t.device.type != "cpu" or tuple(t.shape) != tuple(shape) \
+            or not t.is_contiguous():
+        got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}, contiguous={t.is_contiguous()}"
+        raise ValueError(f"{op}: accumulator {name} must be a contiguous fp32 CPU tensor of shape {tuple(shape)}, "
+                         f"got {got}")
+    return t
+
+
+def weighted_gram(v: Tensor, weights: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``sum_t w_t v_t v_t^T`` (d, d), fp32, symmetric; ``weights`` (T,) fp32 (any sign) or None (ones).
+
+    ``out``: a contiguous symmetric fp32 CPU (d, d) tensor the sum is **added** to, in place."""
     op = "native weighted_gram"
     v_code = _check_rows(op, "v", v)
     T, d = v.shape
@@ -124,10 +146,11 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
             raise ValueError(f"{op}: weights must be a CPU tensor of shape ({T},), got {tuple(weights.shape)} "
                              f"on {weights.device}")
         weights = weights.to(torch.float32).contiguous()
-    out = torch.empty((d, d), dtype=torch.float32, device="cpu")
+    accumulate = out is not None
+    out = _accumulator(op, "out", out, (d, d)) if accumulate else torch.empty((d, d), dtype=torch.float32, device="cpu")
     _C().weighted_gram(
         v.data_ptr(), v.stride(0), v_code, T, d, 0 if weights is None else weights.data_ptr(),
-        out.data_ptr(), requested_isa(), torch.get_num_threads(),
+        out.data_ptr(), requested_isa(), torch.get_num_threads(), accumulate,
     )
     return out
 

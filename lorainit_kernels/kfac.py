@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import check_kfac_inputs, kfac_update_checked
+from .ops import check_kfac_inputs, kfac_accumulate_
 
 
 class KFACStats:
@@ -38,7 +38,10 @@ class KFACStats:
             a forced backend that cannot take an update's inputs raises ``backends.BackendNotSupported``.
 
     An update whose inputs are invalid (wrong shapes, dtypes or devices, NaN/Inf in a valid token)
-    raises and leaves the accumulator exactly as it was.
+    raises and leaves the accumulator exactly as it was. Updates add into the accumulators in place
+    (``ops.kfac_accumulate_``: with the native kernel no (n, n) or (m, n) temporary is allocated;
+    other backends allocate one batch's sums and add them); only finite inputs so large that their
+    squares overflow (|x| ~ 1e19 in fp32) raise after the addition, leaving the accumulator non-finite.
     """
 
     def __init__(
@@ -95,22 +98,21 @@ class KFACStats:
         if x.device != self.device:
             raise ValueError(f"{op}: x is on {x.device} but the accumulator is on {self.device}; "
                              f"create KFACStats(..., device={str(x.device)!r})")
-        Zs, Gs, ss, count = kfac_update_checked(x, grad_output, mask, self.track_input_cov, self.backend)
+        # NaN/Inf in a valid token is found on the inputs, before anything is added (the native kernel
+        # adds into the accumulators in place): a non-finite entry makes its row's sum non-finite, so
+        # one O(T (n + m)) reduction replaces an elementwise pass (and allocates no (T, n) mask).
+        if _nonfinite_rows(x, mask):
+            raise ValueError(_nonfinite_message(op, "x", x, mask))
+        if grad_output is not None and _nonfinite_rows(grad_output, mask):
+            raise ValueError(_nonfinite_message(op, "grad_output", grad_output, mask))
+        count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask, backend=self.backend)
         if count == 0:
             return 0
-        # A non-finite value in a valid token reaches the diagonal of Z (sum of x_i^2) or s (sum of
-        # g_i^2): checking these O(n + m) numbers replaces a full pass over the inputs.
-        if self.track_input_cov and not bool(torch.isfinite(Zs.diagonal()).all()):
-            raise ValueError(_nonfinite_message(op, "x", x, mask))
-        if ss.numel() and not bool(torch.isfinite(ss).all()):
-            raise ValueError(_nonfinite_message(op, "grad_output", grad_output, mask))
-        if not self.track_input_cov and not bool(torch.isfinite(Gs).all()):
-            raise ValueError(_nonfinite_message(op, "x", x, mask))
-        if self.z_sum is not None:
-            self.z_sum += Zs
-        if self.g_sum is not None:
-            self.g_sum += Gs
-            self.s_sum += ss
+        # finite inputs whose squares overflow fp32 (|x| ~ 1e19): the sums are no longer finite
+        if (self.z_sum is not None and not bool(torch.isfinite(self.z_sum.diagonal()).all())) or \
+                (self.s_sum is not None and not bool(torch.isfinite(self.s_sum).all())):
+            raise ValueError(f"{op}: the statistics overflowed to Inf in {self.dtype} (finite inputs of shape "
+                             f"{tuple(x.shape)} too large to square); this accumulator is no longer usable")
         self.count += count
         return count
 
@@ -160,6 +162,15 @@ class KFACStats:
     def sums(self) -> list:
         """The raw sum tensors (for all-reduce); ``count`` travels beside them."""
         return [t for t in (self.z_sum, self.g_sum, self.s_sum) if t is not None]
+
+
+def _nonfinite_rows(t: Tensor, mask: Optional[Tensor]) -> bool:
+    """True when a valid row of ``t`` (..., d) holds a NaN/Inf (its fp32 sum is then non-finite; an
+    overflow of the sum of finite values also counts, and the elementwise message says so)."""
+    bad = ~torch.isfinite(t.sum(-1, dtype=torch.float32 if t.dtype != torch.float64 else torch.float64))
+    if mask is not None:
+        bad &= mask
+    return bool(bad.any())
 
 
 def _nonfinite_message(op: str, name: str, t: Tensor, mask: Optional[Tensor]) -> str:

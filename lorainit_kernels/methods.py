@@ -108,6 +108,10 @@ def _check_matrix(name: str, t: Any, op: str) -> Tensor:
 
 
 def _check_finite(name: str, t: Tensor, op: str) -> None:
+    # a NaN/Inf entry makes the sum non-finite: one reduction, no elementwise (numel-byte) mask
+    # unless something is wrong (or the sum of finite entries overflowed)
+    if bool(torch.isfinite(t.sum())):
+        return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
@@ -664,6 +668,7 @@ def lora_da(
     tol: Optional[float] = None,
     maxiter: Optional[int] = None,
     seeds=None,
+    overwrite: bool = False,
 ) -> Tuple[LoRAFactors, Dict[str, Any]]:
     """LoRA-DA in PEFT form, from the K-FAC statistics of one (or a stack of) layer(s).
 
@@ -688,6 +693,13 @@ def lora_da(
     crossover ``defaults.EIGH_CROSSOVER_N``, LOBPCG above), ``"eigh"`` or ``"lobpcg"``; ``tol``,
     ``maxiter`` and ``seeds`` go to the LOBPCG.
 
+    ``Z`` may be shared by the layers of the batch (a batch shape that broadcasts to ``G``'s, e.g.
+    (n, n) for q/k/v stacked in ``G``), or be a ``lorainit_kernels.linalg.InputFactor`` built once by
+    ``factor_input_cov`` for every call whose layers read that input: ``Z`` is then damped and
+    Cholesky-factored once. ``overwrite=True`` lets the call use ``Z`` and ``G`` as workspace
+    (contents unspecified afterwards; for callers that own them, like the trainer's means), so it
+    allocates no (n, n) or (m, n) temporaries; by default they are left as they were.
+
     Returns ``(factors, info)``: ``info["evals"]`` (..., r) are the eigenvalues of ``Omega`` for
     ``A``, ``info["step_norm"]`` is ``nu`` (None without ``normalize_step``), and ``info["solver"]``
     is ``lora_da_factors``' solver info: for both solvers ``"solver"`` (the one used),
@@ -695,14 +707,16 @@ def lora_da(
     ``||Omega a - lambda a|| / (||Omega||_2 + |lambda|)``.
     """
     op = "lora_da"
-    _check_matrix("Z", Z, op)
+    if not isinstance(Z, _guidance.InputFactor):
+        _check_matrix("Z", Z, op)
     _check_matrix("G", G, op)
     if not isinstance(s, Tensor) or s.dim() < 1:
         raise TypeError(f"{op}: s must be a tensor of shape (..., m), got {type(s).__name__ if not isinstance(s, Tensor) else tuple(s.shape)}")
-    n = Z.shape[-1]
+    zshape = Z.shape if isinstance(Z, _guidance.InputFactor) else tuple(Z.shape)
+    n = zshape[-1]
     m = G.shape[-2]
-    if Z.shape[-2] != n or G.shape[-1] != n or s.shape[-1] != m:
-        raise ValueError(f"{op}: expected Z (..., n, n), G (..., m, n), s (..., m); got Z {tuple(Z.shape)}, "
+    if zshape[-2] != n or G.shape[-1] != n or s.shape[-1] != m:
+        raise ValueError(f"{op}: expected Z (..., n, n), G (..., m, n), s (..., m); got Z {zshape}, "
                          f"G {tuple(G.shape)}, s {tuple(s.shape)}")
     _check_finite("s", s, op)
     _check_rank(rank, m, n, op)
@@ -711,7 +725,8 @@ def lora_da(
         raise ValueError(f"{op}: step_scale must be a finite number, got {step_scale!r}")
     kw = dict(n_train=n_train, damping=damping, bias_weight=bias_weight, variance_weight=variance_weight, fisher=fisher)
     A, P, evals, solver_info = _guidance.lora_da_factors(Z, G, s, rank, solver=solver, X=X, tol=tol, maxiter=maxiter,
-                                                         seeds=seeds, return_info=True, step_norm=normalize_step, **kw)
+                                                         seeds=seeds, return_info=True, step_norm=normalize_step,
+                                                         overwrite=overwrite, **kw)
     info: Dict[str, Any] = {"evals": evals, "step_norm": None, "solver": solver_info}
     dt = _work_dtype(A.dtype)
     A, P = A.to(dt), P.to(dt)

@@ -208,12 +208,62 @@ def kfac_update_checked(x: Tensor, grad_output: Optional[Tensor], mask: Optional
     return Zs, Gs, ss, count
 
 
-def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optional[str] = "auto") -> Tensor:
+def kfac_accumulate_(
+    Z: Optional[Tensor],
+    G: Optional[Tensor],
+    s: Optional[Tensor],
+    x: Tensor,
+    grad_output: Optional[Tensor],
+    mask: Optional[Tensor],
+    *,
+    backend: Optional[str] = "auto",
+) -> int:
+    """``Z += sum_t x_t x_t^T``, ``G += sum_t g_t x_t^T``, ``s += sum_t g_t * g_t`` over the valid tokens.
+
+    Inputs as :func:`kfac_update` (already accepted by :func:`check_kfac_inputs`); ``Z`` (n, n)
+    symmetric or None (not tracked), ``G`` (m, n) and ``s`` (m,) or None (no ``grad_output``).
+    Returns the number of valid tokens. Where the native kernel runs and the accumulators are
+    contiguous fp32, the sums are added **in place** by the kernel (no (n, n) or (m, n) temporary:
+    the statistics of a 7B down_proj need 485 MiB for ``Z`` alone, and the temporary doubled it);
+    otherwise the batch's sums are computed by :func:`kfac_update` and added (one temporary each).
+    The caller checks the inputs for NaN/Inf before (the in-place path cannot undo an addition).
+    """
+    x2 = _rows(x, x.shape[-1])
+    g2 = None if grad_output is None else _rows(grad_output, grad_output.shape[-1])
+    m2 = None if mask is None else mask.reshape(-1)
+    count = x2.shape[0] if m2 is None else int(m2.sum())
+    if count == 0:
+        return 0
+    if m2 is not None and count == m2.numel():
+        m2 = None
+    with_cov = Z is not None
+    name = backends.select("kfac_update", backend, x2, g2, m2, with_cov)
+    accs = [t for t in (Z, G, s) if t is not None]
+    if name == "native" and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                                for t in accs):
+        backends.kernel("kfac_update", name, x2, g2, m2, with_cov)(x2, g2, m2, with_cov, (Z, G, s))
+        return count
+    Zs, Gs, ss = torch.ops.lorainit.kfac_update(x2, g2, m2, with_cov, name)
+    if Z is not None:
+        Z += Zs
+    del Zs
+    if G is not None:
+        G += Gs
+        s += ss
+    return count
+
+
+def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optional[str] = "auto",
+                  out: Optional[Tensor] = None) -> Tensor:
     """``sum_t w_t v_t v_t^T`` for ``v`` (..., T, d) and ``weights`` (..., T) (ones when None).
 
     Returns (..., d, d), symmetric, accumulated in fp32 (fp64 for fp64 inputs; the weights are cast
     to that dtype). Batch dimensions are looped over. Used for ``Z`` and for the guidance matrix's
     ``G^T D^2 G`` (DESIGN.md section 2).
+
+    ``out`` (..., d, d), symmetric, in the accumulation dtype: the sums are **added** to it and it is
+    returned. The native kernel adds in place (no (d, d) temporary, fp32 contiguous ``out``); other
+    backends compute each matrix and add it (one (d, d) temporary at a time).
     """
     op = "weighted_gram"
     if not isinstance(v, Tensor) or v.dim() < 2:
@@ -230,12 +280,30 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optio
     vb = v.reshape(-1, T, d)
     wb = None if weights is None else weights.reshape(-1, T).to(_acc_dtype(v))
     name = backends.select(op, backend, vb, wb)
-    outs = []
+    acc = out is not None
+    if acc:
+        if tuple(out.shape) != tuple(batch) + (d, d) or out.dtype != _acc_dtype(v) or out.device != v.device \
+                or not out.is_contiguous():
+            raise ValueError(f"{op}: out must be a contiguous {tuple(batch) + (d, d)} {_acc_dtype(v)} tensor on "
+                             f"{v.device}, got {_shape(out)} {out.dtype} on {out.device}")
+        res = out
+    else:
+        res = torch.empty(tuple(batch) + (d, d), dtype=_acc_dtype(v), device=v.device)
+    rb = res.view(-1, d, d)
     for i in range(vb.shape[0]):
         vi = vb[i] if vb[i].stride(-1) == 1 else vb[i].contiguous()
         wi = None if wb is None else wb[i].contiguous()
-        outs.append(torch.ops.lorainit.weighted_gram(vi, wi, name))
-    return torch.stack(outs).reshape(*batch, d, d)
+        target = rb[i]
+        if acc and name == "native":
+            backends.kernel(op, name, vi, wi)(vi, wi, target)
+            continue
+        one = torch.ops.lorainit.weighted_gram(vi, wi, name)
+        if acc:
+            target += one
+        else:
+            target.copy_(one)
+        del one
+    return res
 
 
 def sym_matmul(A: Tensor, W: Tensor, *, backend: Optional[str] = "auto") -> Tensor:

@@ -1,7 +1,8 @@
 """The ``"native"`` backend: the C++ CPU kernels of ``lorainit_kernels._C`` (through ``lorainit_kernels._native``).
 
 CPU tensors only, the extension built. ``kfac_update`` and ``weighted_gram`` take bf16, fp16 or
-fp32 operands (fp32 accumulation); ``sym_matmul`` and ``rr_grams`` take fp32 (``rr_grams``
+fp32 operands (fp32 accumulation), and can add into existing fp32 accumulators in place
+(``ops.kfac_accumulate_``, ``ops.weighted_gram(..., out=)``: no per-call temporary); ``sym_matmul`` and ``rr_grams`` take fp32 (``rr_grams``
 accumulates in fp64). fp64 inputs are declined: the ``"torch"`` backend computes them.
 """
 from __future__ import annotations
@@ -19,16 +20,17 @@ RR_MAX_PARTS = 4
 
 
 @register_kernel("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update")
-def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``."""
-    return _native.kfac_update(x, g, mask, with_input_cov)
+    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``
+    (``out``: fp32 accumulators added to in place)."""
+    return _native.kfac_update(x, g, mask, with_input_cov, out)
 
 
 @register_kernel("weighted_gram", "native", dtypes=HALF_OR_FP32, symbol="weighted_gram")
-def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """``sum_t w_t v_t v_t^T``, fp32, exactly symmetric: ``_native.weighted_gram``."""
-    return _native.weighted_gram(v, weights)
+def weighted_gram(v: Tensor, weights: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``sum_t w_t v_t v_t^T``, fp32, exactly symmetric: ``_native.weighted_gram`` (``out``: added to in place)."""
+    return _native.weighted_gram(v, weights, out)
 
 
 @register_kernel("sym_matmul", "native", dtypes=_FP32, symbol="sym_matmul")

@@ -2,11 +2,12 @@
 
 * ``lobpcg``: batched LOBPCG for a few extreme eigenpairs (Knyazev 2001; Duersch et al. 2018);
   ``shift_invert_preconditioner``: ``(A - sigma I)^-1`` by one batched Cholesky, for its ``M``.
-* ``guidance_matrix``, ``lora_da_factors``: LoRA-DA's guidance matrix and factors (Zhang et al. 2025).
+* ``guidance_matrix``, ``lora_da_factors``: LoRA-DA's guidance matrix and factors (Zhang et al. 2025);
+  ``factor_input_cov`` / ``InputFactor``: a damped ``Z`` factored once for the layers that share it.
 * ``svd_of_product``: top-k SVD of ``B @ A`` from the factors (HRP, Chen et al. 2025).
 """
-from .guidance import choose_solver, guidance_matrix, lora_da_factors
+from .guidance import InputFactor, choose_solver, factor_input_cov, guidance_matrix, lora_da_factors
 from .lobpcg import ShiftInvert, lobpcg, shift_invert_preconditioner
 from .products import svd_of_product
 
-__all__ = ["ShiftInvert", "choose_solver", "guidance_matrix", "lobpcg", "lora_da_factors", "shift_invert_preconditioner", "svd_of_product"]
+__all__ = ["InputFactor", "ShiftInvert", "choose_solver", "factor_input_cov", "guidance_matrix", "lobpcg", "lora_da_factors", "shift_invert_preconditioner", "svd_of_product"]

@@ -41,33 +41,65 @@ def _check_scalar(op: str, name: str, val, *, positive: bool = False) -> float:
     return val
 
 
+def _nonfinite_batches(t: Tensor, tail: int) -> Tensor:
+    """(b,) bool: which of the ``b`` matrices of ``t`` hold a NaN/Inf, without an elementwise temporary.
+
+    A non-finite entry makes its matrix's sum non-finite; only a matrix whose sum is non-finite (or
+    overflowed) is then checked elementwise, a few rows at a time."""
+    flat = t.reshape(-1, tail)
+    bad = ~torch.isfinite(flat.sum(-1))
+    for i in bad.nonzero().flatten().tolist():
+        rows = flat[i].reshape(-1, t.shape[-1]) if t.dim() >= 2 else flat[i].reshape(1, -1)
+        step = max(1, (1 << 20) // max(rows.shape[-1], 1))
+        bad[i] = any(not bool(torch.isfinite(rows[j:j + step]).all()) for j in range(0, rows.shape[0], step))
+    return bad
+
+
 def _check_inputs(op, Z, G, s, n_train, damping, bias_weight, variance_weight):
-    """Validate the statistics and the scalar knobs; returns (batch, m, n, dtype, scalars)."""
+    """Validate the statistics and the scalar knobs; returns (batch, m, n, dtype, scalars).
+
+    ``Z`` is a tensor (..., n, n) whose batch shape broadcasts to ``G``'s (one ``Z`` shared by the
+    layers of a batch: (n, n) or (1, n, n)), or an :class:`InputFactor`."""
+    factor = Z if isinstance(Z, InputFactor) else None
     for name, t, nd in (("Z", Z, 2), ("G", G, 2), ("s", s, 1)):
+        if factor is not None and name == "Z":
+            continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{' or an InputFactor' if name == 'Z' else ''}, "
+                            f"got {type(t).__name__}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype} with shape {tuple(t.shape)}")
         if t.dim() < nd:
             raise ValueError(f"{op}: {name} must have at least {nd} dims, got shape {tuple(t.shape)}")
-    if Z.shape[-1] != Z.shape[-2]:
-        raise ValueError(f"{op}: Z must be square (..., n, n), got shape {tuple(Z.shape)}")
-    n = Z.shape[-1]
-    batch = tuple(Z.shape[:-2])
-    if G.shape[-1] != n or tuple(G.shape[:-2]) != batch:
-        raise ValueError(f"{op}: G has shape {tuple(G.shape)}, expected (*{batch}, m, {n}) to match Z {tuple(Z.shape)}")
+    if factor is not None and factor.spent:
+        raise ValueError(f"{op}: the InputFactor {factor!r} was spent by its last use (its uses reached 0)")
+    zshape = factor.shape if factor is not None else tuple(Z.shape)
+    zdev = factor.device if factor is not None else Z.device
+    if zshape[-1] != zshape[-2]:
+        raise ValueError(f"{op}: Z must be square (..., n, n), got shape {zshape}")
+    n = zshape[-1]
+    batch = tuple(G.shape[:-2])
+    zbatch = zshape[:-2]
+    # Z's batch broadcasts to G's (numpy rules: aligned from the right, size 1 or equal)
+    ok = len(zbatch) <= len(batch) and all(z in (1, b) for z, b in zip(zbatch[::-1], batch[::-1]))
+    if G.shape[-1] != n or not ok:
+        raise ValueError(f"{op}: G has shape {tuple(G.shape)}, expected (*batch, m, {n}) with Z {zshape} "
+                         f"broadcastable to its batch")
     m = G.shape[-2]
     if tuple(s.shape) != batch + (m,):
         raise ValueError(f"{op}: s has shape {tuple(s.shape)}, expected {batch + (m,)} to match G {tuple(G.shape)}")
-    if G.device != Z.device or s.device != Z.device:
-        raise ValueError(f"{op}: Z, G, s must be on one device, got {Z.device}, {G.device}, {s.device}")
+    if G.device != zdev or s.device != zdev:
+        raise ValueError(f"{op}: Z, G, s must be on one device, got {zdev}, {G.device}, {s.device}")
     if n == 0 or m == 0:
-        raise ValueError(f"{op}: empty statistics: Z {tuple(Z.shape)}, G {tuple(G.shape)}")
-    for name, t, tail in (("Z", Z, n * n), ("G", G, m * n), ("s", s, m)):
-        bad = ~torch.isfinite(t.reshape(-1, tail)).all(dim=-1)
+        raise ValueError(f"{op}: empty statistics: Z {zshape}, G {tuple(G.shape)}")
+    checks = (("G", G, m * n, batch), ("s", s, m, batch))
+    if factor is None:
+        checks = (("Z", Z, n * n, zbatch),) + checks
+    for name, t, tail, b in checks:
+        bad = _nonfinite_batches(t, tail)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {batch_index(i, batch)}")
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} has NaN/Inf entries at batch index {batch_index(i, b)}")
     neg = (s.reshape(-1, m) < 0).any(dim=-1)
     if bool(neg.any()):
         i = int(neg.nonzero()[0, 0])
@@ -78,63 +110,259 @@ def _check_inputs(op, Z, G, s, n_train, damping, bias_weight, variance_weight):
     damping = _check_scalar(op, "damping", damping)
     alpha = _check_scalar(op, "bias_weight", bias_weight)
     beta = _check_scalar(op, "variance_weight", variance_weight)
-    dtype = torch.promote_types(torch.promote_types(Z.dtype, G.dtype), s.dtype)
+    zdtype = factor.dtype if factor is not None else Z.dtype
+    dtype = torch.promote_types(torch.promote_types(zdtype, G.dtype), s.dtype)
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
     return batch, m, n, dtype, float(n_train), damping, alpha, beta
 
 
-def _damp(Z: Tensor, s: Tensor, damping: float) -> Tuple[Tensor, Tensor]:
-    """``Z_d = Z + delta mean(diag Z) I`` and ``s_d = s + delta mean(s)`` (relative damping)."""
-    Zs = 0.5 * (Z + Z.transpose(-1, -2))
-    zd = Zs.diagonal(dim1=-2, dim2=-1)
-    Zd = Zs + torch.diag_embed((damping * zd.mean(-1, keepdim=True)).expand_as(zd))
-    sd = s + damping * s.mean(-1, keepdim=True)
-    return Zd, sd
+def _symmetrize_(Z: Tensor, block: int = 1024) -> Tensor:
+    """``Z := (Z + Z^T) / 2`` in place, block by block (no (n, n) temporary); bitwise the same as the
+    out-of-place ``0.5 * (Z + Z^T)``."""
+    n = Z.shape[-1]
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        for j0 in range(0, i0 + 1, block):
+            j1 = min(n, j0 + block)
+            a, b = Z[..., i0:i1, j0:j1], Z[..., j0:j1, i0:i1]
+            t = 0.5 * (a + b.transpose(-1, -2))
+            a.copy_(t)
+            b.copy_(t.transpose(-1, -2))
+    return Z
 
 
-def _cholesky(op: str, Zd: Tensor, batch) -> Tensor:
-    """Lower Cholesky factor of ``Z_d``; failures are retried in fp64, then reported by batch index."""
-    L, info = torch.linalg.cholesky_ex(Zd)
-    if not bool((info > 0).any()):
-        return L
-    L64, info64 = torch.linalg.cholesky_ex(Zd.double())
-    bad = (info64.reshape(-1) > 0).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        raise ValueError(f"{op}: the damped input covariance Z_d = Z + damping*mean(diag Z)*I {tuple(Zd.shape)} is not "
-                         f"positive definite (also in float64) at batch index {batch_index(i, batch)}; "
-                         f"increase damping")
-    return L64
+class InputFactor:
+    """``Z_d = Z + damping mean(diag Z) I`` of one input (or a batch of inputs), Cholesky-factored once.
+
+    Layers that read the same input (q/k/v, gate/up) share one ``Z``; build its factor once with
+    :func:`factor_input_cov` and pass it as ``Z`` to :func:`lora_da_factors` / :func:`guidance_matrix`
+    (or ``lorainit_kernels.methods.lora_da``) for each of them: no copy of ``Z``, one factorization,
+    and ``Z_d^-1`` (Omega's variance term) formed once. ``L`` (..., n, n) is the lower factor (a
+    column-major view when it was factored in place); it broadcasts over a batch of layers.
+
+    ``uses``: how many layer matrices will still be solved with it (None: unknown, the factor is
+    never consumed). With ``owns`` (its storage was given away: ``overwrite=True``, or a private
+    copy) the solve of the last use computes ``Z_d^-1`` in place of ``L`` and that layer's Omega in
+    place of ``Z_d^-1``: the factor is spent after it (``L`` is None).
+    """
+
+    def __init__(self, L: Tensor, damping: float, *, owns: bool, uses: Optional[int] = None):
+        self.L = L
+        self.damping = float(damping)
+        self.owns = owns
+        self.uses = uses
+        self._inv: Optional[Tensor] = None
+        self.dtype = L.dtype
+        self.shape = tuple(L.shape)
+        self.device = L.device
+        self.n = L.shape[-1]
+        self.batch = tuple(L.shape[:-2])
+
+    @property
+    def spent(self) -> bool:
+        return self.L is None and self._inv is None
+
+    def __repr__(self) -> str:
+        state = "spent" if self.L is None and self._inv is None else f"uses left {self.uses}"
+        return f"InputFactor(n={self.n}, batch={self.batch}, damping={self.damping}, {state})"
+
+    def _use(self, count: int) -> bool:
+        """Record ``count`` more solved matrices; True when this was the last use."""
+        if self.spent:
+            raise ValueError("InputFactor: this factor was spent by its last use (uses reached 0)")
+        if self.uses is None:
+            return False
+        if count > self.uses:
+            raise ValueError(f"InputFactor: {count} layer matrices solved with a factor that had {self.uses} uses left")
+        self.uses -= count
+        return self.uses == 0
+
+    def inverse(self, last: bool) -> Tuple[Tensor, bool]:
+        """``Z_d^-1`` (..., n, n) and whether the caller may overwrite it (nobody else will read it).
+
+        Computed once (``cholesky_inverse``) and cached while uses remain; at the last use of an
+        owned factor, in place of ``L``."""
+        if self._inv is not None:
+            inv = self._inv
+            if last:            # the cached inverse becomes this layer's; the factor is not needed any more
+                self._inv = None
+                self.L = None
+            return inv, last
+        if last and self.owns:
+            inv = torch.cholesky_inverse(self.L, out=self.L)  # potri in place: no (n, n) temporary
+            self.L = None
+            return inv, True
+        inv = torch.cholesky_inverse(self.L)
+        if not last:
+            self._inv = inv
+        return inv, last
+
+    def release(self) -> None:
+        """Drop the factor (and a cached inverse) now."""
+        self.L = None
+        self._inv = None
+
+
+def _factor_in_place(op: str, Zd: Tensor, batch) -> Tuple[Optional[Tensor], Tensor]:
+    """Lower Cholesky factor of ``Zd`` (..., n, n), written into ``Zd``'s storage, and LAPACK's info
+    (batch shape); the factor is None when some matrix failed (``Zd`` is then destroyed). Factoring
+    the column-major view of a symmetric row-major ``Zd`` (the same matrix) lets LAPACK work in
+    place: no (n, n) temporary."""
+    view = Zd.transpose(-1, -2)
+    info = torch.empty(batch, dtype=torch.int32, device=Zd.device)
+    L, info = torch.linalg.cholesky_ex(view, out=(view, info))
+    return (None if bool((info > 0).any()) else L), info
+
+
+def _not_pd(op, Zd_shape, i, batch, extra=""):
+    return ValueError(f"{op}: the damped input covariance Z_d = Z + damping*mean(diag Z)*I {tuple(Zd_shape)} is not "
+                      f"positive definite{extra} at batch index {batch_index(i, batch)}; increase damping")
+
+
+def _damp_factor(op: str, Z: Tensor, damping: float, dtype: torch.dtype, *, overwrite: bool,
+                 uses: Optional[int]) -> InputFactor:
+    """``Z_d`` symmetrized, damped and factored: in ``Z``'s storage with ``overwrite`` (contiguous, of
+    ``dtype``), else in one private copy. A failed fp32 factorization is retried in fp64 from ``Z``
+    when ``Z`` is intact (not with ``overwrite``: the failed attempt consumed it)."""
+    zbatch = tuple(Z.shape[:-2])
+    in_place = overwrite and Z.dtype == dtype and Z.is_contiguous()
+    if in_place:
+        Zd = _symmetrize_(Z)
+    else:
+        Zw = Z.to(dtype)
+        Zd = Zw + Zw.transpose(-1, -2)          # one (n, n) copy: 0.5 (Z + Z^T), bitwise as before
+        del Zw
+        Zd.mul_(0.5)
+    zd = Zd.diagonal(dim1=-2, dim2=-1)
+    zd.add_(damping * zd.mean(-1, keepdim=True))
+    shape = tuple(Zd.shape)
+    L, _ = _factor_in_place(op, Zd, zbatch)
+    if L is None:
+        del Zd
+        if in_place:
+            raise ValueError(f"{op}: the damped input covariance Z_d = Z + damping*mean(diag Z)*I {shape} is not "
+                             f"positive definite in {dtype} (it was factored in place, so there is no fp64 retry); "
+                             f"increase damping or accumulate the statistics in float64")
+        Z64 = Z.double()
+        Zd64 = Z64 + Z64.transpose(-1, -2)
+        del Z64
+        Zd64.mul_(0.5)
+        d64 = Zd64.diagonal(dim1=-2, dim2=-1)
+        d64.add_(damping * d64.mean(-1, keepdim=True))
+        L, info = _factor_in_place(op, Zd64, zbatch)
+        if L is None:
+            bad = (info.reshape(-1) > 0).nonzero()
+            raise _not_pd(op, shape, int(bad[0, 0]), zbatch, " (also in float64)")
+    return InputFactor(L, damping, owns=True, uses=uses)
+
+
+def factor_input_cov(Z: Tensor, *, damping: float = defaults.DAMPING, overwrite: bool = False,
+                     uses: Optional[int] = None) -> InputFactor:
+    """The :class:`InputFactor` of ``Z`` (..., n, n): ``Z_d = (Z + Z^T)/2 + damping mean(diag Z) I``, factored.
+
+    ``overwrite=True`` damps and factors ``Z`` **in place** (its content is then the factor: give it
+    only a ``Z`` nobody reads afterwards, such as the trainer's own means); otherwise one private
+    copy is made and ``Z`` is left as it was. ``uses``: the number of layer matrices that will be
+    solved with it (see :class:`InputFactor`); None never consumes it.
+    """
+    op = "factor_input_cov"
+    if not isinstance(Z, Tensor) or Z.dim() < 2 or Z.shape[-1] != Z.shape[-2] or Z.dtype not in _DTYPES:
+        raise ValueError(f"{op}: Z must be a floating tensor (..., n, n), got "
+                         f"{tuple(Z.shape) if isinstance(Z, Tensor) else type(Z).__name__}")
+    bad = _nonfinite_batches(Z, Z.shape[-1] ** 2)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: Z {tuple(Z.shape)} has NaN/Inf entries at batch index "
+                         f"{batch_index(int(bad.nonzero()[0, 0]), tuple(Z.shape[:-2]))}")
+    damping = _check_scalar(op, "damping", damping)
+    if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int) or uses < 1):
+        raise ValueError(f"{op}: uses must be None or an int >= 1, got {uses!r}")
+    dtype = Z.dtype if Z.dtype in (torch.float32, torch.float64) else torch.float32
+    return _damp_factor(op, Z, damping, dtype, overwrite=overwrite, uses=uses)
+
+
+# fp64 products with dW in row blocks of at most this many bytes (sigma_max(dW) without an fp64 copy of dW)
+_FP64_BLOCK_BYTES = 32 << 20
 
 
 class _Prepared:
-    """Everything both the guidance matrix and the factors need: damped stats, factor, dW, c."""
+    """Everything both the guidance matrix and the factors need: damped stats, factor, H / dW, c.
 
-    def __init__(self, op, Z, G, s, n_train, damping, bias_weight, variance_weight, fisher):
+    Memory (``b`` layers in the batch): with ``overwrite`` ``Z`` becomes ``L``, then (at the factor's
+    last use) ``Z_d^-1`` and, for one layer, its Omega; ``G`` becomes ``H = G Z_d^-1``, then ``dW``:
+    nothing of size n^2 or m n is allocated for a layer that reads its ``Z`` alone. Without it, one
+    private ``Z_d`` (n^2, becoming ``L``, ``Z_d^-1``, Omega) and one ``H``/``dW`` (m n) per layer.
+    Omega is a fresh (b, n, n) tensor for a batch of b > 1 layers, or while an ``InputFactor`` has
+    uses left (its ``Z_d^-1`` is then cached for them: one more n^2).
+    """
+
+    def __init__(self, op, Z, G, s, n_train, damping, bias_weight, variance_weight, fisher, overwrite=False):
         batch, m, n, dtype, N, delta, alpha, beta = _check_inputs(
             op, Z, G, s, n_train, damping, bias_weight, variance_weight)
+        self.op = op
         self.batch, self.m, self.n, self.dtype = batch, m, n, dtype
         self.alpha, self.beta, self.fisher = alpha, beta, fisher
-        Zd, sd = _damp(Z.to(dtype), s.to(dtype), delta)
-        Gw = G.to(dtype)
+        self.count = math.prod(batch)
+        sw = s.to(dtype)
+        sd = sw + delta * sw.mean(-1, keepdim=True)
+        del sw
         bad = ~(sd.reshape(-1, m) > 0).all(dim=-1)
         if (fisher or beta > 0) and bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: the damped output second moment s_d = s + damping*mean(s) {tuple(s.shape)} has "
                              f"non-positive entries at batch index {batch_index(i, batch)} (zero gradients with "
                              f"damping={delta}); increase damping")
-        self.Zd, self.sd, self.G = Zd, sd, Gw
+        self.sd = sd
         need_z = fisher or beta > 0
-        self.L = _cholesky(op, Zd, batch) if need_z else None
-        # c = beta * sum_i 1/s_d,i / N: the weight of Z_d^-1 in Omega (the variance term)
-        self.c = (beta * (1.0 / sd).sum(-1) / N) if beta > 0 else torch.zeros(batch, dtype=dtype, device=Z.device)
-        if fisher:
-            # H = G Z_d^-1 = (Z_d^-1 G^T)^T;  dW = -diag(s_d)^-1 H
-            self.H = chol_solve(Gw.transpose(-1, -2), self.L).transpose(-1, -2)
-            self.dW = -(self.H / sd[..., :, None])
+        if isinstance(Z, InputFactor):
+            if abs(Z.damping - delta) > 0:
+                raise ValueError(f"{op}: the InputFactor was built with damping={Z.damping}, but damping={delta} "
+                                 f"was passed")
+            self.factor = Z
+        elif need_z:
+            self.factor = _damp_factor(op, Z, delta, dtype, overwrite=overwrite, uses=None)
+            self.factor.uses = self.count  # a factor made for this call is spent by it
         else:
-            self.dW = -Gw
+            self.factor = None
+        self.last = self.factor._use(self.count) if self.factor is not None else False
+        # c = beta * sum_i 1/s_d,i / N: the weight of Z_d^-1 in Omega (the variance term)
+        self.c = (beta * (1.0 / sd).sum(-1) / N) if beta > 0 else torch.zeros(batch, dtype=dtype, device=G.device)
+        self.G = G
+        self.overwrite = overwrite
+        self.H = None
+        self._dW = None
+        if fisher:
+            self.H = self._solve_rows(G, overwrite)
+        self.L = None if self.factor is None else self.factor.L
+
+    def _solve_rows(self, G: Tensor, overwrite: bool) -> Tensor:
+        """``H = G Z_d^-1`` (..., m, n) by two triangular solves; in ``G``'s storage with ``overwrite``."""
+        L = self.factor.L
+        if L is None:
+            raise ValueError(f"{self.op}: the InputFactor was spent (its uses reached 0 before this solve)")
+        if L.dtype != self.dtype:
+            return chol_solve(G.to(self.dtype).transpose(-1, -2), L).transpose(-1, -2)
+        Lt = L.transpose(-1, -2)
+        if overwrite and G.dtype == self.dtype and G.is_contiguous():
+            Ht = G.transpose(-1, -2)                                   # (n, m) column-major: LAPACK's layout
+            torch.linalg.solve_triangular(L, Ht, upper=False, out=Ht)
+        else:
+            Ht = torch.linalg.solve_triangular(L, G.to(self.dtype).transpose(-1, -2), upper=False)
+        torch.linalg.solve_triangular(Lt, Ht, upper=True, out=Ht)
+        return Ht.transpose(-1, -2)
+
+    @property
+    def dW(self) -> Tensor:
+        """``dW = -diag(s_d)^-1 H`` (fisher; in place of ``H``) or ``-G``; formed after Omega (which reads ``H``)."""
+        if self._dW is None:
+            if self.fisher:
+                self._dW = self.H.div_(self.sd[..., :, None]).neg_()
+                self.H = None
+            elif self.overwrite and self.G.dtype == self.dtype and self.G.is_contiguous():
+                self._dW = self.G.neg_()
+            else:
+                self._dW = -self.G.to(self.dtype)
+        return self._dW
 
     def omega(self, backend) -> Tensor:
         """Assemble ``Omega`` (..., n, n) with the fused weighted Gram, symmetrized.
@@ -145,25 +373,48 @@ class _Prepared:
         applied to ``G`` before the Gram instead of after it: the same weighted-Gram kernel, but the
         cancellation inside ``c Z_d - alpha G^T D^2 G`` is not amplified by ``kappa(Z_d)^2`` (in fp32
         the solve-after form loses two more digits on realistic statistics, where ``G ~ W Z``).
-        ``c Z_d^-1`` is Omega's own variance term, computed from the Cholesky factor.
+        ``c Z_d^-1`` is Omega's own variance term, from the (shared) factor's inverse. Allocation:
+        the Gram is added into the buffer that holds ``c Z_d^-1`` (in place of the factor at its
+        last use, for one layer), so Omega costs at most one (b, n, n) tensor.
         """
+        if self.H is None and self.fisher:
+            raise ValueError(f"{self.op}: Omega must be assembled before dW (it reads H)")
+        V = self.H if self.fisher else self.G
         if self.fisher:
             w = (-self.alpha) / (self.sd * self.sd)
-            Om = ops.weighted_gram(self.H, w, backend=backend).to(self.dtype)
         else:
             w = torch.full(self.sd.shape, -self.alpha, dtype=self.dtype, device=self.G.device)
-            Om = ops.weighted_gram(self.G, w, backend=backend).to(self.dtype)
+        full = self.batch + (self.n, self.n)
         if self.beta > 0:
-            Om = Om + self.c[..., None, None] * torch.cholesky_inverse(self.L).to(self.dtype)
-        return 0.5 * (Om + Om.transpose(-1, -2))
+            inv, private = self.factor.inverse(self.last)
+            inv = inv.to(self.dtype)
+            if private and inv.numel() == math.prod(full):
+                # this layer's Omega in Z_d^-1's storage (symmetric: the transpose is the same matrix)
+                Om = inv if inv.is_contiguous() else inv.transpose(-1, -2)
+                if not Om.is_contiguous():
+                    Om = Om.contiguous()
+                Om = Om.view(full)
+                Om.mul_(self.c[..., None, None])
+            else:
+                Om = torch.empty(full, dtype=self.dtype, device=self.G.device)
+                torch.mul(inv, self.c[..., None, None], out=Om)
+            del inv
+            self.L = self.factor.L
+            ops.weighted_gram(V, w, backend=backend, out=Om) if Om.dtype == _acc(V) else \
+                Om.add_(ops.weighted_gram(V, w, backend=backend).to(self.dtype))
+        else:
+            Om = ops.weighted_gram(V, w, backend=backend).to(self.dtype)
+        return _symmetrize_(Om)
 
     def operator(self) -> Callable[[Tensor], Tensor]:
         """``X -> Omega X = c Z_d^-1 X - alpha dW^T (dW X)`` for X (..., n, p), without forming Omega."""
         c = self.c[..., None, None]
-        dW, dWt, alpha, L, beta = self.dW, self.dW.transpose(-1, -2), self.alpha, self.L, self.beta
+        dW, alpha, L, beta = self.dW, self.alpha, self.L, self.beta
+        if beta > 0 and L is None:
+            raise ValueError(f"{self.op}: the operator form needs the factor, which was spent")
 
         def apply(X: Tensor) -> Tensor:
-            out = -alpha * (dWt @ (dW @ X))
+            out = -alpha * ((dW @ X).transpose(-1, -2) @ dW).transpose(-1, -2)   # dW^T (dW X), row-major dW
             if beta > 0:
                 out = out + c * chol_solve(X, L)
             return out
@@ -173,29 +424,55 @@ class _Prepared:
     def step_norm(self) -> Tuple[Tensor, Tensor]:
         """``sigma_max(dW)`` per matrix (fp64, batch shape) and its right singular vector (..., n, 1).
 
-        LOBPCG (largest, k = 1) on the smaller Gram operator (``dW^T dW`` or ``dW dW^T``) in float64,
-        tol 1e-10: two thin products per step, no SVD.
+        LOBPCG (largest, k = 1) on the smaller Gram operator (``dW^T dW`` or ``dW dW^T``): two thin
+        products per step, no SVD, no copy of ``dW``. fp64 ``dW``: in fp64, tol 1e-10. fp32 ``dW``:
+        the iteration runs in fp32 (tol 1e-6), then ``sigma = ||dW v||`` is evaluated in fp64 from
+        ``dW`` read in row blocks (at most ``_FP64_BLOCK_BYTES`` of fp64 at a time): the Rayleigh
+        quotient of a vector accurate to ~1e-6 is accurate to ~1e-12, without an fp64 copy of ``dW``.
         """
-        dW = self.dW.double()
+        dW = self.dW
         m, n = self.m, self.n
-        if m < n:
-            op = lambda X: dW @ (dW.transpose(-1, -2) @ X)                         # noqa: E731
-            size = m
+        wide = m < n
+        dt = torch.float64 if dW.dtype == torch.float64 else torch.float32
+        dWt = dW.transpose(-1, -2)
+        # dW^T X as (X^T dW)^T: a row-major dW streamed once (MKL's transposed thin GEMM was 16x slower)
+        tmul = lambda X: (X.transpose(-1, -2) @ dW).transpose(-1, -2)             # noqa: E731
+        if wide:
+            op = lambda X: dW @ tmul(X)                                            # noqa: E731
         else:
-            op = lambda X: dW.transpose(-1, -2) @ (dW @ X)                         # noqa: E731
-            size = n
+            op = lambda X: tmul(dW @ X)                                            # noqa: E731
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lam, u = lobpcg(op, 1, largest=True, n=size, batch_shape=self.batch, dtype=torch.float64,
-                            device=dW.device, tol=1e-10, maxiter=500)
-        lam = lam[..., 0].clamp_min(0)
-        nu = lam.sqrt()
-        if m < n:   # u is a left singular vector: v = dW^T u / nu
-            v = dW.transpose(-1, -2) @ u
-            v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
-        else:
+            lam, u = lobpcg(op, 1, largest=True, n=m if wide else n, batch_shape=self.batch, dtype=dt,
+                            device=dW.device, tol=1e-10 if dt == torch.float64 else 1e-6, maxiter=500)
+        if dt == torch.float64:
+            nu = lam[..., 0].clamp_min(0).sqrt()
+            if wide:   # u is a left singular vector: v = dW^T u / nu
+                v = tmul(u)
+                v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+            else:
+                v = u
+            return nu, v
+        u = u.double()
+        u = u / u.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+        b = max(1, self.count)
+        rows = max(1, _FP64_BLOCK_BYTES // (8 * n * b))
+        blocks = [(i, min(m, i + rows)) for i in range(0, m, rows)]
+        if wide:   # w = dW^T u (n), sigma = ||w||, v = w / sigma
+            w = None
+            for i0, i1 in blocks:
+                part = dW[..., i0:i1, :].double().transpose(-1, -2) @ u[..., i0:i1, :]
+                w = part if w is None else w.add_(part)
+            nu = w.norm(dim=-2)[..., 0]
+            v = w / nu.clamp_min(1e-300)[..., None, None]
+        else:      # sigma = ||dW u||, v = u
+            nu = torch.cat([dW[..., i0:i1, :].double() @ u for i0, i1 in blocks], dim=-2).norm(dim=-2)[..., 0]
             v = u
         return nu, v
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def guidance_matrix(
@@ -209,6 +486,7 @@ def guidance_matrix(
     variance_weight: float = defaults.VARIANCE_WEIGHT,
     fisher: bool = defaults.FISHER,
     backend: Optional[str] = "auto",
+    overwrite: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-DA's Initialization Guidance Matrix ``Omega`` and the Fisher-gradient step ``dW``.
 
@@ -226,13 +504,21 @@ def guidance_matrix(
     ``c Z_d^-1`` term; DESIGN.md's identity with the solves before the Gram, which keeps fp32
     accurate), and with ``fisher=False`` as ``c Z_d^-1 + weighted_gram(G, -alpha)``.
 
+    ``Z`` may be shared by the batch: its batch shape broadcasts to ``G``'s ((n, n) or (1, n, n) for
+    layers that read one input), or it is an :class:`InputFactor` (:func:`factor_input_cov`), factored
+    once for several calls. ``overwrite=True`` lets the call use ``Z`` and ``G`` as workspace (their
+    contents are then unspecified; scipy's ``overwrite_a``): no (n, n) or (m, n) temporary. By
+    default neither is modified.
+
     Returns ``(Omega, dW)``: (..., n, n) symmetric and (..., m, n), in the inputs' promoted dtype
     (fp32 for half inputs). ``backend`` selects the ``weighted_gram`` implementation.
     Raises ValueError naming the argument, shapes and batch index for invalid input or a ``Z_d``
     that is not positive definite even in fp64.
     """
-    prep = _Prepared("guidance_matrix", Z, G, s, n_train, damping, bias_weight, variance_weight, fisher)
-    return prep.omega(backend), prep.dW
+    prep = _Prepared("guidance_matrix", Z, G, s, n_train, damping, bias_weight, variance_weight, fisher,
+                     overwrite=overwrite)
+    Om = prep.omega(backend)
+    return Om, prep.dW
 
 
 def lora_da_factors(
@@ -257,6 +543,7 @@ def lora_da_factors(
     return_info: bool = False,
     step_norm: Optional[bool] = None,
     seeds=None,
+    overwrite: bool = False,
 ):
     """LoRA-DA factors of one (batch of) layer(s): ``A`` = the ``rank`` smallest eigenvectors of ``Omega``.
 
@@ -283,6 +570,14 @@ def lora_da_factors(
     are passed through. ``seeds`` (one int per layer) seed each layer's LOBPCG start (default: the
     same fixed seed for every layer, so a layer's result does not depend on its batch).
 
+    ``Z``: a tensor whose batch shape broadcasts to ``G``'s (one ``Z`` for a batch of layers that
+    read the same input: damped and factored once), or an :class:`InputFactor` shared by several
+    calls (layers of one input with different ``m``: q and k/v under GQA). ``overwrite=True``: ``Z``
+    and ``G`` are workspace (contents unspecified afterwards): ``Z`` becomes ``L``, ``Z_d^-1`` and,
+    for one layer, Omega; ``G`` becomes ``H`` and ``dW``; the call then allocates no (n, n) or
+    (m, n) tensor beyond a batch's Omega (b > 1 layers) and the eigensolver's blocks. By default
+    ``Z`` and ``G`` are left as they were (one private ``Z_d`` and one ``H`` per layer are allocated).
+
     ``return_info=True`` returns a 4th value, a dict with the same keys for both solvers:
 
     * ``solver``: the solver used (``"eigh"`` or ``"lobpcg"``; ``"auto"`` resolved);
@@ -305,27 +600,33 @@ def lora_da_factors(
         raise ValueError(f"{op}: preconditioner must be 'shift_invert' or None, got {preconditioner!r}")
     if preconditioner is not None and not form_omega:
         raise ValueError(f"{op}: preconditioner={preconditioner!r} needs form_omega=True")
-    prep = _Prepared(op, Z, G, s, n_train, damping, bias_weight, variance_weight, fisher)
+    # the rank is checked before anything is written (with overwrite the inputs are workspace)
+    bad_rank = isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+    if isinstance(G, Tensor) and G.dim() >= 2 and (bad_rank or rank > min(G.shape[-2], G.shape[-1])):
+        raise ValueError(f"{op}: rank must be an int with 1 <= rank <= min(m, n) = min({G.shape[-2]}, {G.shape[-1]}), "
+                         f"got {rank!r} (G {tuple(G.shape)})")
+    prep = _Prepared(op, Z, G, s, n_train, damping, bias_weight, variance_weight, fisher, overwrite=overwrite)
     m, n = prep.m, prep.n
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > min(m, n):
+    if bad_rank:
         raise ValueError(f"{op}: rank must be an int with 1 <= rank <= min(m, n) = min({m}, {n}), got {rank!r} "
                          f"(G {tuple(G.shape)})")
     if solver == "auto":
         solver = choose_solver(n, rank, prep.G.device)
     info = {"solver": solver}
     need_norm = (return_info if step_norm is None else step_norm) or (solver == "lobpcg" and preconditioner == "shift_invert" and prep.alpha > 0)
+    # Omega is assembled first: it reads H, which then becomes dW in place (step norm, P)
+    Om = prep.omega(backend) if (solver == "eigh" or form_omega) else None
     nu, v1 = prep.step_norm() if need_norm else (None, None)
     if solver == "eigh":
-        Om = prep.omega(backend)
         evals_all, vecs = torch.linalg.eigh(Om)
         A = vecs[..., :rank].contiguous()
+        del vecs
         evals = evals_all[..., :rank].contiguous()
         if return_info:
             info.update(_eigh_info(Om, A, evals, evals_all, tol))
     else:
         kw = dict(largest=False, X=X, tol=tol, maxiter=maxiter, guard=guard, seeds=seeds, return_info=True)
         if form_omega:
-            Om = prep.omega(backend)
             M = None
             if preconditioner == "shift_invert":
                 lower = -prep.alpha * nu * nu if prep.alpha > 0 else 0.0     # c Z_d^-1 is PSD
@@ -337,6 +638,7 @@ def lora_da_factors(
                                      device=prep.G.device, **kw)
         info.update(linfo)
         info["preconditioner"] = preconditioner
+    del Om
     P = prep.dW @ A
     if not return_info:
         return A, P, evals

@@ -6,12 +6,21 @@ statistics dtype, 4 for fp32; ``m x n`` a target's weight, ``r`` its rank):
 * **statistics** of a target: ``Z`` ``e n^2`` (once per distinct input: q/k/v, gate/up share it),
   ``G`` ``e m n``, ``s`` ``e m`` (:func:`lorainit.passes.stats.stats_bytes`); they live from the
   pass that accumulates them until the layer is solved (the means are taken in place).
-* **one layer's LoRA-DA solve** (``lorainit_kernels.methods.lora_da`` as it allocates today, on top
-  of its statistics; :func:`solve_bytes`): the damped ``Z_d`` and its Cholesky factor (``2 e n^2``),
-  ``H = G Z_d^-1`` and ``dW`` (``2 e m n``), and the assembly of ``Omega`` (four ``n^2``
-  temporaries); the dense path adds ``eigh``'s eigenvectors and workspace (``3 e n^2``) and an fp64
-  copy of Omega for the residuals (``2 e n^2``); the LOBPCG path only thin blocks (``~40 e n k``).
-  Layers solved together stack copies of their statistics (``e (n^2 + m n + m)`` each).
+* **one layer's LoRA-DA solve** (:func:`solve_bytes`, on top of the statistics): the trainer solves
+  layer by layer and lets the solve use its own means as workspace
+  (``lorainit_kernels.linalg.factor_input_cov(overwrite=True)`` and ``methods.lora_da(overwrite=True)``):
+  ``Z`` is damped and Cholesky-factored **in place, once per input**, ``G`` becomes ``H = G Z_d^-1``
+  and then ``dW`` in place, and for the last (or only) layer of an input ``Z_d^-1`` (``potri``) and
+  that layer's Omega take ``Z``'s storage (the weighted Gram is added into it by the native kernel).
+  What is allocated beyond the statistics: for a layer whose input is shared (q/k/v, gate/up) and
+  that is not the input's last, ``Z_d^-1`` cached for the others and its own Omega (``2 e n^2``);
+  none of size n^2 otherwise. Then the eigensolver: LOBPCG's blocks (``~80 e n r``) or, for the
+  dense path (n below the ``eigh`` crossover), ``eigh``'s eigenvectors, workspace and an fp64 copy of
+  Omega for the residuals (``5 e n^2``); ``sigma_max(dW)`` is evaluated in fp64 from ``dW`` read in
+  row blocks (at most 32 MiB); the fused Gram kernel packs at most 64 MiB of panels; the factors (``e r (m + n)``).
+  A statistics pass adds one batch's accumulation into the accumulators in place (the native
+  kernel: no (n, n) temporary; Triton and torch backends allocate one batch's sums, ``e (n^2 + m n)``,
+  which this model does not count).
 * **rollback snapshot** (:func:`snapshot_bytes`): the adapters' values, and the base weight of every
   target the method changes (PiSSA, MiLoRA, LoRA-GA, LoRA-One with ``subtract_init``, LoRA-DA with
   ``preserve_output``), all on the **CPU** (pinned with CUDA): host memory, not device memory.
@@ -37,6 +46,7 @@ from .passes.stats import stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
 __all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "snapshot_bytes", "grad_bytes",
+           "release_freed_host_memory",
            "structural_sharing", "MiB"]
 
 MiB = 1 << 20
@@ -57,20 +67,50 @@ def _auto_solver(n: int, r: int, device) -> str:
     return choose_solver(n, r, device)
 
 
+FP64_BLOCK = 32 << 20   # lorainit_kernels.linalg.guidance._FP64_BLOCK_BYTES: sigma_max(dW) in fp64, dW read in row blocks
+PACK_BUDGET = 64 << 20  # csrc/gram_driver.inc kPackBudget: the fused Gram kernel's packed panels
+
+
 def solve_bytes(t: TargetLayer, solver: str = "auto", dtype: torch.dtype = torch.float32, *,
-                stacked: bool = False) -> int:
-    """Bytes of one layer's LoRA-DA solve above its statistics (see the module docstring)."""
+                shares_input: bool = False) -> int:
+    """Bytes of one layer's LoRA-DA solve above its statistics, as the trainer runs it (module docstring).
+
+    ``shares_input``: the layer reads a ``Z`` shared with other targets (q/k/v, gate/up): until the
+    last of them, its Omega is a fresh n x n tensor beside the cached ``Z_d^-1``."""
     e, m, n, r = _elem(dtype), t.m, t.n, t.r
     if solver == "auto":
         solver = _auto_solver(n, r, t.device)
-    words = 2 * n * n + 2 * m * n + 4 * n * n
+    words = 2 * n * n if shares_input else 0         # cached Z_d^-1 + this layer's Omega (else both in Z's storage)
     if solver == "eigh":
-        words += 5 * n * n
+        words += 5 * n * n                            # eigenvectors, LAPACK workspace, fp64 Omega for the residuals
     else:
-        words += 40 * n * max(r, 1) * 2
-    if stacked:
-        words += n * n + m * n + m
-    return e * words + e * r * (m + n + 1)
+        words += 80 * n * max(r, 1)                   # LOBPCG's blocks (X, P, W, A X, ..., fp64 Rayleigh-Ritz parts)
+    out = e * words + e * (r * (m + n + 1) + 3 * m)  # the factors, s_d and its weights
+    out += min(8 * m * n, FP64_BLOCK)                 # an fp64 row block of dW (sigma_max, evaluated once)
+    out += min(e * 2 * n * m, PACK_BUDGET)            # packed panels of the weighted Gram (Omega)
+    return out
+
+
+def release_freed_host_memory() -> None:
+    """Give the host memory freed so far back to the operating system (glibc ``malloc_trim(0)``).
+
+    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MiB as large blocks are
+    freed) in its heap, so after a pass's statistics and solves are freed the process can still hold
+    hundreds of MiB that the next pass's (larger, mmapped) statistics cannot reuse. A no-op where
+    there is no glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def snapshot_bytes(targets: Dict[str, TargetLayer], changes_base: bool) -> int:
@@ -165,7 +205,7 @@ def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: 
     """Passes of LoRA-DA under ``budget`` bytes (None: one pass); see the module docstring."""
     units = _units(names, shared)
     u_stats = [sum(stats_bytes(targets[n], dtype, with_z=(i == 0)) for i, n in enumerate(u)) for u in units]
-    u_work = [max(solve_bytes(targets[n], solver, dtype) for n in u) for u in units]
+    u_work = [max(solve_bytes(targets[n], solver, dtype, shares_input=len(u) > 1) for n in u) for u in units]
     smallest = max(s + w for s, w in zip(u_stats, u_work))
     groups: List[List[str]] = []
     per: List[Dict[str, int]] = []
@@ -222,8 +262,8 @@ def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, d
             shared = probe_shared_inputs(model, targets, names, ctx.runner(config.token_mask), ctx.batches[0])
         plan = plan_lora_da(targets, names, shared, budget, solver=config.solver, dtype=config.stats_dtype)
         if any(o != n for n, o in shared.items()):
-            plan.notes.append("layers sharing an input share one Z in the statistics; the solve damps and "
-                              "factors a copy of it per layer (lorainit_kernels.methods.lora_da takes one Z per G)")
+            plan.notes.append("layers sharing an input share one Z: damped and Cholesky-factored once, in place, "
+                              "for all of them; Z_d^-1 is kept beside one Omega until the last of them is solved")
     elif method in ("lora_ga", "lora_one"):
         sizes = {n: grad_bytes(targets[n]) for n in names}
         groups = plan_grad_groups(names, sizes, budget)

@@ -245,3 +245,49 @@ def test_unknown_backend_in_the_op():
 def test_rr_grams_bad_arguments(S, AS, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.rr_grams(S, AS)
+
+
+# ----------------------------------------------------------------------------- accumulating into existing sums
+ACC_BACKENDS = ["torch"] + (["native"] if backends.has_native() else [])
+
+
+@pytest.mark.parametrize("backend", ACC_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_z", [True, False])
+def test_kfac_accumulate_adds_to_existing_sums_in_place(backend, dtype, with_z):
+    """Z, G, s += one batch's sums (the native kernel in place: same storage, no temporary), against fp64."""
+    gen = torch.Generator().manual_seed(11)
+    n, m = 70, 45
+    x0, g0 = torch.randn(50, n, generator=gen), torch.randn(50, m, generator=gen)
+    x = torch.randn(3, 17, n, generator=gen).to(dtype)
+    g = torch.randn(3, 17, m, generator=gen).to(dtype)
+    mask = torch.rand(3, 17, generator=gen) > 0.25
+    Z = (x0.T @ x0) if with_z else None
+    G, s = g0.T @ x0, (g0 * g0).sum(0)
+    ptrs = [t.data_ptr() for t in (Z, G, s) if t is not None]
+    Zr, Gr, sr = reference.kfac_update(x.reshape(-1, n)[mask.reshape(-1)].double(), g.reshape(-1, m)[mask.reshape(-1)].double(),
+                                       None, with_z, dtype=torch.float64)
+    Z_ref = None if Z is None else Z.double() + Zr
+    G_ref, s_ref = G.double() + Gr, s.double() + sr
+    count = ops.kfac_accumulate_(Z, G, s, x, g, mask, backend=backend)
+    assert count == int(mask.sum())
+    assert [t.data_ptr() for t in (Z, G, s) if t is not None] == ptrs
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(G, G_ref) < tol and rel_err(s, s_ref) < tol
+    if with_z:
+        assert rel_err(Z, Z_ref) < tol and torch.equal(Z, Z.T)
+
+
+@pytest.mark.parametrize("backend", ACC_BACKENDS)
+def test_weighted_gram_out_accumulates(backend):
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 40, 33, generator=gen)
+    w = torch.randn(2, 40, generator=gen)
+    base = sym(2, 33, gen).float()
+    out = base.clone()
+    ptr = out.data_ptr()
+    res = ops.weighted_gram(v, w, backend=backend, out=out)
+    ref = base.double() + torch.einsum("btd,bt,bte->bde", v.double(), w.double(), v.double())
+    assert res.data_ptr() == ptr and rel_err(out, ref) < 1e-5 and torch.equal(out, out.mT)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.weighted_gram(v, w, backend=backend, out=out.mT)

@@ -60,9 +60,9 @@ def test_guidance_uses_weighted_gram(monkeypatch):
     calls = []
     real = ops.weighted_gram
 
-    def spy(v, weights=None, *, backend="auto"):
+    def spy(v, weights=None, *, backend="auto", out=None):
         calls.append((tuple(v.shape), None if weights is None else weights.clone()))
-        return real(v, weights, backend=backend)
+        return real(v, weights, backend=backend, out=out)
 
     monkeypatch.setattr(ops, "weighted_gram", spy)
     Z, G, s = kfac_stats((2,), 6, 10, seed=3)
@@ -348,3 +348,112 @@ def test_auto_solver_uses_the_crossover(monkeypatch):
     assert info["solver"] == "lobpcg"
     monkeypatch.undo()
     assert lk.linalg.choose_solver(4096, 8, "cpu") == "lobpcg" and lk.linalg.choose_solver(64, 8, "cpu") == "eigh"
+
+
+# ----------------------------------------------------------------------------- a shared Z, factored once
+def _shared_stats(ms, n, seed, dtype=torch.float64):
+    """One input (Z) read by several layers of output sizes ``ms``: their G, s."""
+    Z, _, _ = kfac_stats((), 4, n, seed=seed, dtype=dtype)
+    Gs, ss = [], []
+    for i, m in enumerate(ms):
+        _, G, s = kfac_stats((), m, n, seed=seed + 1 + i, dtype=dtype)
+        Gs.append(G)
+        ss.append(s)
+    return Z, Gs, ss
+
+
+@pytest.mark.parametrize("zshape", ["n,n", "1,n,n"])
+@pytest.mark.parametrize("fisher", [True, False])
+def test_shared_Z_broadcast_equals_stacked_copies(zshape, fisher):
+    """Z (n, n) or (1, n, n) for a batch of layers that read one input = Z stacked per layer."""
+    Z, Gs, ss = _shared_stats([9, 9, 9], 16, seed=21)
+    G, s = torch.stack(Gs), torch.stack(ss)
+    Zb = Z if zshape == "n,n" else Z[None]
+    Om, dW = lk.guidance_matrix(Zb, G, s, n_train=N_TRAIN, damping=1e-2, fisher=fisher, backend=BACKEND)
+    Om_s, dW_s = lk.guidance_matrix(Z.expand(3, 16, 16).clone(), G, s, n_train=N_TRAIN, damping=1e-2, fisher=fisher,
+                                    backend=BACKEND)
+    Om_r, dW_r = reference_guidance(Z.expand(3, 16, 16), G, s, n_train=N_TRAIN, damping=1e-2, fisher=fisher)
+    assert _rel(Om, Om_s) < 1e-13 and _rel(dW, dW_s) < 1e-13
+    assert _rel(Om, Om_r) < 1e-10 and _rel(dW, dW_r) < 1e-12
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_input_factor_shared_by_layers_of_different_m_equals_separate_solves(solver):
+    """An InputFactor reused by q (m = 24) and k/v (m = 8) as under GQA: the factors of separate solves,
+    one factorization, and the factor is spent after its uses."""
+    n = 40
+    Z, Gs, ss = _shared_stats([24, 8, 8], n, seed=31, dtype=torch.float32)
+    kw = dict(n_train=N_TRAIN, damping=0.1, solver=solver, return_info=True, step_norm=True)
+    sep = [lk.lora_da_factors(Z, G[None], s[None], 4, seeds=[7 + i], **kw) for i, (G, s) in enumerate(zip(Gs, ss))]
+    f = lk.linalg.factor_input_cov(Z, damping=0.1, uses=3)
+    q = lk.lora_da_factors(f, Gs[0][None], ss[0][None], 4, seeds=[7], **kw)
+    kv = lk.lora_da_factors(f, torch.stack(Gs[1:]), torch.stack(ss[1:]), 4, seeds=[8, 9], **kw)
+    got = [(q[0][0], q[1][0], q[2][0], q[3]["step_norm"][0])] + \
+          [(kv[0][i], kv[1][i], kv[2][i], kv[3]["step_norm"][i]) for i in range(2)]
+    for (A, P, ev, nu), (A1, P1, ev1, info1) in zip(got, sep):
+        assert sin_theta(A.double(), A1[0].double()).max() < 1e-4
+        assert torch.allclose(ev, ev1[0], rtol=1e-5, atol=1e-6 * ev1.abs().max())
+        assert abs(float(nu) / float(info1["step_norm"][0]) - 1) < 1e-6
+        # P A^T (the step projected on span(A)) does not depend on the eigenvectors' signs
+        PA, PA1 = P.double() @ A.double().T, P1[0].double() @ A1[0].double().T
+        assert _rel(PA, PA1) < 1e-4
+    assert f.uses == 0 and f.L is None
+    with pytest.raises(ValueError, match="spent"):
+        lk.lora_da_factors(f, Gs[1][None], ss[1][None], 4, n_train=N_TRAIN, damping=0.1)
+
+
+def test_input_factor_damping_must_match():
+    Z, Gs, ss = _shared_stats([6], 12, seed=3)
+    f = lk.linalg.factor_input_cov(Z, damping=0.1)
+    with pytest.raises(ValueError, match="damping=0.1"):
+        lk.guidance_matrix(f, Gs[0], ss[0], n_train=N_TRAIN, damping=0.01)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_public_calls_never_modify_their_inputs(batch, solver):
+    """lk.lora_da_factors, lk.guidance_matrix, methods.lora_da and factor_input_cov leave Z, G, s as they were
+    (only overwrite=True, which the trainer passes for its own means, may use them as workspace)."""
+    import lorainit_kernels.methods as lkm
+
+    Z, G, s = kfac_stats(batch, 10, 48, seed=5, dtype=torch.float32)
+    Z0, G0, s0 = Z.clone(), G.clone(), s.clone()
+    lk.lora_da_factors(Z, G, s, 3, n_train=N_TRAIN, solver=solver, return_info=True)
+    lk.guidance_matrix(Z, G, s, n_train=N_TRAIN)
+    lkm.lora_da(Z, G, s, 3, n_train=N_TRAIN, scaling=2.0, solver=solver)
+    f = lk.linalg.factor_input_cov(Z, uses=2 * (batch[0] if batch else 1))  # uses: layer matrices
+    lk.lora_da_factors(f, G, s, 3, n_train=N_TRAIN, solver=solver)
+    lk.lora_da_factors(f, G, s, 3, n_train=N_TRAIN, solver=solver)
+    for a, b in ((Z, Z0), (G, G0), (s, s0)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
+def test_overwrite_gives_the_results_of_the_copying_path(solver):
+    """overwrite=True (Z and G as workspace, nothing n x n allocated) = the default path, to rounding."""
+    import lorainit_kernels.methods as lkm
+
+    Z, G, s = kfac_stats((1,), 12, 64, seed=9, dtype=torch.float32)
+    ref, info = lkm.lora_da(Z, G, s, 4, n_train=N_TRAIN, scaling=2.0, solver=solver, seeds=[3])
+    Zw, Gw = Z.clone(), G.clone()
+    got, info2 = lkm.lora_da(Zw, Gw, s, 4, n_train=N_TRAIN, scaling=2.0, solver=solver, seeds=[3], overwrite=True)
+    assert not torch.equal(Zw, Z) and not torch.equal(Gw, G)   # they were used as workspace
+    assert sin_theta(got.lora_A.mT.double(), ref.lora_A.mT.double()).max() < 1e-4
+    upd = lambda f: f.lora_B.double() @ f.lora_A.double()       # noqa: E731
+    assert _rel(upd(got), upd(ref)) < 1e-4
+    assert torch.allclose(info2["evals"], info["evals"], rtol=1e-5)
+
+
+def test_overwrite_failure_is_clear_and_copy_path_still_retries_in_fp64():
+    g = torch.Generator().manual_seed(5)
+    n = 64
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    ev = torch.ones(n, dtype=torch.float64)
+    ev[-8:] = 2e-8
+    Z = ((Q * ev) @ Q.T).float()
+    Z = 0.5 * (Z + Z.T)
+    G = torch.randn(5, n, generator=g)
+    s = torch.rand(5, generator=g) + 0.5
+    lk.guidance_matrix(Z, G, s, n_train=N_TRAIN, damping=0.0)        # copy: retried in fp64
+    with pytest.raises(ValueError, match="factored in place, so there is no fp64 retry"):
+        lk.guidance_matrix(Z.clone(), G.clone(), s, n_train=N_TRAIN, damping=0.0, overwrite=True)

@@ -87,7 +87,8 @@ def test_plan_and_estimate_memory():
     assert full.passes == 1
     total = sum(stats_bytes(t, with_z=(shared[n] == n)) for n, t in targets.items())
     assert full.stats_bytes == total
-    assert full.peak_bytes == total + max(solve_bytes(t) for t in targets.values())
+    readers = {o: list(shared.values()).count(o) for o in shared.values()}
+    assert full.peak_bytes == total + max(solve_bytes(t, shares_input=readers[shared[n]] > 1) for n, t in targets.items())
     half = estimate_memory(model, "lora_da", LoRADAConfig(max_memory=full.smallest_budget))
     assert half.passes > 1 and half.peak_bytes <= full.smallest_budget < full.peak_bytes
     assert all(g for g in half.groups) and sum(map(len, half.groups)) == len(targets)
@@ -118,3 +119,37 @@ def estimate_memory_for(config):
 
     plan = estimate_memory(tiny_llama(seed=6, r=2), "lora_da", config)
     return plan.peak_bytes, plan.smallest_budget
+
+
+def test_a_shared_Z_is_factored_once_for_all_its_layers(monkeypatch):
+    """q/k/v (GQA: q and k/v of different m) and gate/up: one in-place factorization per input, reused by
+    every layer that reads it; the adapters equal the separate (copying) solves of each layer."""
+    import lorainit.methods.lora_da as lora_da
+    import lorainit_kernels as lk
+    from lorainit.context import InitContext
+
+    calls = []
+    real = lora_da.lkg.factor_input_cov
+
+    def spy(Z, **kw):
+        calls.append((tuple(Z.shape), kw["uses"], kw["overwrite"]))
+        return real(Z, **kw)
+
+    monkeypatch.setattr(lora_da.lkg, "factor_input_cov", spy)
+    batches = lm_batches(n=8, bs=4, seed=5)
+    m0 = tiny_llama(seed=2)
+    stats = InitContext(m0, find_targets(m0), batches, num_samples=None, progress=False).collect_stats()
+    model = tiny_llama(seed=2)
+    cfg = LoRADAConfig(step_scale=0.5, n_train=1000.0, solver="eigh")
+    rep = initialize_lora(model, batches, config=cfg, num_samples=None, progress=False)
+    targets = find_targets(model)
+    inputs = {st.z_owner for st in stats.values()}
+    assert len(calls) == len(inputs) == 4 * 2          # q/k/v, o, gate/up, down per decoder layer
+    assert sorted(u for _, u, _ in calls) == sorted([3, 1, 2, 1] * 2) and all(o for _, _, o in calls)
+    assert sum(1 for r in rep.layers if r.get("shares_input_with")) == 3 * 2
+    for name, t in targets.items():
+        st = stats[name]
+        f, _ = lk.methods.lora_da(st.Z, st.G[None], st.s[None], t.r, n_train=1000.0, scaling=t.scaling, step_scale=0.5,
+                                  solver="eigh")
+        upd, ref = t.lora_B @ t.lora_A, f.lora_B[0] @ f.lora_A[0]
+        assert ((upd - ref).norm() / ref.norm()) < 1e-5, name

@@ -14,14 +14,14 @@ inputs) have a diagonal ``Z = diag(token frequencies)``, so ``Omega = c Z_d^-1 -
 diagonal minus rank <= d and is never formed (vocab n can be 50k): :func:`embedding_factors`.
 
 The per-layer math is ``lorainit_kernels.methods.lora_da``; this module gathers the statistics,
-stacks layers of one shape into one batched call, spreads the calls over processes, estimates
+solves layer by layer with one in-place factorization per input (a ``Z`` shared by q/k/v or
+gate/up is damped and factored once: :func:`_solve_part`), spreads the solves over processes, estimates
 ``N`` and searches ``eta`` (``step_scale="auto"``: the mean loss of held-out statistics samples
 after writing ``eta P A^T`` to every layer, forward passes only, coarse-to-fine over
 ``{0} U step_grid``).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+import lorainit_kernels.linalg as lkg
 import lorainit_kernels.methods as lkm
 from lorainit_kernels import defaults
 
@@ -39,9 +40,8 @@ from .. import memory
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number
 from ..context import InitContext
-from ..passes.stats import stats_bytes
 from ..targets import LoRAInitError, LoRAInitWarning, check_rank
-from .common import MethodSpec, finalize, kernel_call, layer_groups
+from .common import MethodSpec, finalize, kernel_call
 
 __all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "embedding_factors", "LORA_DA"]
 
@@ -235,29 +235,6 @@ def layer_seed(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def _takes_seeds() -> bool:
-    try:
-        return "seeds" in inspect.signature(lkm.lora_da).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _chunks(ctx: InitContext, config: LoRADAConfig, names, room: Optional[int]):
-    """``names`` (one shape bucket) in chunks whose stacked solve fits in ``room`` bytes (None: one chunk)."""
-    if room is None:
-        yield list(names)
-        return
-    cur, used = [], 0
-    for name in names:
-        t = ctx.targets[name]
-        need = memory.solve_bytes(t, config.solver, config.stats_dtype, stacked=True)
-        if cur and used + need > room:
-            yield cur
-            cur, used = [], 0
-        cur.append(name)
-        used += need
-    if cur:
-        yield cur
 def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, damping: float = defaults.DAMPING,
                       bias_weight: float = defaults.BIAS_WEIGHT, variance_weight: float = defaults.VARIANCE_WEIGHT,
                       fisher: bool = defaults.FISHER, normalize_step: bool = defaults.NORMALIZE_STEP,
@@ -361,16 +338,25 @@ def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_tra
             row["step_norm"] = info["step_norm"]
         ctx.record(name, **row)
         results[name] = (lora_A, lora_B, evals)
+        _release(st)
+        part[name] = _Solved(st.count)
 
 
 def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
     """Solve the layers of one statistics pass on their owner rank (then broadcast).
 
-    Layers of one shape are stacked into batched calls chunked by bytes: with ``max_memory`` a chunk's
-    solve fits in what the budget leaves beside this pass's statistics (a chunk of one layer passes
-    views of its statistics, no copies). A layer's statistics are dropped from ``part`` as soon as it
-    is solved (a shared ``Z`` when its last layer is). Each layer's LOBPCG start is seeded from its
-    name, so the adapters do not depend on the chunking.
+    Layers are solved one at a time, grouped by the input they read: a ``Z`` shared by several layers
+    (q/k/v, gate/up; ``LayerStats.z_owner``) is damped and Cholesky-factored **once, in place**
+    (``lorainit_kernels.linalg.factor_input_cov(overwrite=True)``: the means are this method's own and
+    nobody reads them after the solve), and the factor serves each of its layers, whatever their
+    ``m`` (q and k/v under GQA). Each solve may use its ``G`` as workspace (``overwrite=True``: ``G``
+    becomes ``H = G Z_d^-1``, then ``dW``), and the last layer of an input turns the factor into
+    ``Z_d^-1`` and that into its Omega in place, so a layer's solve allocates no (n, n) or (m, n)
+    tensor beyond one Omega (none for a layer that reads its input alone) and, for a shared input,
+    the cached ``Z_d^-1``. A layer's statistics leave ``part`` before its solve (a shared ``Z`` with
+    the last of its layers), so their memory is freed as the solve consumes them. The structure of
+    the solves does not depend on ``max_memory`` and each layer's LOBPCG start is seeded from its
+    name, so the adapters do not depend on the budget.
     """
     n_train = {}
     for name, st in part.items():
@@ -378,48 +364,48 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
         n_train[name] = N
         ctx.record(name, n_train=N)
         ctx.info["n_train_source"] = source
-    room = None
-    if config.max_memory is not None:
-        held = sum(stats_bytes(ctx.targets[k], config.stats_dtype, with_z=(st.z_owner == k)) for k, st in part.items())
-        room = max(config.max_memory - held, 0)
     mine = [n for n in part if owners[n] == ctx.rank]
-    seeds = _takes_seeds()
     embeddings = [n for n in mine if part[n].diag]
-    mine = [n for n in mine if not part[n].diag]
-    key = (lambda t: (t.m, t.n, t.r, t.scaling, n_train[t.name]))
+    units: Dict[str, list] = {}
+    for name in mine:
+        if not part[name].diag:
+            units.setdefault(part[name].z_owner, []).append(name)
+    needs_factor = config.fisher or config.variance_weight > 0
     err = None
     try:
         _solve_embeddings(ctx, config, part, embeddings, n_train, results)
-        for (m, n, r, scaling), names_all in [((k[0], k[1], k[2], k[3]), v) for k, v in
-                                              layer_groups(ctx.targets, mine, key=key)]:
-            N = n_train[names_all[0]]
-            for names in _chunks(ctx, config, names_all, room):
-                if len(names) == 1:
-                    st = part[names[0]]
-                    Z, G, s = st.Z.unsqueeze(0), st.G.unsqueeze(0), st.s.unsqueeze(0)
-                else:
-                    Z = torch.stack([part[k].Z for k in names])
-                    G = torch.stack([part[k].G for k in names])
-                    s = torch.stack([part[k].s for k in names])
-                extra = {"seeds": [layer_seed(k) for k in names]} if seeds else {}
+        for owner, names in units.items():
+            factor = None
+            if needs_factor:
+                factor = kernel_call(f"lora_da (the input of {owner})", names, lkg.factor_input_cov, part[names[0]].Z,
+                                     damping=config.damping, overwrite=True, uses=len(names))
+            for name in names:
+                t, st = ctx.targets[name], part[name]
+                part[name] = _Solved(st.count)  # the solve consumes G (and Z, with the input's last layer)
+                Z = factor if factor is not None else st.Z
+                G, s = st.G.unsqueeze(0), st.s.unsqueeze(0)
+                _release(st)
+                del st
                 t0 = time.perf_counter()
                 factors, info = kernel_call(
-                    f"lora_da (shape {m}x{n}, r={r})", names, lkm.lora_da, Z, G, s, r, n_train=N, scaling=scaling,
-                    step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False, damping=config.damping,
-                    bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
-                    solver=config.solver, **extra, **config.solver_options)
+                    f"lora_da (shape {t.m}x{t.n}, r={t.r})", [name], lkm.lora_da, Z, G, s, t.r, n_train=n_train[name],
+                    scaling=t.scaling, step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False,
+                    damping=config.damping, bias_weight=config.bias_weight, variance_weight=config.variance_weight,
+                    fisher=config.fisher, solver=config.solver, seeds=[layer_seed(name)], overwrite=True,
+                    **config.solver_options)
                 del Z, G, s
-                dt = (time.perf_counter() - t0) / len(names)
-                for i, name in enumerate(names):
-                    row = {"eigenvalues": info["evals"][i].tolist(), "time_s": dt, **_solver_row(info["solver"], i)}
-                    if info.get("step_norm") is not None:
-                        row["step_norm"] = float(info["step_norm"][i])
-                    ctx.record(name, **row)
-                    results[name] = (factors.lora_A[i].float().clone(), factors.lora_B[i].float().clone(),
-                                     info["evals"][i].float().clone())
+                row = {"eigenvalues": info["evals"][0].tolist(), "time_s": time.perf_counter() - t0,
+                       **_solver_row(info["solver"], 0)}
+                if info.get("step_norm") is not None:
+                    row["step_norm"] = float(info["step_norm"][0])
+                ctx.record(name, **row)
+                results[name] = (factors.lora_A[0].float().clone(), factors.lora_B[0].float().clone(),
+                                 info["evals"][0].float().clone())
                 del factors, info
-                for name in names:
-                    part[name] = _Solved(part[name].count)  # drop G, s (and Z with its last layer)
+            if factor is not None:
+                factor.release()
+            del factor
+        _release_all(part)  # other ranks' layers: this rank does not need their statistics
     except Exception as e:  # agreed below: an error on the owner of a solve stops every rank before any broadcast
         err = e
     if ctx.world > 1:
@@ -437,6 +423,19 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
                 ctx.record(name, eigenvalues=results[name][2].tolist())
     elif err is not None:
         raise err
+
+
+def _release(st) -> None:
+    """Drop a layer's statistics tensors from its ``LayerStats`` itself: a reference to the object that
+    outlives the solve (e.g. a loop variable of the pass that yielded it) then holds no memory."""
+    st.Z = st.G = st.s = None
+
+
+def _release_all(part) -> None:
+    for name in list(part):
+        if not isinstance(part[name], _Solved):
+            _release(part[name])
+            part[name] = _Solved(part[name].count)
 
 
 class _Solved:
@@ -489,9 +488,14 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
         stat_batches, holdout = ctx.batches, []
     owners = dist_utils.assign_ranks(ctx.names, ctx.world)
     results: Dict[str, tuple] = {}
-    work = (lambda name: memory.solve_bytes(ctx.targets[name], config.solver, config.stats_dtype))
+    sharing = memory.structural_sharing(ctx.targets)
+    readers: Dict[str, int] = {}
+    for name in ctx.names:
+        readers[sharing[name]] = readers.get(sharing[name], 0) + 1
+    work = (lambda name: memory.solve_bytes(ctx.targets[name], config.solver, config.stats_dtype,
+                                            shares_input=readers[sharing[name]] > 1))
     if config.max_memory is not None:
-        plan = memory.plan_lora_da(ctx.targets, ctx.names, memory.structural_sharing(ctx.targets), config.max_memory,
+        plan = memory.plan_lora_da(ctx.targets, ctx.names, sharing, config.max_memory,
                                    solver=config.solver, dtype=config.stats_dtype)
         ctx.info["memory"] = {"budget": config.max_memory, "predicted_peak": plan.peak_bytes,
                               "smallest_budget": plan.smallest_budget}
@@ -506,6 +510,7 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
         with ctx.timed("solve"):
             _solve_part(ctx, config, part, owners, results)
         del part
+        memory.release_freed_host_memory()  # the pass's freed statistics and workspace, back to the OS
     missing = [n for n in ctx.names if n not in results]
     if missing:
         raise LoRAInitError(f"LoRA-DA produced no factors for {missing[:5]}")
