@@ -25,7 +25,8 @@ statistics dtype, 4 for fp32; ``m x n`` a target's weight, ``r`` its rank):
   target the method changes (PiSSA, MiLoRA, LoRA-GA, LoRA-One with ``subtract_init``, LoRA-DA with
   ``preserve_output``), all on the **CPU** (pinned with CUDA): host memory, not device memory.
 * **a weight-gradient pass** (LoRA-GA, LoRA-One; :func:`grad_bytes`): per target an fp32 ``m x n``
-  accumulator plus the ``.grad`` autograd writes in the weight's dtype.
+  accumulator filled by hooks (no ``.grad`` is written); its SVD call stacks at most what the
+  budget leaves beside the pass's accumulators (:func:`plan_grad_groups`).
 
 :func:`plan_lora_da` turns a budget into passes: layers (a shared-input unit stays together) in
 model order, a pass closed when its statistics plus the largest working set of its layers would
@@ -124,8 +125,9 @@ def snapshot_bytes(targets: Dict[str, TargetLayer], changes_base: bool) -> int:
 
 
 def grad_bytes(t: TargetLayer) -> int:
-    """Bytes of one target in a weight-gradient pass: fp32 accumulator + the weight's ``.grad``."""
-    return t.m * t.n * (4 + t.weight.element_size())
+    """Bytes of one target in a weight-gradient pass: its fp32 ``m x n`` accumulator (the hook-based
+    pass of :mod:`lorainit.passes.grads` writes no ``.grad``)."""
+    return 4 * t.m * t.n
 
 
 def structural_sharing(targets: Dict[str, TargetLayer]) -> Dict[str, str]:
@@ -267,9 +269,11 @@ def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, d
     elif method in ("lora_ga", "lora_one"):
         sizes = {n: grad_bytes(targets[n]) for n in names}
         groups = plan_grad_groups(names, sizes, budget)
-        per = [{"stats": sum(sizes[n] for n in g), "peak": sum(sizes[n] for n in g)} for g in groups]
+        # a pass holds its accumulators; its SVD call stacks up to one more accumulator's bytes
+        per = [{"stats": sum(sizes[n] for n in g), "peak": sum(sizes[n] for n in g) + max(sizes[n] for n in g)}
+               for g in groups]
         plan = MemoryPlan(method, budget, groups, sum(sizes.values()), max(d["peak"] for d in per),
-                          max(sizes.values()), per_group=per)
+                          2 * max(sizes.values()), per_group=per)
     else:
         plan = MemoryPlan(method, budget, [names], 0, 0, 0, per_group=[{"stats": 0, "peak": 0}])
     plan.snapshot_host_bytes = snap
@@ -284,16 +288,23 @@ def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, d
 
 
 def plan_grad_groups(names: Sequence[str], sizes: Dict[str, int], budget: Optional[int]) -> List[List[str]]:
-    """Targets (model order) in groups whose weight-gradient bytes fit ``budget`` (None: one group)."""
+    """Targets (model order) in weight-gradient passes (None: one pass).
+
+    A pass is closed when its accumulators plus its largest one (the SVD call's stacked copy) would
+    exceed ``budget``; a layer whose own working set (``2 x`` its accumulator) exceeds the budget gets
+    a pass of its own.
+    """
     if budget is None:
         return [list(names)]
-    groups, cur, used = [], [], 0
+    groups, cur, used, largest = [], [], 0, 0
     for n in names:
-        if cur and used + sizes[n] > budget:
+        b = sizes[n]
+        if cur and used + b + max(largest, b) > budget:
             groups.append(cur)
-            cur, used = [], 0
+            cur, used, largest = [], 0, 0
         cur.append(n)
-        used += sizes[n]
+        used += b
+        largest = max(largest, b)
     if cur:
         groups.append(cur)
     return groups

@@ -310,6 +310,9 @@ def test_gradient_methods_under_max_memory_match_one_pass(method, cls):
     budget = 3 * largest  # room for about two accumulators beside one solve: several passes
     grouped, rep = run(max_memory=budget)
     assert rep_full.info["passes"] == 1 and rep.info["passes"] > 1
+    from lorainit.memory import estimate_memory
+    plan = estimate_memory(tiny_llama(r=2, alpha=4), method, cls(max_memory=budget))
+    assert len(plan.groups) == rep.info["passes"] and plan.peak_bytes <= budget
     assert rep.info["memory"]["over_budget"] == []
     per_call, _ = run(max_batch=1)
     for name, (A, B) in full.items():

@@ -40,6 +40,7 @@ from torch import Tensor
 import lorainit_kernels.methods as lkm
 
 from .. import distributed as dist_utils
+from .. import memory
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
@@ -312,32 +313,13 @@ def _no_generator(fn: Callable) -> Callable:
 def gradient_groups(ctx: InitContext, max_memory: Optional[int]) -> List[List[str]]:
     """The targets in model order, cut into weight-gradient passes that fit in ``max_memory`` bytes.
 
-    A pass holds its layers' fp32 ``m x n`` accumulators (:func:`lorainit.memory.grad_bytes` without
-    the ``.grad`` the hook-based pass never writes) until they are solved; its SVD calls then stack
-    at most what the budget leaves (:func:`_chunk_by_bytes`), one layer at a time when nothing is left
-    (a one-layer call stacks a view, no copy). A pass is closed when its accumulators plus its largest
-    layer would exceed the budget; a layer larger than the budget gets a pass of its own (reported
-    in ``info["memory"]["over_budget"]`` and warned about once by the caller).
+    :func:`lorainit.memory.plan_grad_groups` on the fp32 accumulators (:func:`lorainit.memory.grad_bytes`):
+    a pass holds its accumulators until they are solved; its SVD calls then stack at most what the
+    budget leaves (:func:`_chunk_by_bytes`, one layer at a time when nothing is left: a one-layer call
+    stacks a view, no copy).
     """
-    if max_memory is None:
-        return [list(ctx.names)]
-    groups: List[List[str]] = []
-    cur, held, largest = [], 0, 0
-    for name in ctx.names:
-        b = _acc_bytes(ctx.targets[name])
-        if cur and held + b + max(largest, b) > max_memory:
-            groups.append(cur)
-            cur, held, largest = [], 0, 0
-        cur.append(name)
-        held += b
-        largest = max(largest, b)
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def _acc_bytes(t) -> int:
-    return 4 * t.m * t.n
+    return memory.plan_grad_groups(ctx.names, {n: memory.grad_bytes(ctx.targets[n]) for n in ctx.names},
+                                   max_memory)
 
 
 def _chunk_by_bytes(ctx: InitContext, names: List[str], room: Optional[int]) -> List[List[str]]:
@@ -346,7 +328,7 @@ def _chunk_by_bytes(ctx: InitContext, names: List[str], room: Optional[int]) -> 
         return [names]
     out, cur, used = [], [], 0
     for name in names:
-        b = _acc_bytes(ctx.targets[name])
+        b = memory.grad_bytes(ctx.targets[name])
         if cur and used + b > room:
             out.append(cur)
             cur, used = [], 0
@@ -378,12 +360,12 @@ def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[
     with_delta = name == "lora_ga" or bool(getattr(config, "subtract_init", False))
     passes = gradient_groups(ctx, config.max_memory)
     if config.max_memory is not None:
-        over = [n for n in ctx.names if 2 * _acc_bytes(ctx.targets[n]) > config.max_memory]
+        over = [n for n in ctx.names if 2 * memory.grad_bytes(ctx.targets[n]) > config.max_memory]
         ctx.info["memory"] = {"budget": config.max_memory, "passes": len(passes), "over_budget": over[:8]}
         if over:
             warnings.warn(f"{name}: max_memory={config.max_memory} bytes is below one layer's weight-gradient working "
                           f"set (its fp32 accumulator and the solve; e.g. {over[0]!r}: "
-                          f"{2 * _acc_bytes(ctx.targets[over[0]])} bytes); such layers get a pass of their own and "
+                          f"{2 * memory.grad_bytes(ctx.targets[over[0]])} bytes); such layers get a pass of their own and "
                           f"exceed the budget", LoRAInitWarning, stacklevel=4)
     ctx.info["passes"] = len(passes)
     out: Dict[str, LoRAFactors] = {}
@@ -402,7 +384,7 @@ def _gradient_method(ctx: InitContext, config, name: str, fn, **kwargs) -> Dict[
             return {layer: (f.lora_A[i], f.lora_B[i], None if f.base_delta is None else f.base_delta[i])
                     for i, layer in enumerate(names)}
 
-        held = sum(_acc_bytes(ctx.targets[k]) for k in group)
+        held = sum(memory.grad_bytes(ctx.targets[k]) for k in group)
         room = None if config.max_memory is None else max(config.max_memory - held, 0)
         groups = [(key, chunk) for key, names in layer_groups(ctx.targets, group, max_batch=config.max_batch)
                   for chunk in _chunk_by_bytes(ctx, names, room)]
