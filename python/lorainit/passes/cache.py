@@ -445,7 +445,7 @@ class _Reader:
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise LoRAInitError(f"stats_cache {str(self.path)!r}: {key!r} is {tuple(t.shape)} {t.dtype}, expected "
                                     f"{shape} {dtype}; the cache is corrupt: " + _HINT.format(files=self.files_text))
-            return t.to(device, copy=True)  # fresh, aligned storage: the solve writes into it in place
+            return t.to(device, copy=True)  # storage of its own: the solve writes into it in place
 
         try:
             zs: Dict[str, Tensor] = {}
