@@ -81,7 +81,7 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
     from lorainit.models import load_smollm2
 
     warnings.filterwarnings("ignore")
-    repeats = 1 if quick else 3
+    repeats = 1  # one whole-model pass is minutes on 2 cores; a short warmup pass below absorbs first-call costs
     base, tok = load_smollm2(torch.float32)
     cfg = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
     if layers:
@@ -89,7 +89,8 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
     model = get_peft_model(base, LoraConfig(**cfg))
     batches = _batches(tok, samples, seq, 8)
     weights = _target_weights(model)
-    t_base = _timeit(lambda: _plain_fwd_bwd(model, batches, weights), repeats, warmup=0 if quick else 1)
+    _plain_fwd_bwd(model, batches[:2], weights)
+    t_base = _timeit(lambda: _plain_fwd_bwd(model, batches, weights), repeats, warmup=0)
     configs = {f"lora_da, default config, step_scale={step:g}": LoRADAConfig(step_scale=step)}
     if with_auto:
         configs["lora_da, step_scale=auto (default)"] = LoRADAConfig()
@@ -97,7 +98,7 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
     for label, c in configs.items():
         reports = []
         t = _timeit(lambda: reports.append(initialize_lora(model, batches, config=c, num_samples=samples,
-                                                           progress=False)), repeats, warmup=0 if quick else 1)
+                                                           progress=False)), repeats, warmup=0)
         rep = reports[-1]
         tm = rep.timings
         rows.append({"config": label, "ratio": t / t_base, "init s": t, "fwd+bwd s": t_base,
