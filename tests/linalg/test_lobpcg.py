@@ -222,7 +222,7 @@ def test_tensor_preconditioner_speeds_up():
     g = gen(12)
     A = with_spectrum(spectrum("cond1e2", n, k, g), g)
     M = torch.linalg.inv(A + 0.5 * torch.eye(n, dtype=torch.float64))   # test-only: a near-exact SPD inverse
-    _, _, i0 = lk.lobpcg(A, k, return_info=True, maxiter=2000)
+    _, _, i0 = lk.lobpcg(A, k, return_info=True, maxiter=2000, chebyshev=1)   # plain LOBPCG
     v, V, i1 = lk.lobpcg(A, k, M=M, return_info=True)
     assert int(i1["iterations"]) * 5 < int(i0["iterations"])
     _check(A, v, V, k, 1.5e-8)
@@ -406,7 +406,7 @@ def test_shift_invert_converges_in_few_iterations(dtype, tol, kind):
     assert info["converged"].all() and (info["iterations"] <= 12).all(), info["iterations"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, _, info0 = lk.lobpcg(A, k, tol=tol, maxiter=60, return_info=True)
+        _, _, info0 = lk.lobpcg(A, k, tol=tol, maxiter=60, return_info=True, chebyshev=1)   # plain LOBPCG
     assert (info0["iterations"] >= 4 * info["iterations"]).all(), (info0["iterations"], info["iterations"])
     _check(A, vals, vecs, k, tol)
 
@@ -449,3 +449,82 @@ def test_shift_invert_bad_input():
     M = shift_invert_preconditioner(A)
     with pytest.raises(ValueError, match="built for shape"):
         lk.lobpcg(A.expand(2, 20, 20), 2, M=M)
+
+
+def test_fp32_lower_triangle_asymmetry_and_nan_caught_on_the_symmetric_kernel_path():
+    """The one-triangle kernel reads A's upper triangle only; the input check's U^T A reads both, so
+    an asymmetric or NaN entry in the strict lower triangle is still reported."""
+    g = gen(78)
+    A = with_spectrum(torch.linspace(1.0, 5.0, 256, dtype=torch.float64), g).float().expand(2, 256, 256).clone()
+    Aa = A.clone()
+    Aa[1, 200, 3] += 0.5
+    with pytest.raises(ValueError, match=r"not symmetric at batch index \(1,\)"):
+        lk.lobpcg(Aa, 4)
+    An = A.clone()
+    An[1, 200, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf .* batch index \(1,\)"):
+        lk.lobpcg(An, 4)
+    An[1, 200, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN/Inf .* batch index \(1,\)"):
+        lk.lobpcg(An, 4)
+
+
+# ---- Chebyshev polynomial preconditioner (chebyshev=m) ------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["cond1e2", "clustered", "indefinite"])
+@pytest.mark.parametrize("largest", [False, True])
+def test_chebyshev_preconditioner_same_pairs_fewer_iterations(kind, largest):
+    n, k = 150, 4
+    g = gen(91)
+    A = with_spectrum(spectrum(kind, n, k, g).expand(2, n), g)
+    if largest:
+        A = -A
+    v1, V1, i1 = lk.lobpcg(A, k, largest=largest, return_info=True, maxiter=3000, chebyshev=1)
+    v3, V3, i3 = lk.lobpcg(A, k, largest=largest, return_info=True, maxiter=3000)          # default: 3
+    v5, V5, i5 = lk.lobpcg(A, k, largest=largest, return_info=True, maxiter=3000, chebyshev=5)
+    for v, V, info in ((v1, V1, i1), (v3, V3, i3), (v5, V5, i5)):
+        assert info["converged"].all()
+        _check(A, v, V, k, 1.5e-8, largest=largest)
+    # fewer iterations (Rayleigh-Ritz steps); 3 (5) products each instead of 1
+    assert (i3["iterations"] * 3 <= 2 * i1["iterations"]).all(), (i1["iterations"], i3["iterations"])
+    assert (i5["iterations"] <= i3["iterations"]).all(), (i3["iterations"], i5["iterations"])
+
+
+def test_chebyshev_polynomial_is_positive_whatever_the_estimates():
+    """q(A) from _Solver.chebyshev_filter is SPD for odd m even with estimates that are off:
+    eigenvalues below s, between s and alpha, and above beta (lambda_max underestimated)."""
+    lob = __import__("importlib").import_module("lorainit_kernels.linalg.lobpcg")
+    n, k, nb = 60, 3, 6
+    lam = torch.linspace(-5.0, 20.0, n, dtype=torch.float64)
+    A = torch.diag(lam).expand(4, n, n).contiguous()
+    op = lob._Op(A, "A", (4,), n, torch.float64, A.device)
+    for m in (3, 5, 7):
+        solver = lob._Solver(op, None, k, nb, 1e-8, 10, 1, lambda rows, p: None, chebyshev=m)
+        # per matrix: estimates far inside the spectrum, at its ends, and lambda_max underestimated 4x
+        solver.theta = torch.tensor([[0.0] * k + [1.0] * (nb - k), [-5.0] * k + [-4.0] * (nb - k),
+                                     [3.0] * k + [3.0] * (nb - k), [10.0] * k + [15.0] * (nb - k)], dtype=torch.float64)
+        solver.theta = solver.theta + torch.linspace(0, 1e-3, nb, dtype=torch.float64)
+        solver.lmax = torch.tensor([5.0, 20.0, 3.5, 15.0], dtype=torch.float64)
+        Q = solver.chebyshev_filter(torch.eye(n, dtype=torch.float64).expand(4, n, n).contiguous())
+        d = Q.diagonal(dim1=-2, dim2=-1)
+        assert (Q - torch.diag_embed(d)).abs().max() <= 1e-9 * d.abs().max()   # q(diag) is diagonal
+        assert (d > 0).all(), (m, d.min(-1))
+
+
+def test_chebyshev_argument_checks_and_defaults():
+    A = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    for bad in (0, 2, 4, -1, True, 3.0):
+        with pytest.raises(ValueError, match="chebyshev must be an odd int"):
+            lk.lobpcg(A, 2, chebyshev=bad)
+    with pytest.raises(ValueError, match="chebyshev > 1 and M are exclusive"):
+        lk.lobpcg(A, 2, M=torch.eye(40, dtype=torch.float64), chebyshev=3)
+    lk.lobpcg(A, 2, M=torch.eye(40, dtype=torch.float64), chebyshev=1)
+    # callables default to plain LOBPCG (their products may be expensive); chebyshev=3 on request
+    g = gen(5)
+    B = with_spectrum(spectrum("cond1e2", 200, 4, g), g)
+    _, _, i_plain = lk.lobpcg(B, 4, return_info=True, chebyshev=1)
+    _, _, i_call = lk.lobpcg(lambda X: B @ X, 4, n=200, dtype=torch.float64, return_info=True)
+    assert int(i_call["iterations"]) == int(i_plain["iterations"])
+    v, V, i_c3 = lk.lobpcg(lambda X: B @ X, 4, n=200, dtype=torch.float64, return_info=True, chebyshev=3)
+    assert i_c3["converged"].all() and int(i_c3["iterations"]) < int(i_plain["iterations"])
+    _check(B, v, V, 4, 1.5e-8)
