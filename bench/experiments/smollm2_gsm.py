@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-value", type=int, default=20, help="largest starting or added integer")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, 4 steps, 20 test problems")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of an earlier JSON in --out made with the same settings; run only the missing ones")
     args = p.parse_args(argv)
     if args.quick:
         args.methods = args.methods or "lora,lora_da"
@@ -217,6 +219,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "smollm2_gsm_quick" if args.quick else "smollm2_gsm"
+    if args.resume and (out / f"{stem}.json").exists():
+        old = json.loads((out / f"{stem}.json").read_text())
+        same = ("steps", "batch", "lr", "rank", "train", "test", "heldout_loss", "init_samples", "hrp_rank",
+                "max_ops", "max_value")
+        diff = [k for k in same if old["args"].get(k) != getattr(args, k)]
+        if diff:
+            raise SystemExit(f"--resume: {out / f'{stem}.json'} was made with other settings ({diff}); use another --out")
+        runs = [r for r in old["runs"] if r["method"] in methods and r["seed"] in seeds]
+        methods = list(dict.fromkeys([r["method"] for r in runs] + methods))
+        print(f"resuming: {len(runs)} runs kept", flush=True)
+    done = {(r["method"], r["seed"]) for r in runs}
 
     def write(done_seeds):  # after every seed, so that a long run that is stopped still leaves its results
         total = time.perf_counter() - t_start
@@ -235,6 +248,8 @@ def main(argv=None) -> int:
     for phase in phases:
         for si, seed in enumerate(seeds):
             for m in phase:
+                if (m, seed) in done:
+                    continue
                 r = run_one(base, tok, m, seed, train, test, args)
                 runs.append(r)
                 print(f"{m} seed {seed}: exact match {r['accuracy']:.3f}, loss {r['heldout_loss_init']:.3f} -> "
