@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .passes.stats import stats_bytes
+from .passes.stats import pack_passes, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
 __all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "snapshot_bytes", "grad_bytes",
@@ -296,15 +296,4 @@ def plan_grad_groups(names: Sequence[str], sizes: Dict[str, int], budget: Option
     """
     if budget is None:
         return [list(names)]
-    groups, cur, used, largest = [], [], 0, 0
-    for n in names:
-        b = sizes[n]
-        if cur and used + b + max(largest, b) > budget:
-            groups.append(cur)
-            cur, used, largest = [], 0, 0
-        cur.append(n)
-        used += b
-        largest = max(largest, b)
-    if cur:
-        groups.append(cur)
-    return groups
+    return pack_passes([([n], sizes[n], sizes[n]) for n in names], budget)

@@ -38,7 +38,7 @@ from .loss import LossRunner
 from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
-__all__ = ["LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "probe_shared_inputs",
+__all__ = ["LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "probe_shared_inputs",
            "stats_pass"]
 
 
@@ -122,11 +122,17 @@ def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: D
     if max_memory is None:
         return [list(names)]
     work_of = working_set or (lambda name: 0)
+    return pack_passes([(members, sum(stats_bytes(targets[n], dtype, with_z=(n == members[0])) for n in members),
+                         max(work_of(n) for n in members)) for members in units.values()], max_memory)
+
+
+def pack_passes(units: Sequence[Tuple[List[str], int, int]], budget: int) -> List[List[str]]:
+    """Units ``(names, held bytes, working bytes)`` in order, packed greedily into passes whose held
+    bytes plus the largest working bytes of the pass fit in ``budget``; a unit that alone exceeds it
+    gets a pass of its own. The one packing rule of the statistics and weight-gradient plans."""
     groups, cur, used, work = [], [], 0, 0
-    for owner, members in units.items():
-        need = sum(stats_bytes(targets[n], dtype, with_z=(n == members[0])) for n in members)
-        w = max(work_of(n) for n in members)
-        if cur and used + need + max(work, w) > max_memory:
+    for members, need, w in units:
+        if cur and used + need + max(work, w) > budget:
             groups.append(cur)
             cur, used, work = [], 0, 0
         cur.extend(members)
