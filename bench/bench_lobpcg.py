@@ -232,14 +232,64 @@ def _verdict(main: list) -> list:
     return lines
 
 
+CPU1_PROVIDERS = ("lorainit.lobpcg", PLAIN, LEGACY, "torch.linalg.eigh", "scipy.linalg.eigh(subset) loop")
+
+
+def _cpu1_table(b, n, k, rounds):
+    """The main comparison once more on one thread (torch and scipy's BLAS, via threadpoolctl), timed
+    by process CPU time: what other jobs on the machine do to the wall clock (descheduled OpenMP /
+    OpenBLAS threads spinning at barriers) mostly leaves it alone. Interleaved rounds, medians of
+    per-round ratios."""
+    from threadpoolctl import threadpool_limits
+
+    from bench.spectra import fast_guidance
+
+    Om = fast_guidance((b,), n, seed=1)
+    fns = {name: fn for name, fn in _providers(Om, k).items() if name in CPU1_PROVIDERS}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            for fn in fns.values():
+                fn()
+            times = interleaved_times(fns, rounds, sample=_cpu_sample)
+    finally:
+        torch.set_num_threads(saved)
+    rows = []
+    for name in _providers_order(tuple(fns)):
+        st = summarize(times[name])
+        rows.append({"provider": "1 thread, CPU s: " + name, "batch": b, "n": n, "k": k, "median_s": st["median"],
+                     "q25_s": st["q25"], "q75_s": st["q75"],
+                     "speedup_vs_eigh": median_ratio(times["torch.linalg.eigh"], times[name]), "times_s": times[name]})
+    return rows
+
+
+def _cpu_sample(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def _cpu1_note(rows: list) -> list:
+    by = {r["provider"][len("1 thread, CPU s: "):]: r for r in rows}
+    if "lorainit.lobpcg" not in by or "scipy.linalg.eigh(subset) loop" not in by:
+        return []
+    ours = by["lorainit.lobpcg"]["times_s"]
+    parts = [f"vs {name}: {median_ratio(by[name]['times_s'], ours):.2f}x" for name in by if name != "lorainit.lobpcg"]
+    return ["1-thread CPU-time rows (torch and BLAS limited to one thread, time.process_time, interleaved): "
+            "lorainit.lobpcg " + ", ".join(parts) + "."]
+
+
 def _run(quick: bool) -> dict:
     torch.manual_seed(0)
     k = 8
     if quick:
         main = _table(2, 256, k, rounds=2)
+        cpu1 = _cpu1_table(2, 256, k, rounds=2)
         scaling_ns, sb = (128, 256), 2
     else:
         main = _table(8, 2048, k, rounds=3, split=True)
+        cpu1 = _cpu1_table(8, 2048, k, rounds=3)
         scaling_ns, sb = (256, 512, 768, 1024, 1536, 2048, 4096), 2
     scaling = []
     for n in scaling_ns:
@@ -253,7 +303,7 @@ def _run(quick: bool) -> dict:
     return {
         "title": "lobpcg: k=8 smallest eigenpairs of realistic LoRA-DA Omega, fp32, CPU",
         "columns": cols,
-        "rows": main + scaling,
+        "rows": main + cpu1 + scaling,
         "notes": [
             "Omega: bench.spectra.fast_guidance (power-law Z, cond 1e4; variance term = bias term in norm).",
             "objective_rel_err = max over the batch of |tr(V^T Omega V) - opt| / |opt|, opt from float64 eigvalsh.",
@@ -273,7 +323,7 @@ def _run(quick: bool) -> dict:
             "lorainit.lobpcg + shift_invert: the preconditioner (lambda_min estimate + batched Cholesky of "
             "Omega - sigma I) is built inside the timed call; on this spectrum the wanted eigenvalues lie close to "
             "the bulk relative to their distance from lambda_min, so it saves few iterations.",
-        ] + _verdict(main) + _split_note(main) + [
+        ] + _verdict(main) + _split_note(main) + _cpu1_note(cpu1) + [
             f"Crossover sweep (scaling rows, batch 2, k=8): lorainit.lobpcg is faster than batched eigh from "
             f"n = {crossover} on (the smallest swept n from which every larger one has speedup >= 1); "
             f"lorainit_kernels.defaults.EIGH_CROSSOVER_N['cpu'] is set from it."],

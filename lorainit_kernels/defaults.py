@@ -22,10 +22,11 @@ so one grid ``{0.3, 1, 3, 10}`` serves both; damping 0.1 gave the lowest losses 
 * ``SOLVER``: the eigensolver for ``A``; ``"auto"`` is dense ``torch.linalg.eigh`` for
   ``n < EIGH_CROSSOVER_N[device type]`` and LOBPCG above (``"eigh"`` / ``"lobpcg"`` force one).
 * ``EIGH_CROSSOVER_N``: the matrix size from which LOBPCG (k = 8 smallest pairs, fp32, realistic
-  Omega) beats batched dense ``eigh``, per device type. ``"cpu"``: 1536, measured on the 2-core
+  Omega) beats batched dense ``eigh``, per device type. ``"cpu"``: 768, measured on the 2-core
   development CPU by ``bench/bench_lobpcg.py``'s crossover sweep on 2026-12-02 with the verified,
-  degenerate-safe solver (LOBPCG 0.67x eigh at n=1024, 1.27x at 1536, 2.0x at 2048; batch 2,
-  ``bench/results/lobpcg.md``). ``"cuda"``: NOT measured (no GPU run yet); a guess from dense
+  degenerate-safe solver and its default Chebyshev polynomial preconditioner (LOBPCG 0.84x eigh at
+  n=512, 1.51x at 768, 3.1x at 1024, 7.7x at 2048; batch 2, ``bench/results/lobpcg.md``; without
+  the preconditioner it was 1536). ``"cuda"``: NOT measured (no GPU run yet); a guess from dense
   ``eigh`` being poorly parallel on GPUs while LOBPCG's thin products are bandwidth-bound. Other
   device types use the ``"cuda"`` value.
 """
@@ -38,4 +39,4 @@ NORMALIZE_STEP = True
 STEP_SCALE = 1.0
 STEP_GRID = (0.3, 1.0, 3.0, 10.0)
 SOLVER = "auto"
-EIGH_CROSSOVER_N = {"cpu": 1536, "cuda": 512}
+EIGH_CROSSOVER_N = {"cpu": 768, "cuda": 512}

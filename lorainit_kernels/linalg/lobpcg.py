@@ -673,8 +673,8 @@ class _Solver:
         Cxp = torch.cat([Cx, Cp], dim=-1).to(dt)
         # [X, P, W] @ Cxp without concatenating the blocks: [X, P] @ top rows + W @ bottom rows
         top, bottom = Cxp[:, :2 * nb], Cxp[:, 2 * nb:]
-        self.XP = torch.baddbmm(W @ bottom, XP, top)
-        self.AXP = torch.baddbmm(AW @ bottom, AXP, top)
+        self.XP = torch.bmm(XP, top).baddbmm_(W, bottom)     # in place: no copy of a block
+        self.AXP = torch.bmm(AXP, top).baddbmm_(AW, bottom)
         self.iters.index_add_(0, self.active, torch.ones_like(self.active))
 
     # ---- the iteration ---------------------------------------------------------------------------
