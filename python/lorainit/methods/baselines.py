@@ -44,6 +44,7 @@ from .. import memory
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number, check_seed
 from ..context import InitContext
+from ..passes.stats import pack_passes
 from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, generator, kernel_call, layer_groups, solve_spread
 
@@ -323,18 +324,11 @@ def gradient_groups(ctx: InitContext, max_memory: Optional[int]) -> List[List[st
 
 
 def _chunk_by_bytes(ctx: InitContext, names: List[str], room: Optional[int]) -> List[List[str]]:
-    """``names`` (one shape group) in runs whose stacked fp32 gradients fit in ``room`` bytes."""
+    """``names`` (one shape group) in runs whose stacked fp32 gradients fit in ``room`` bytes (one layer
+    per run at least): the packing rule of :func:`lorainit.passes.stats.pack_passes`."""
     if room is None:
         return [names]
-    out, cur, used = [], [], 0
-    for name in names:
-        b = memory.grad_bytes(ctx.targets[name])
-        if cur and used + b > room:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(name)
-        used += b
-    return out + ([cur] if cur else [])
+    return pack_passes([([n], memory.grad_bytes(ctx.targets[n]), 0) for n in names], room)
 
 
 def _grads(ctx: InitContext, token_mask: str, names: List[str]) -> Dict[str, Tensor]:
