@@ -36,7 +36,9 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
 
 experiments: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m bench.experiments
+	# tiny digits models: one thread; SmolLM2-135M: both cores (about 70 min of the total)
+	OMP_NUM_THREADS=1 $(PY) -m bench.experiments rank_sweep ablations hrp_digits hrp_sensing
+	OMP_NUM_THREADS=2 $(PY) -m bench.experiments smollm2_gsm smollm2_rank
 
 clean:
 	rm -rf build $(VENV) *.egg-info lorainit_kernels/_C*.so

@@ -7,7 +7,9 @@
 * ``hrp_digits``: HRP against random init for classic and asymmetric (frozen-A) LoRA on digits.
 * ``smollm2_gsm``: the headline: SmolLM2-135M LoRA-fine-tuned on generated arithmetic word problems
   from every registry init (+ LoRA-DA's Table 6 ablations), exact match over seeds
-  (:mod:`bench.experiments.smollm2_gsm`; about 80 minutes on 2 cores, the rest take minutes).
+  (:mod:`bench.experiments.smollm2_gsm`; about 45 minutes on 2 cores).
+* ``smollm2_rank``: plain LoRA and LoRA-DA on the same task at r = 1, 2, 4, 8 (LoRA-DA Fig. 4's
+  shape on a real LLM; about 25 minutes). The digits experiments take minutes.
 
 Each writes ``bench/experiments/results/<name>.md`` (and a PNG where a curve says more).
 """
@@ -25,6 +27,7 @@ EXPERIMENTS = {
     "hrp_digits": digits_experiments.hrp_digits,
     "hrp_sensing": hrp_sensing.run,
     "smollm2_gsm": smollm2_gsm.run,
+    "smollm2_rank": smollm2_gsm.run_ranks,
 }
 
 
