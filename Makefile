@@ -36,7 +36,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
 
 experiments: $(STAMP)
-	# tiny digits models: one thread; SmolLM2-135M: both cores (about 70 min of the total)
+	# tiny digits models: one thread; SmolLM2-135M: both cores (about 61 + 27 min)
 	OMP_NUM_THREADS=1 $(PY) -m bench.experiments rank_sweep ablations hrp_digits hrp_sensing
 	OMP_NUM_THREADS=2 $(PY) -m bench.experiments smollm2_gsm smollm2_rank
 
