@@ -5,7 +5,7 @@
 the data-aware inits see ``--samples`` generated arithmetic word problems
 (``lorainit.examples.arithmetic``), the loss is scored on ``--heldout`` other problems (answer
 tokens). Prints a Markdown table and writes ``smollm2_init.png`` (a bar chart) and
-``smollm2_init.md`` under ``--out``. About 3-4 minutes on 2 cores with the defaults.
+``smollm2_init.md`` under ``--out``. About 2 minutes on 2 cores with the defaults.
 """
 from __future__ import annotations
 
