@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from bench.common import timeit
+from bench.common import plain_forward_backward, timeit
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,28 +42,6 @@ def _batches(n: int, seq: int, bs: int, vocab: int, seed: int = 1):
              "labels": ids[i:i + bs].masked_fill(am[i:i + bs] == 0, -100)} for i in range(0, n, bs)]
 
 
-def _plain_fwd_bwd(model, batches, targets):
-    """Forward + backward of the summed loss with every target weight requiring grad (the baseline)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    for t in targets.values():
-        t.weight.requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        for b in batches:
-            out = model(**b)
-            n = int(b["labels"][:, 1:].ne(-100).sum())
-            (out.loss * n).backward()
-        for t in targets.values():
-            t.weight.grad = None
-    finally:
-        for p, rg in saved:
-            p.requires_grad_(rg)
-        model.train(was_training)
-
-
 def run(quick: bool = False) -> dict:
     from lorainit.methods.lora_da import LoRADAConfig
     from lorainit.init import initialize_lora
@@ -77,7 +55,8 @@ def run(quick: bool = False) -> dict:
     model = _model(hidden, layers, vocab)
     batches = _batches(n, seq, bs, vocab)
     targets = find_targets(model)
-    base = timeit(lambda: _plain_fwd_bwd(model, batches, targets), repeats=repeats, warmup=1)
+    base = timeit(lambda: plain_forward_backward(model, batches, [t.weight for t in targets.values()]),
+                  repeats=repeats, warmup=1)
 
     rows = []
     configs = {

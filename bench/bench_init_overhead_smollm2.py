@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from collections import defaultdict
 
 import torch
 
+from bench.common import plain_forward_backward, timeit
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _timeit(fn, repeats: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def _batches(tok, n: int, seq: int, bs: int):
@@ -53,27 +42,6 @@ def _target_weights(model):
     return [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
 
 
-def _plain_fwd_bwd(model, batches, weights):
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    was = model.training
-    model.eval()
-    try:
-        for b in batches:
-            out = model(**b)
-            n = int(b["labels"][:, 1:].ne(-100).sum())
-            (out.loss * n).backward()
-        for w in weights:
-            w.grad = None
-    finally:
-        for p, rg in saved:
-            p.requires_grad_(rg)
-        model.train(was)
-
-
 def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.0, layers=None,
         with_auto: bool = True) -> dict:
     from peft import LoraConfig, get_peft_model
@@ -90,16 +58,16 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
     model = get_peft_model(base, LoraConfig(**cfg))
     batches = _batches(tok, samples, seq, 8)
     weights = _target_weights(model)
-    _plain_fwd_bwd(model, batches[:2], weights)
-    t_base = _timeit(lambda: _plain_fwd_bwd(model, batches, weights), repeats, warmup=0)
+    plain_forward_backward(model, batches[:2], weights)
+    t_base = timeit(lambda: plain_forward_backward(model, batches, weights), repeats=repeats, warmup=0)["median"]
     configs = {f"lora_da, default config, step_scale={step:g}": LoRADAConfig(step_scale=step)}
     if with_auto:
         configs["lora_da, step_scale=auto (default)"] = LoRADAConfig()
     rows, per_shape = [], {}
     for label, c in configs.items():
         reports = []
-        t = _timeit(lambda: reports.append(initialize_lora(model, batches, config=c, num_samples=samples,
-                                                           progress=False)), repeats, warmup=0)
+        t = timeit(lambda: reports.append(initialize_lora(model, batches, config=c, num_samples=samples,
+                                                          progress=False)), repeats=repeats, warmup=0)["median"]
         rep = reports[-1]
         tm = rep.timings
         rows.append({"config": label, "ratio": t / t_base, "init s": t, "fwd+bwd s": t_base,

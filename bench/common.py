@@ -34,6 +34,30 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_t
     return summarize(times)
 
 
+def plain_forward_backward(model, batches, weights) -> None:
+    """The init-overhead baseline: forward + backward of the summed loss over ``batches`` with only
+    ``weights`` (the target layers' base weights) requiring grad, eval mode; the model's
+    ``requires_grad`` flags, training mode and gradients are restored afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            out = model(**b)
+            n = int(b["labels"][:, 1:].ne(-100).sum())
+            (out.loss * n).backward()
+        for w in weights:
+            w.grad = None
+    finally:
+        for p, rg in saved:
+            p.requires_grad_(rg)
+        model.train(was_training)
+
+
 def summarize(times: List[float]) -> Dict[str, float]:
     """Median and 25/75% quantiles of a list of times."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
