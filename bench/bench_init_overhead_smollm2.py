@@ -5,9 +5,9 @@ over the same samples with every target weight requiring its gradient (all other
 frozen, eval mode), 256 samples x 64 tokens (generated arithmetic word problems padded/extended
 to 64 tokens), all 210 targets (LoRA r=8 on 7 projections x 30 layers), the default config with a
 fixed step: required <= 1.5, goal 1.2; the default ``step_scale="auto"`` is timed as a second row
-(its step choice costs extra forward passes over the held-out samples). The breakdown comes from the report's timings (statistics
-pass, K-FAC kernels inside it, solves, step choice, write) and the solve time per shape from the
-report's rows.
+(its step choice costs extra forward passes over the held-out samples). The breakdown comes from
+the report's timings (statistics pass, K-FAC kernels inside it, solves, step choice, write) and the
+solve time per shape from the report's rows.
 
 ``python -m bench.bench_init_overhead_smollm2 [--quick] [--samples 256] [--seq 64] [--no-auto]``
 """
