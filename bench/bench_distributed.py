@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lorainit.models import LLAMA_PROJECTIONS
+
 
 
 def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
@@ -29,7 +30,7 @@ def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 8 * 8,
                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                       num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS))
     return model
 
 
@@ -131,7 +132,7 @@ def run(quick: bool = False) -> dict:
         "rows": rows,
         "machine": machine_info(),
         "notes": [
-            f"Llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=8 on {len(TARGETS)} projections, "
+            f"Llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=8 on {len(LLAMA_PROJECTIONS)} projections, "
             f"fully_shard per decoder layer + root; num_samples={n} in total ({n // 2} per rank with 2), "
             f"{seq} tokens, batch {bs}; median of {repeats} calls after one warm-up.",
             "solve_s: LoRA-DA's per-shape solves (timings['solve']) or PiSSA's SVDs (timings['svd']); with 2 "

@@ -18,8 +18,8 @@ import warnings
 import torch
 
 from bench.common import timeit
+from lorainit.models import LLAMA_PROJECTIONS
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _llama(hidden: int, layers: int, r: int, seed: int = 0):
@@ -30,7 +30,7 @@ def _llama(hidden: int, layers: int, r: int, seed: int = 0):
     cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_PROJECTIONS,
                                                            lora_dropout=0.0))
 
 

@@ -14,8 +14,8 @@ import warnings
 import torch
 
 from bench.common import plain_forward_backward, timeit
+from lorainit.models import LLAMA_PROJECTIONS
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
@@ -28,7 +28,7 @@ def _model(hidden: int, layers: int, vocab: int, seed: int = 0):
                       num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg)
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0))
 
 
 def _batches(n: int, seq: int, bs: int, vocab: int, seed: int = 1):
@@ -84,7 +84,7 @@ def run(quick: bool = False) -> dict:
             "write s": tm.get("write", 0.0),
         })
     notes = [
-        f"Model: Llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=8 on {len(TARGETS)} projections "
+        f"Model: Llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=8 on {len(LLAMA_PROJECTIONS)} projections "
         f"({len(targets)} layers); {n} samples x {seq} tokens (right padding), batch {bs}; CPU, "
         f"{torch.get_num_threads()} threads. ratio = initialize_lora / (forward+backward with target weights "
         f"requiring grad). Target <= 1.5, goal 1.2.",

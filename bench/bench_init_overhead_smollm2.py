@@ -21,8 +21,8 @@ from collections import defaultdict
 import torch
 
 from bench.common import plain_forward_backward, timeit
+from lorainit.models import LLAMA_PROJECTIONS
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _batches(tok, n: int, seq: int, bs: int):
@@ -52,7 +52,7 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
     warnings.filterwarnings("ignore")
     repeats = 1  # one whole-model pass is minutes on 2 cores; a short warmup pass below absorbs first-call costs
     base, tok = load_smollm2(torch.float32)
-    cfg = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+    cfg = dict(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0)
     if layers:
         cfg.update(layers_to_transform=list(layers), layers_pattern="layers")
     model = get_peft_model(base, LoraConfig(**cfg))
@@ -80,7 +80,7 @@ def run(quick: bool = False, samples: int = 256, seq: int = 64, step: float = 1.
             shapes[key] += float(row.get("time_s", 0.0) or 0.0)
         per_shape[label] = dict(shapes)
     n_targets = len(weights)
-    notes = [f"SmolLM2-135M-Instruct (fp32, dequantized GGUF), LoRA r=8 on {len(TARGETS)} projections "
+    notes = [f"SmolLM2-135M-Instruct (fp32, dequantized GGUF), LoRA r=8 on {len(LLAMA_PROJECTIONS)} projections "
              f"({n_targets} targets); {samples} samples x {seq} tokens, batch 8; CPU, {torch.get_num_threads()} threads. "
              "ratio = initialize_lora / (forward+backward with every target weight requiring grad). "
              "Required <= 1.5, goal 1.2.",

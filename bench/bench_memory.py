@@ -30,6 +30,8 @@ from types import SimpleNamespace
 
 import torch
 
+from lorainit.models import LLAMA_PROJECTIONS
+
 MiB = 1 << 20
 GB = 1e9
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, parameters (published)
@@ -37,7 +39,6 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, parameters (publish
     "Llama-3-8B": (4096, 14336, 32, 32, 8, 8.03e9),
     "Llama-3-70B": (8192, 28672, 80, 64, 8, 70.6e9),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = (4096, 11008, 32)     # the measured layer: Llama-2-7B
 QUICK = (1024, 2816, 8)      # --quick: a quarter of its width, to check that the script runs
 N_TRAIN = 1e6
@@ -55,7 +56,7 @@ def _model(hidden, inter, heads, r=16, vocab=256):
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=32, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0))
 
 
 def _status(field: str) -> int:

@@ -36,8 +36,8 @@ def timeit(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, min_t
 
 def plain_forward_backward(model, batches, weights) -> None:
     """The init-overhead baseline: forward + backward of the summed loss over ``batches`` with only
-    ``weights`` (the target layers' base weights) requiring grad, eval mode; the model's
-    ``requires_grad`` flags, training mode and gradients are restored afterwards."""
+    ``weights`` (the target layers' base weights) requiring grad, eval mode. Afterwards the model's
+    ``requires_grad`` flags and training mode are restored and the weights' gradients dropped."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)

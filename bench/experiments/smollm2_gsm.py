@@ -34,7 +34,8 @@ from typing import Dict, List
 
 import torch
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lorainit.models import LLAMA_PROJECTIONS
+
 ABLATIONS = ["no_bias", "no_variance", "no_variance_fisher"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,7 +66,7 @@ def run_one(base_model, tok, method, seed, rank, train, test, args) -> Dict:
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJ, lora_dropout=0.0))
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0))
     init_loader = ar.make_loader(train[:args.init_samples], tok, batch_size=args.batch, shuffle=True, seed=seed)
     t0 = time.perf_counter()
     report = initialize_lora(model, init_loader, method=method.split(":")[0], config=method_config(method, args),
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
                                     max_ops=args.max_ops, max_value=args.max_value)
     base_acc, base_out = ar.exact_match(base, tok, test[:args.test], batch_size=args.eval_batch)
     from peft import LoraConfig, get_peft_model
-    base_loss = heldout_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=PROJ)),
+    base_loss = heldout_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=LLAMA_PROJECTIONS)),
                              list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32)))
     print(f"base: exact match {base_acc:.3f}, held-out loss {base_loss:.3f} ({time.perf_counter() - t_start:.0f} s)",
           flush=True)

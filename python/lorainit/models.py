@@ -27,7 +27,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["SMOLLM2_GGUF", "smollm2_gguf_path", "load_smollm2", "INSTALL_HINT"]
+__all__ = ["SMOLLM2_GGUF", "smollm2_gguf_path", "load_smollm2", "INSTALL_HINT", "LLAMA_PROJECTIONS"]
+
+# The 7 linear projections of every Llama decoder layer (SmolLM2's included): the usual LoRA targets.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = ("install the real-model extra: pip install 'lorainit[real]' "

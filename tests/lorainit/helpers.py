@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorainit.models import LLAMA_PROJECTIONS
+
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 VOCAB, SEQ = 97, 16
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
@@ -26,7 +27,7 @@ def tiny_llama(seed: int = 0, r: int = 4, alpha: float = 8, rslora: bool = False
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).to(dtype)
-    lc = LoraConfig(r=r, lora_alpha=alpha, target_modules=LLAMA_TARGETS, use_rslora=rslora, lora_dropout=0.1, **lora_kw)
+    lc = LoraConfig(r=r, lora_alpha=alpha, target_modules=LLAMA_PROJECTIONS, use_rslora=rslora, lora_dropout=0.1, **lora_kw)
     return get_peft_model(model, lc)
 
 

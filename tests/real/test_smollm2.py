@@ -28,9 +28,8 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 import lorainit  # noqa: E402
 from lorainit import (HRPConfig, LoRADAConfig, LoRAInitError, initialize_lora)  # noqa: E402
 from lorainit.examples import arithmetic as ar  # noqa: E402
-from lorainit.models import load_smollm2  # noqa: E402
+from lorainit.models import LLAMA_PROJECTIONS, load_smollm2  # noqa: E402
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAYERS = [0, 17]
 SHORT = 3  # decoder layers kept by the ``short`` fixture
 SHORT_LAYERS = [0, 2]
@@ -79,7 +78,7 @@ def data(base):
 
 def _peft(base_model, dtype, layers=LAYERS):
     model = copy.deepcopy(base_model).to(dtype)
-    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=PROJ, lora_dropout=0.0,
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0,
                                             layers_to_transform=layers, layers_pattern="layers"))
 
 
@@ -135,13 +134,13 @@ def test_every_method(short, data, dtype):
         before = _logits(model, probe)
         report = initialize_lora(model, loader, method=name, config=_config(name), num_samples=NUM, progress=False)
         params = _lora_params(model)
-        assert len(params) == 2 * len(PROJ) * len(SHORT_LAYERS), name
+        assert len(params) == 2 * len(LLAMA_PROJECTIONS) * len(SHORT_LAYERS), name
         for pname, p in params.items():
             if p.dtype != adapter_dtypes[pname]:
                 failures.append(f"{name}: {pname} has dtype {p.dtype}, the adapter had {adapter_dtypes[pname]}")
             if not bool(torch.isfinite(p).all()):
                 failures.append(f"{name}: {pname} not finite")
-        assert len(report.layers) == len(PROJ) * len(SHORT_LAYERS)
+        assert len(report.layers) == len(LLAMA_PROJECTIONS) * len(SHORT_LAYERS)
         after = _logits(model, probe)
         assert bool(torch.isfinite(after).all()), name
         if name in PRESERVING:

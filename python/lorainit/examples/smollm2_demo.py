@@ -18,7 +18,8 @@ from typing import List, Optional
 
 import torch
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lorainit.models import LLAMA_PROJECTIONS
+
 
 
 def _config(name: str, hrp_steps: int):
@@ -55,7 +56,7 @@ def run(methods: Optional[List[str]] = None, *, samples: int = 64, heldout: int 
     loader = ar.make_loader(train, tok, batch_size=batch_size)
     held = list(ar.make_loader(test, tok, batch_size=16))
     names = methods or [m["name"] for m in lorainit.methods()]
-    cfg = dict(r=rank, lora_alpha=2 * rank, target_modules=PROJ, lora_dropout=0.0)
+    cfg = dict(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0)
     if layers:
         cfg.update(layers_to_transform=list(layers), layers_pattern="layers")
     base_loss = _loss(get_peft_model(copy.deepcopy(base), LoraConfig(**cfg)), held)
