@@ -74,7 +74,7 @@ def run_one(base_model, tok, method, seed, rank, train, test, args) -> Dict:
     init_s = time.perf_counter() - t0
     info = {k: report.info.get(k) for k in ("step_scale", "step_search", "n_train") if k in report.info}
     heldout = list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32))
-    loss0 = heldout_loss(model, heldout)
+    loss0 = ar.answer_loss(model, heldout)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     loader = ar.make_loader(train, tok, batch_size=args.batch, shuffle=True, seed=1000 + seed)
@@ -96,26 +96,13 @@ def run_one(base_model, tok, method, seed, rank, train, test, args) -> Dict:
             if step >= args.steps:
                 break
     train_s = time.perf_counter() - t_train
-    loss_end = heldout_loss(model, heldout)
+    loss_end = ar.answer_loss(model, heldout)
     t_eval = time.perf_counter()
     acc, outputs = ar.exact_match(model, tok, test, batch_size=args.eval_batch)
     eval_s = time.perf_counter() - t_eval
     return {"method": method, "seed": seed, "rank": rank, "accuracy": acc, "init_s": init_s, "train_s": train_s, "eval_s": eval_s,
             "heldout_loss_init": loss0, "heldout_loss_end": loss_end, "train_losses": losses, "init_info": info,
             "examples": [list(o) for o in outputs[:5]]}
-
-
-@torch.no_grad()
-def heldout_loss(model, batches) -> float:
-    was = model.training
-    model.eval()
-    tot, cnt = 0.0, 0
-    for b in batches:
-        n = int((b["labels"][:, 1:] != -100).sum())
-        tot += float(model(**b).loss) * n
-        cnt += n
-    model.train(was)
-    return tot / max(cnt, 1)
 
 
 def run_rank(run: Dict, default: int) -> int:
@@ -263,7 +250,7 @@ def main(argv=None) -> int:
                                     max_ops=args.max_ops, max_value=args.max_value)
     base_acc, base_out = ar.exact_match(base, tok, test[:args.test], batch_size=args.eval_batch)
     from peft import LoraConfig, get_peft_model
-    base_loss = heldout_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=LLAMA_PROJECTIONS)),
+    base_loss = ar.answer_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=LLAMA_PROJECTIONS)),
                              list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32)))
     print(f"base: exact match {base_acc:.3f}, held-out loss {base_loss:.3f} ({time.perf_counter() - t_start:.0f} s)",
           flush=True)

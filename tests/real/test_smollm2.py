@@ -212,3 +212,40 @@ def test_planted_nan_leaves_model_untouched(short, data, method):
     finally:
         emb.data[bad_tok] = saved
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_answer_loss_is_the_token_weighted_mean_over_batches(short):
+    """Batches of unequal size and answer length: the mean is over answer tokens, not over batches."""
+    model, tok = short
+    problems = ar.make_problems(7, seed=3)  # batches of 3, 3, 1 with answers of different lengths
+    batches = list(ar.make_loader(problems, tok, batch_size=3))
+    model.train()
+    got = ar.answer_loss(model, batches)
+    assert model.training  # mode restored
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
+            labels = b["labels"][:, 1:]
+            keep = labels != -100
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+    per_batch = [ar.answer_loss(model, [b]) for b in batches]
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert got != pytest.approx(sum(per_batch) / len(per_batch), rel=1e-4)  # not a mean of batch means
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """``lorainit demo --model smollm2`` on one layer: table, Markdown file and bar chart."""
+    from lorainit.examples import smollm2_demo
+
+    assert smollm2_demo.main(["--methods", "lora,lora_da", "--samples", "8", "--heldout", "4", "--layers", "0",
+                              "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "smollm2_init.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| lora")}
+    assert set(rows) == {"lora", "lora_da"}
+    assert float(rows["lora"][3]) == 0  # B = 0: the held-out loss is the base model's
+    assert math.isfinite(float(rows["lora_da"][2]))
+    assert (tmp_path / "smollm2_init.png").stat().st_size > 0
+    assert "lora_da" in capsys.readouterr().out

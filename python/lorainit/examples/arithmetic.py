@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Problem", "make_problems", "split_problems", "ArithmeticDataset", "Collator", "make_loader",
-           "exact_match", "parse_answer", "PROMPT_FORMAT"]
+           "exact_match", "answer_loss", "parse_answer", "PROMPT_FORMAT"]
 
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 
@@ -187,3 +187,23 @@ def exact_match(model, tokenizer, problems: Sequence[Problem], *, batch_size: in
         model.train(was_training)
     acc = sum(1 for _, got, want in out if got == want) / max(len(out), 1)
     return acc, out
+
+
+@torch.no_grad()
+def answer_loss(model, batches) -> float:
+    """Mean next-token loss over every loss token of ``batches`` (those whose next label is not -100:
+    the answer tokens of ``make_loader``'s batches), weighted by tokens, not batches.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b in batches:
+            n = int((b["labels"][:, 1:] != -100).sum())
+            total += float(model(**b).loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

@@ -30,17 +30,6 @@ def _config(name: str, hrp_steps: int):
     return None
 
 
-@torch.no_grad()
-def _loss(model, batches) -> float:
-    model.eval()
-    tot, cnt = 0.0, 0
-    for b in batches:
-        n = int((b["labels"][:, 1:] != -100).sum())
-        tot += float(model(**b).loss) * n
-        cnt += n
-    return tot / max(cnt, 1)
-
-
 def run(methods: Optional[List[str]] = None, *, samples: int = 64, heldout: int = 32, rank: int = 8,
         batch_size: int = 8, hrp_steps: int = 8, layers: Optional[List[int]] = None, progress: bool = True):
     """Rows ``{method, init s, held-out loss, vs base}`` plus the base model's loss."""
@@ -59,7 +48,7 @@ def run(methods: Optional[List[str]] = None, *, samples: int = 64, heldout: int 
     cfg = dict(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0)
     if layers:
         cfg.update(layers_to_transform=list(layers), layers_pattern="layers")
-    base_loss = _loss(get_peft_model(copy.deepcopy(base), LoraConfig(**cfg)), held)
+    base_loss = ar.answer_loss(get_peft_model(copy.deepcopy(base), LoraConfig(**cfg)), held)
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -68,7 +57,7 @@ def run(methods: Optional[List[str]] = None, *, samples: int = 64, heldout: int 
         report = initialize_lora(model, loader, method=name, config=_config(name, hrp_steps), num_samples=samples,
                                  progress=False)
         dt = time.perf_counter() - t0
-        loss = _loss(model, held)
+        loss = ar.answer_loss(model, held)
         row = {"method": name, "init s": dt, "held-out loss": loss, "vs base": loss - base_loss}
         eta = report.info.get("step_scale")
         row["note"] = f"eta={eta:.3g}" if isinstance(eta, float) else ""
@@ -87,7 +76,7 @@ def markdown(rows, base_loss) -> str:
     return "\n".join(out)
 
 
-def plot(rows, base_loss, path) -> None:
+def plot(rows, base_loss, path, title: str = "SmolLM2-135M, LoRA r=8 on 7 projections x 30 layers") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +93,7 @@ def plot(rows, base_loss, path) -> None:
     for ax in (a1, a2):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("SmolLM2-135M, LoRA r=8 on 7 projections x 30 layers")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -122,16 +111,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="demo-output")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     rows, base_loss = run(args.methods.split(",") if args.methods else None, samples=args.samples,
-                          heldout=args.heldout, rank=args.rank, hrp_steps=args.hrp_steps,
-                          layers=[int(x) for x in args.layers.split(",")] if args.layers else None)
+                          heldout=args.heldout, rank=args.rank, hrp_steps=args.hrp_steps, layers=layers)
     table = markdown(rows, base_loss)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "smollm2_init.md").write_text(table + "\n")
     try:
-        plot(rows, base_loss, out / "smollm2_init.png")
+        where = f"layers {args.layers}" if layers else "30 layers"
+        plot(rows, base_loss, out / "smollm2_init.png",
+             title=f"SmolLM2-135M, LoRA r={args.rank} on {len(LLAMA_PROJECTIONS)} projections x {where}")
         print(f"wrote {out / 'smollm2_init.png'} ({time.perf_counter() - start:.0f} s)")
     except ImportError:
         print("matplotlib is not installed: no chart (pip install 'lorainit[plots]')")
