@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import defaults, ops
 from ._common import batch_index, chol_solve
-from .lobpcg import lobpcg, shift_invert_preconditioner
+from .lobpcg import DENSE_BLOCKS, lobpcg, shift_invert_preconditioner
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -553,8 +553,8 @@ def lora_da_factors(
     (ascending) and ``P = dW A`` (..., m, rank), so that ``P A^T`` is the projection of the
     Fisher-gradient step onto span(A).
 
-    ``solver``: ``"auto"`` (default, ``defaults.SOLVER``) is ``"eigh"`` for
-    ``n < defaults.EIGH_CROSSOVER_N[device type]`` (or ``n < 5 rank``) and ``"lobpcg"`` above;
+    ``solver``: ``"auto"`` (default, ``defaults.SOLVER``) is what :func:`choose_solver` picks
+    (``"eigh"`` for ``n < defaults.EIGH_CROSSOVER_N[device type]`` or ``n < 5 rank``, ``"lobpcg"`` above);
     ``"eigh"`` assembles ``Omega`` and calls the dense ``torch.linalg.eigh``; ``"lobpcg"`` runs
     ``lobpcg`` (Knyazev 2001; Duersch et al. 2018). With ``form_omega=True`` (default) it assembles
     ``Omega`` (as ``guidance_matrix``) and iterates with three ``(n, n) @ (n, p)`` products per step
@@ -648,12 +648,23 @@ def lora_da_factors(
     return A, P, evals, info
 
 
-def choose_solver(n: int, rank: int, device) -> str:
-    """``solver="auto"``: ``"eigh"`` below ``defaults.EIGH_CROSSOVER_N`` for the device type (or where
-    LOBPCG itself would solve densely, ``n < 5 rank``), else ``"lobpcg"``."""
-    kind = torch.device(device).type
+def choose_solver(n: int, k: int, device) -> str:
+    """The one rule behind ``solver="auto"``: ``"eigh"`` or ``"lobpcg"`` for ``k`` eigenpairs of an n x n matrix.
+
+    ``"eigh"`` (dense ``torch.linalg.eigh``) when ``n < defaults.EIGH_CROSSOVER_N[device type]`` (the
+    size from which LOBPCG was measured faster; device types without an entry use the ``"cuda"``
+    value), or where ``lobpcg`` itself would solve densely (``n < DENSE_BLOCKS k``, its block does not
+    fit three times); ``"lobpcg"`` otherwise. ``device``: a ``torch.device``, a string such as
+    ``"cuda:0"``, or a tensor (its device). Used by the guidance-matrix solve, the embedding variant
+    and the memory plan, so all three pick the same solver.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"choose_solver: n must be an int >= 1, got {n!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"choose_solver: k must be an int >= 1, got {k!r}")
+    kind = (device.device if isinstance(device, Tensor) else torch.device(device)).type
     cross = defaults.EIGH_CROSSOVER_N.get(kind, defaults.EIGH_CROSSOVER_N["cuda"])
-    return "eigh" if n < max(cross, 5 * rank) else "lobpcg"
+    return "eigh" if n < max(cross, DENSE_BLOCKS * k) else "lobpcg"
 
 
 def _eigh_info(Om: Tensor, A: Tensor, evals: Tensor, evals_all: Tensor, tol: Optional[float]) -> dict:

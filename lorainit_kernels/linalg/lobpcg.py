@@ -58,6 +58,8 @@ _SYMM_MIN_N = 256
 DEFAULT_SEED = 0x10BCC
 # degree + 1 of the default Chebyshev polynomial preconditioner for tensor A (odd; 1 = none)
 CHEBYSHEV_DEFAULT = 3
+# lobpcg solves densely when n < DENSE_BLOCKS * k: the basis [X, P, W] (3 (k + guard) columns) would not fit
+DENSE_BLOCKS = 5
 
 
 def _native_kernel(op: str, *sample: Tensor):
@@ -853,7 +855,7 @@ def lobpcg(
     sign = -1.0 if largest else 1.0
     op = _Op(A, "A", batch, n, dt, dev, sign)
 
-    if n < 5 * k or b == 0:
+    if n < DENSE_BLOCKS * k or b == 0:
         if isinstance(A, Tensor) and b:
             _check_symmetric_finite(A, batch, n)
         vals, vecs, rel = _dense_result(op, k, largest, batch)

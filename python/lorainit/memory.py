@@ -43,6 +43,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from lorainit_kernels.linalg import choose_solver
+
 from .passes.stats import pack_passes, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
@@ -59,15 +61,6 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _auto_solver(n: int, r: int, device) -> str:
-    """The solver ``solver="auto"`` picks in the core (its ``choose_solver``; ~1k crossover if it has none)."""
-    try:
-        from lorainit_kernels.linalg.guidance import choose_solver
-    except ImportError:
-        return "eigh" if n < max(1024, 5 * r) else "lobpcg"
-    return choose_solver(n, r, device)
-
-
 FP64_BLOCK = 32 << 20   # lorainit_kernels.linalg.guidance._FP64_BLOCK_BYTES: sigma_max(dW) in fp64, dW read in row blocks
 PACK_BUDGET = 64 << 20  # csrc/gram_driver.inc kPackBudget: the fused Gram kernel's packed panels
 
@@ -80,7 +73,7 @@ def solve_bytes(t: TargetLayer, solver: str = "auto", dtype: torch.dtype = torch
     last of them, its Omega is a fresh n x n tensor beside the cached ``Z_d^-1``."""
     e, m, n, r = _elem(dtype), t.m, t.n, t.r
     if solver == "auto":
-        solver = _auto_solver(n, r, t.device)
+        solver = choose_solver(n, max(r, 1), t.device)
     words = 2 * n * n if shares_input else 0         # cached Z_d^-1 + this layer's Omega (else both in Z's storage)
     if solver == "eigh":
         words += 5 * n * n                            # eigenvectors, LAPACK workspace, fp64 Omega for the residuals

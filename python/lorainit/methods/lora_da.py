@@ -34,6 +34,7 @@ import torch
 import lorainit_kernels.linalg as lkg
 import lorainit_kernels.methods as lkm
 from lorainit_kernels import defaults
+from lorainit_kernels.linalg import choose_solver
 
 from .. import distributed as dist_utils
 from .. import memory
@@ -248,8 +249,8 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
     so in ``dW``: ``e_j`` is an eigenvector of ``Omega`` with the largest diagonal value ``c / z_d,j``,
     above every eigenvalue of the block of the occurring tokens (a diagonal minus a PSD matrix). The
     r smallest eigenpairs therefore come from that block, ``n_s x n_s`` (n_s = distinct tokens seen),
-    completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) when
-    ``n_s`` is below ``defaults.EIGH_CROSSOVER_N`` (or ``solver="eigh"``) and otherwise by
+    completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) where
+    ``lk.linalg.choose_solver(n_s, r, device)`` says so (or ``solver="eigh"``) and otherwise by
     ``lk.lobpcg`` on the operator ``X -> (c / z_d) X - alpha dW_s^T (dW_s X)``. Same PEFT form as
     ``lorainit_kernels.methods.lora_da`` at ``step_scale=1``: returns ``(lora_A (r, n), lora_B (m, r),
     evals (r,), info)`` with ``scaling lora_B lora_A = dW A A^T / nu``.
@@ -276,8 +277,7 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
     ns = int(seen.numel())
     k = min(rank, ns)
     info: Dict[str, Any] = {"seen_tokens": ns}
-    use_eigh = solver == "eigh" or (solver == "auto" and ns < defaults.EIGH_CROSSOVER_N.get(G.device.type, defaults.EIGH_CROSSOVER_N["cuda"])) \
-        or ns <= 3 * k
+    use_eigh = k > 0 and (solver == "eigh" or choose_solver(ns, k, G.device) == "eigh")
     if k == 0:
         vals, vecs = torch.zeros(0, dtype=dt), torch.zeros(0, 0, dtype=dt)
         info.update(solver="none", iterations=0, converged=True, residual=0.0)
