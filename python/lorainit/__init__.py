@@ -10,7 +10,7 @@ loss/eval and weight-gradient passes), ``adapters`` (transactional writes), ``ta
 ``report``, ``distributed``, ``integrations/``, ``cli``, ``examples/``. The numerical core lives
 in ``lorainit_kernels``.
 """
-from .adapters import LoRAFactors
+from .adapters import LoRAFactors, save_adapter
 from .configs import InitConfig
 from .context import InitContext
 from .init import initialize_lora
@@ -31,7 +31,8 @@ _LAZY = {
 
 __all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
            "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "LoRAInitWarning",
-           "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method"]
+           "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method",
+           "save_adapter"]
 
 
 def __getattr__(name):

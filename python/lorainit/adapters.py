@@ -19,7 +19,9 @@ before any of them writes.
 """
 from __future__ import annotations
 
-from typing import Dict
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +29,12 @@ from torch import Tensor, nn
 from lorainit_kernels.methods import LoRAFactors
 
 from . import distributed as dist_utils
+from . import quant as _quant
 from .distributed import local, shard_of
 from .targets import LoRAInitError, TargetLayer
 
-__all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors", "cpu_copy"]
+__all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors", "cpu_copy", "save_adapter",
+           "residual_base_state_dict"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -84,10 +88,15 @@ class ModelSnapshot:
         for name, t in targets.items():
             self.lora[name] = (cpu_copy(local(t.lora_A)), cpu_copy(local(t.lora_B)))
         self.base: Dict[str, Tensor] = {}
+        self.quant: Dict[str, _quant.QuantSaved] = {}  # quantized bases: packed codes + quantization state
 
     def save_base(self, t: TargetLayer) -> None:
-        """Keep the base weight of ``t`` (on the CPU) before its first modification."""
-        if t.name not in self.base:
+        """Keep the base weight of ``t`` (on the CPU) before its first modification (a quantized one as
+        its packed codes and quantization state, restored exactly)."""
+        if t.quant:
+            if t.name not in self.quant:
+                self.quant[t.name] = _quant.QuantSaved.save(t.base, cpu_copy)
+        elif t.name not in self.base:
             self.base[t.name] = cpu_copy(local(t.weight))
 
     @torch.no_grad()
@@ -107,6 +116,8 @@ class ModelSnapshot:
                 local(t.lora_B).copy_(B)
             for name, W in self.base.items():
                 local(self.targets[name].weight).copy_(W)
+            for saved in self.quant.values():
+                saved.restore()
 
     def restore_state(self) -> None:
         """Modes, hooks, requires_grad, grads and flags only (keep the written values)."""
@@ -126,8 +137,14 @@ def _check(name: str, what: str, t, shape, dtype: torch.dtype) -> Tensor:
 
 
 @torch.no_grad()
-def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactors], snapshot: ModelSnapshot) -> None:
-    """Check all factors, then write them (the caller restores ``snapshot`` if this raises)."""
+def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactors],
+                  snapshot: ModelSnapshot) -> Dict[str, Dict[str, float]]:
+    """Check all factors, then write them (the caller restores ``snapshot`` if this raises).
+
+    A ``base_delta`` on a quantized base (:mod:`lorainit.quant`) is added to the dequantized weight and
+    the residual re-quantized, one layer at a time; returns ``{layer: {"requant_error", "init_weight_error"}}``
+    for those layers (:func:`lorainit.quant.write_residual`), empty for a float model.
+    """
     unknown = sorted(set(factors) - set(targets))
     if unknown:
         raise LoRAInitError(f"factors for modules that are not LoRA targets: {unknown[:5]}")
@@ -144,12 +161,88 @@ def write_factors(targets: Dict[str, TargetLayer], factors: Dict[str, LoRAFactor
     except Exception as e:  # every rank stops here if any rank's check failed
         err = e
     dist_utils.agree(err, "checking the factors before writing them")
+    requant: Dict[str, Dict[str, float]] = {}
     for name, (lora_A, lora_B, base_delta) in checked.items():
         t = targets[name]
         local(t.lora_A).copy_(shard_of(t.lora_A, lora_A.to(t.lora_A.device)))
         local(t.lora_B).copy_(shard_of(t.lora_B, lora_B.to(t.lora_B.device)))
         if base_delta is not None:
             snapshot.save_base(t)
+            if t.quant:
+                update = t.scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
+                requant[name] = _quant.write_residual(t.base, base_delta, update)
+                continue
             W = local(t.weight)  # stored orientation (W^T for Conv1D), this rank's shard
             delta = shard_of(t.weight, (base_delta.t() if t.transposed else base_delta).to(W.device))
             W.copy_((W.to(delta.dtype) + delta).to(W.dtype))
+    return requant
+
+
+# ----------------------------------------------------------------------------- saving
+def residual_base_state_dict(peft_model) -> dict:
+    """The base model's state dict as the plain model names it, with the init's base-weight changes and
+    without the LoRA tensors: views of the live parameters, nothing copied.
+
+    PEFT names a wrapped layer's weight ``<layer>.base_layer.weight``; the plain model names it
+    ``<layer>.weight``. Every ``lora_*`` entry (and PEFT's per-adapter containers) is dropped.
+    """
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    out = {}
+    for key, value in base.state_dict(keep_vars=True).items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value.detach()
+    return out
+
+
+def save_adapter(peft_model, out_dir: Union[str, "os.PathLike[str]"], report: Any, *, tokenizer=None,
+                 base_model_name_or_path: Optional[str] = None) -> Path:
+    """Save an initialized PEFT adapter so that it names the base model it belongs to.
+
+    An init that rewrote base weights (``report.info["base_modified"]``: PiSSA, MiLoRA, LoRA-GA, any
+    ``preserve_output``, ...) moved part of each ``W`` into the adapter, so the adapter reproduces the
+    initialized model only on the *residual* base. Then the residual base model (no LoRA layers) is
+    saved to ``out_dir/base_model`` (with ``tokenizer`` when given) and ``adapter_config.json`` names
+    its absolute path as ``base_model_name_or_path``: ``AutoPeftModelForCausalLM.from_pretrained(out_dir)``
+    loads the initialized model. Otherwise the adapter names ``base_model_name_or_path`` (an absolute
+    path when it is a local directory) or PEFT's own record of the base. The report goes to
+    ``out_dir/lorainit_report.json``. To use the trained adapter on the *original* base, convert it
+    with PEFT (``save_pretrained(..., path_initial_model_for_weight_conversion=out_dir)``, docs/saving.md).
+
+    Returns ``out_dir`` as a Path. ``peft_model``'s own config is left as it was.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = getattr(report, "info", None)
+    if not isinstance(info, dict) or "base_modified" not in info:
+        raise LoRAInitError(f"save_adapter: report must be the InitReport that initialize_lora returned, got "
+                            f"{type(report).__name__}")
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict) or not hasattr(peft_model, "save_pretrained"):
+        raise LoRAInitError(f"save_adapter: peft_model must be a PEFT model (get_peft_model(...)), got "
+                            f"{type(peft_model).__name__}")
+    if info["base_modified"]:
+        base_dir = (out / "base_model").resolve()
+        base = peft_model.get_base_model()
+        base.save_pretrained(base_dir, state_dict=residual_base_state_dict(peft_model), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(base_dir)
+        name = str(base_dir)
+    elif base_model_name_or_path is not None:
+        name = str(Path(base_model_name_or_path).resolve()) if Path(base_model_name_or_path).is_dir() \
+            else str(base_model_name_or_path)
+    else:
+        name = None
+    saved = {key: cfg.base_model_name_or_path for key, cfg in configs.items()}
+    try:
+        if name is not None:
+            for cfg in configs.values():
+                cfg.base_model_name_or_path = name
+        peft_model.save_pretrained(out, safe_serialization=True)
+    finally:
+        for key, cfg in configs.items():
+            cfg.base_model_name_or_path = saved[key]
+    if hasattr(report, "to_json"):
+        report.to_json(out / "lorainit_report.json")
+    return out

@@ -5,12 +5,14 @@
     lorainit init ... --stats-cache stats.safetensors   # a sweep pays the statistics pass once
     lorainit methods            # the registered inits, what each needs, its paper
     lorainit demo               # the digits comparison (same as make demo)
-    lorainit bench              # says where the benchmarks live: make bench in a source checkout
+    lorainit --version
 
 init is a thin layer over lorainit.initialize_lora: the JSONL file becomes a torch DataLoader over
 all its records (so N, the number of training tokens, is computed from the whole file, as the API
 does for a dataloader with a dataset), method options come from --config FILE.json and --set
-KEY=VALUE. Bad arguments and unreadable files print one line and exit with code 2.
+KEY=VALUE. Bad arguments and unreadable files print one line and exit with code 2. An init that
+rewrote base weights (PiSSA, MiLoRA, LoRA-GA, preserve_output, ...) also saves the residual base model
+to OUT/base_model, and the adapter's config names that directory (docs/saving.md).
 """
 from __future__ import annotations
 
@@ -136,6 +138,23 @@ def jsonl_dataloader(records: List[Any], tokenizer=None, *, batch_size: int = 8,
                       collate_fn=Collate(tokenizer, max_length=max_length, padding=padding, pad_id=pad_id))
 
 
+def parse_layers(text: Optional[str]) -> Optional[List[int]]:
+    """``--layers 0,1,5-7`` as sorted layer indices (PEFT's ``layers_to_transform``); None without the flag."""
+    if text is None:
+        return None
+    out = set()
+    for part in (p.strip() for p in text.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise UsageError(f"--layers {text!r}: expected layer indices like 0,1,4-7") from None
+        if first < 0 or last < first:
+            raise UsageError(f"--layers {text!r}: {part!r} is not a range of layer indices >= 0")
+        out.update(range(first, last + 1))
+    return sorted(out)
+
+
 def parse_options(config_file: Optional[str], sets: List[str]) -> Dict[str, Any]:
     """Method options from ``--config FILE.json`` (an object) then ``--set KEY=VALUE`` (JSON values, else strings)."""
     opts: Dict[str, Any] = {}
@@ -232,6 +251,13 @@ def cmd_init(args) -> int:
                         ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    layers = parse_layers(args.layers)
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise UsageError(f"--num-threads must be a positive integer, got {args.num_threads}")
+        torch.set_num_threads(args.num_threads)
     spec = known[args.method]
     config = build_config(args.method, parse_options(args.config, args.set))
     records = read_records(Path(args.data), args.text_field) if args.data else None
@@ -263,17 +289,24 @@ def cmd_init(args) -> int:
                              f"pre-tokenized JSONL with 'input_ids'") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                     torch_dtype=getattr(torch, args.dtype), **extra)
+                                                     dtype=getattr(torch, args.dtype), **extra)
     except (OSError, ValueError, ImportError) as err:
         raise UsageError(f"--model {model_dir}: cannot load ({(str(err).splitlines() or [''])[0]})") from err
     model.to(device)
+    if layers is not None:
+        n_layers = getattr(model.config, "num_hidden_layers", None)
+        bad = [i for i in layers if n_layers is not None and i >= n_layers]
+        if bad:
+            raise UsageError(f"--layers {args.layers}: the model has {n_layers} layers (0..{n_layers - 1}), "
+                             f"no layer {bad}")
     if targets != "all-linear":
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing:
             raise UsageError(f"--target-modules: {missing} not found in the model")
     peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
-                                                  use_rslora=args.rslora, lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                  use_rslora=args.rslora, lora_dropout=args.lora_dropout,
+                                                  layers_to_transform=layers, task_type="CAUSAL_LM"))
     if args.max_memory is not None:
         if config is None:
             from .registry import get_method
@@ -300,46 +333,34 @@ def cmd_init(args) -> int:
                                   padding=args.padding, pad_id=pad_id)
     report = initialize_lora(peft_model, loader, method=args.method, config=config, num_samples=args.num_samples,
                              progress=not args.quiet, stats_cache=args.stats_cache)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    changed_base = bool(report.info.get("base_modified", False))
-    if changed_base:
-        # The init moved part of W into the adapter (PiSSA, MiLoRA, LoRA-GA, preserve_output): the
-        # adapter is only meaningful on the residual base, which is saved beside it.
-        base_dir = out / "base_model"
-        _save_residual_base(peft_model, base_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(base_dir)
-    peft_model.save_pretrained(out, safe_serialization=True)
-    report.to_json(out / "lorainit_report.json")
+    from .adapters import save_adapter
+
+    out = save_adapter(peft_model, Path(args.out), report, tokenizer=tokenizer, base_model_name_or_path=str(model_dir))
     if not args.quiet:
         print(report)
-        where = f" on the residual base model in {out / 'base_model'}" if changed_base else ""
-        print(f"wrote a PEFT adapter to {out}{where}; load it with PeftModel.from_pretrained(base, {str(out)!r})")
+        print(closing_message(out, report, args.method))
     return 0
 
 
+def closing_message(out: Path, report, method: str) -> str:
+    """What ``lorainit init`` says after saving: where the adapter is and on which base it loads."""
+    load = (f"load it with AutoPeftModelForCausalLM.from_pretrained({str(out)!r}), which reads the base from its "
+            f"adapter_config.json")
+    if not report.info.get("base_modified"):
+        return f"wrote a PEFT adapter to {out}; {load}, or PeftModel.from_pretrained(base, {str(out)!r})"
+    base_dir = out.resolve() / "base_model"
+    return (f"wrote a PEFT adapter to {out} and the residual base model it belongs to to {base_dir} ({method} "
+            f"rewrote base weights); {load}, or PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+            f"{str(base_dir)!r}), {str(out)!r}). On the original model it gives a different model: after training, "
+            f"convert it with save_pretrained(..., path_initial_model_for_weight_conversion={str(out)!r}) "
+            f"(docs/saving.md)")
+
+
 def residual_base_state_dict(peft_model) -> dict:
-    """The base model's state dict as the plain model names it, with the init's base-weight changes and
-    without the LoRA tensors: views of the live parameters, nothing copied.
+    """Moved to :func:`lorainit.adapters.residual_base_state_dict` (kept importable from here)."""
+    from .adapters import residual_base_state_dict as impl
 
-    PEFT names a wrapped layer's weight ``<layer>.base_layer.weight``; the plain model names it
-    ``<layer>.weight``. Every ``lora_*`` entry (and PEFT's per-adapter containers) is dropped.
-    """
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    out = {}
-    for key, value in base.state_dict(keep_vars=True).items():
-        parts = key.split(".")
-        if any(p.startswith("lora_") for p in parts):
-            continue
-        out[".".join(p for p in parts if p != "base_layer")] = value.detach()
-    return out
-
-
-def _save_residual_base(peft_model, base_dir) -> None:
-    """Save the residual base model (the init's base weights, no LoRA layers) without copying the model."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    base.save_pretrained(base_dir, state_dict=residual_base_state_dict(peft_model), safe_serialization=True)
+    return impl(peft_model)
 
 
 def cmd_demo(args) -> int:
@@ -348,16 +369,13 @@ def cmd_demo(args) -> int:
     return digits_demo.run(args)
 
 
-def cmd_bench(args) -> int:
-    print("the benchmarks are not part of the installed package: in a source checkout run `make bench` "
-          "(or `python -m bench.run [--quick] [name ...]`)")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .examples import digits_demo
 
+    from . import __version__
+
     parser = _Parser(prog="lorainit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lorainit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("init", help="initialize a LoRA adapter for a local model and save it (PEFT format)")
@@ -375,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="lora_dropout written to the adapter config, used in training (default: %(default)s)")
+    p.add_argument("--layers", metavar="I,J,K-L", default=None,
+                   help="only these decoder layers (PEFT's layers_to_transform), e.g. 0,1 or 0-3 (default: all)")
+    p.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (torch.set_num_threads); on a machine shared with other jobs, 1 can be "
+                        "several times faster than the default (docs/performance.md)")
     p.add_argument("--target-modules", required=True,
                    help="comma-separated module names, e.g. q_proj,v_proj, or all-linear")
     p.add_argument("--num-samples", type=int, default=256, help="statistics samples (default: %(default)s)")
@@ -408,10 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     digits_demo.build_parser(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="where the microbenchmarks are (make bench in a source checkout)")
-    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old flags, accepted and ignored
-    p.add_argument("names", nargs="*", help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -438,6 +459,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ImportError as err:  # the [real] extra is missing: its message names it
             print(f"lorainit demo: error: {err}", file=sys.stderr)
             return 2
+        except SystemExit as exit_:  # --help, or argparse's one-line error
+            return int(exit_.code or 0)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

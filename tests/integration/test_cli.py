@@ -94,8 +94,10 @@ def test_methods_lists_every_registered_method(capsys):
 def test_help_describes_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("init", "methods", "demo", "bench"):
+    for command in ("init", "methods", "demo"):
         assert command in out
+    assert "bench" not in out  # the benchmarks live in the source checkout (make bench), not in the CLI
+    assert main(["bench"]) == 2
 
 
 def test_demo_model_smollm2_goes_to_the_real_model_demo_with_its_own_options():
@@ -105,3 +107,60 @@ def test_demo_model_smollm2_goes_to_the_real_model_demo_with_its_own_options():
     assert _smollm2_demo_argv(["demo", "--samples", "8", "--model=smollm2"]) == ["--samples", "8"]
     assert _smollm2_demo_argv(["demo", "--model", "digits"]) is None
     assert _smollm2_demo_argv(["init", "--model", "smollm2"]) is None
+
+
+def test_version_flag(capsys):
+    import lorainit
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lorainit {lorainit.__version__}"
+
+
+def test_layers_dropout_and_threads_reach_the_adapter(tiny_lm_dir, jsonl_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):  # transformers logs "torch_dtype is deprecated" once per process
+        calls.append(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    threads = torch.get_num_threads()
+    out = tmp_path / "a"
+    try:
+        assert main(["init", "--model", str(tiny_lm_dir), "--data", str(jsonl_file), "--rank", "2",
+                     "--target-modules", "q_proj,v_proj", "--layers", "1", "--lora-dropout", "0.1",
+                     "--num-threads", "1", "--num-samples", "8", "--out", str(out), "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["lora_dropout"] == 0.1
+    keys = [k for k in load_file(out / "adapter_model.safetensors") if "lora_A" in k]
+    assert len(keys) == 2 and all(".layers.1." in k for k in keys)
+    report = json.loads((out / "lorainit_report.json").read_text())
+    assert [r["name"].split("layers.")[1] for r in report["layers"]] == ["1.self_attn.q_proj", "1.self_attn.v_proj"]
+    # the CLI's own from_pretrained call passes dtype=, not the deprecated torch_dtype=
+    assert len(calls) == 1 and "torch_dtype" not in calls[0] and calls[0]["dtype"] == torch.float32
+
+
+@pytest.mark.parametrize("flags, needle", [(["--layers", "5"], "--layers"), (["--layers", "a"], "--layers"),
+                                           (["--lora-dropout", "1.5"], "--lora-dropout"),
+                                           (["--num-threads", "0"], "--num-threads")])
+def test_bad_layers_dropout_threads_give_one_line(flags, needle, tiny_lm_dir, jsonl_file, tmp_path, capsys):
+    assert main(["init", "--model", str(tiny_lm_dir), "--data", str(jsonl_file), "--target-modules", "q_proj",
+                 "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_smollm2_demo_help_explains_every_option(capsys):
+    from lorainit.examples.smollm2_demo import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    assert main(["demo", "--model", "smollm2", "--help"]) == 0
+    assert "on which the loss after init is scored" in " ".join(capsys.readouterr().out.split())

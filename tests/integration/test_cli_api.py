@@ -104,6 +104,6 @@ def test_missing_tokenizer_is_one_line_and_pretokenized_data_needs_none(tiny_lm_
 
 
 def test_help_has_no_rst_backticks(capsys):
-    for argv in (["--help"], ["init", "--help"], ["bench", "--help"]):
+    for argv in (["--help"], ["init", "--help"], ["methods", "--help"]):
         assert main(argv) == 0
         assert "`" not in capsys.readouterr().out, argv

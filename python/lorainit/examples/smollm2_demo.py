@@ -99,17 +99,26 @@ def plot(rows, base_loss, path, title: str = "SmolLM2-135M, LoRA r=8 on 7 projec
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``lorainit demo --model smollm2``."""
     p = argparse.ArgumentParser(prog="lorainit demo --model smollm2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--heldout", type=int, default=32)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--hrp-steps", type=int, default=8)
+    p.add_argument("--samples", type=int, default=64,
+                   help="arithmetic problems the data-aware inits see (default: %(default)s)")
+    p.add_argument("--heldout", type=int, default=32,
+                   help="other problems on which the loss after init is scored (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r, lora_alpha = 2r (default: %(default)s)")
+    p.add_argument("--hrp-steps", type=int, default=8,
+                   help="HRP preheat steps (a short preheat: the demo compares init cost; default: %(default)s)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all 30)")
-    p.add_argument("--out", default="demo-output")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="demo-output",
+                   help="folder for smollm2_init.md and smollm2_init.png (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     rows, base_loss = run(args.methods.split(",") if args.methods else None, samples=args.samples,
