@@ -22,6 +22,8 @@ listing (:func:`lorainit.methods`). Options (``key=value`` or a bare flag, shell
   Markdown cells are copied as written.
 * ``notes``: also the file's notes (JSON ``notes``; Markdown: the paragraphs after the table up to the
   next table or heading, figures left out).
+* ``preamble`` (Markdown only): also the paragraphs between the previous heading or table and this
+  table (the setup an experiment's file states above its table), its ``Machine:`` line left out.
 * ``nosource``: leave out the line naming the file (and machine) below the table.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Table:
     rows: List[List[str]]
     notes: List[str] = field(default_factory=list)
     machine: str = ""
+    preamble: Optional[List[str]] = None  # Markdown only
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -109,6 +112,19 @@ def _cells(line: str) -> List[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+def _paragraphs(lines: List[str]) -> List[str]:
+    """The paragraphs of ``lines`` (blank-line separated, joined into one line each), figures left out."""
+    out, para = [], []
+    for line in lines + [""]:
+        if line.strip():
+            para.append(line.strip())
+        elif para:
+            if not para[0].startswith("!["):
+                out.append(" ".join(para))
+            para = []
+    return out
+
+
 def _md_tables(path: Path) -> List[Table]:
     lines = path.read_text().splitlines()
     machine = next((ln[len("Machine:"):].strip() for ln in lines if ln.startswith("Machine:")), "")
@@ -116,24 +132,20 @@ def _md_tables(path: Path) -> List[Table]:
     i = 0
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1].strip()):
+            start = i
+            while start > 0 and not lines[start - 1].startswith(("|", "#")):
+                start -= 1
+            preamble = [p for p in _paragraphs(lines[start:i]) if not p.startswith("Machine:")]
             columns = _cells(lines[i])
             i += 2
             rows = []
             while i < len(lines) and lines[i].startswith("|"):
                 rows.append(_cells(lines[i]))
                 i += 1
-            notes: List[str] = []
-            j = i
-            while j < len(lines) and not lines[j].startswith(("|", "#")):
-                para = []
-                while j < len(lines) and lines[j].strip() and not lines[j].startswith(("|", "#")):
-                    para.append(lines[j].strip())
-                    j += 1
-                if para and not para[0].startswith("!["):
-                    notes.append(" ".join(para))
-                while j < len(lines) and not lines[j].strip():
-                    j += 1
-            tables.append(Table(columns, rows, notes, machine))
+            end = i
+            while end < len(lines) and not lines[end].startswith(("|", "#")):
+                end += 1
+            tables.append(Table(columns, rows, _paragraphs(lines[i:end]), machine, preamble))
         else:
             i += 1
     return tables
@@ -182,8 +194,8 @@ def render(spec: str, *, root: Path = ROOT) -> str:
     source, opts, flags = words[0], {}, set()
     for w in words[1:]:
         key, eq, value = w.partition("=")
-        if key not in ("table", "columns", "rows", "digits", "notes", "nosource"):
-            raise TableError(f"unknown option {key!r} (table, columns, rows, digits, notes, nosource)")
+        if key not in ("table", "columns", "rows", "digits", "notes", "preamble", "nosource"):
+            raise TableError(f"unknown option {key!r} (table, columns, rows, digits, notes, preamble, nosource)")
         if bool(eq) != (key in ("table", "columns", "rows", "digits")):
             raise TableError(f"option {key!r}: " + ("needs a value" if not eq else "takes no value"))
         if eq:
@@ -205,16 +217,23 @@ def render(spec: str, *, root: Path = ROOT) -> str:
             raise TableError(f"{source}: no column(s) {missing}; columns: {table.columns}")
         idx = [table.columns.index(c) for c in wanted]
         table = Table(wanted, [[row[i] if i < len(row) else "" for i in idx] for row in table.rows],
-                      table.notes, table.machine)
+                      table.notes, table.machine, table.preamble)
     if "rows" in opts:
         span = _range(opts["rows"], "rows")
         if span.stop > len(table.rows):
             raise TableError(f"{source}: rows={opts['rows']} but the table has {len(table.rows)} rows")
-        table = Table(table.columns, table.rows[span.start:span.stop], table.notes, table.machine)
-    lines = [""] + to_markdown(table)
+        table = Table(table.columns, table.rows[span.start:span.stop], table.notes, table.machine, table.preamble)
+    lines = [""]
+    if "preamble" in flags:
+        if table.preamble is None:
+            raise TableError(f"{source}: preamble is for Markdown results (a JSON result has notes only)")
+        for para in table.preamble:
+            lines += [para, ""]
+    lines += to_markdown(table)
     if "nosource" not in flags:
         where = f"`{source}`" if source != METHODS_SOURCE else "`lorainit.methods()`"
-        lines += ["", f"Generated from {where}" + (f" (machine: {table.machine})." if table.machine else ".")]
+        line = f"Generated from {where}" + (f"; machine: {table.machine}" if table.machine else "")
+        lines += ["", line if line.endswith(".") else line + "."]
     if "notes" in flags:
         for note in table.notes:
             lines += ["", note]
