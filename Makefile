@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests run every Triton kernel on the CPU through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1 OMP_NUM_THREADS=2
 
-.PHONY: install test demo demo-llm bench experiments clean
+.PHONY: install test demo demo-llm bench device-check experiments clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo-llm: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
+
+# On a machine with one CUDA GPU (a CUDA build of torch, triton, the [real] extra): every GPU measurement
+# in one call of <= 8 min (bench/results/device_check.{json,md}); without a GPU it prints its plan.
+DEVICE_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+device-check:
+	$(DEVICE_PY) -m bench.device_check
 
 experiments: $(STAMP)
 	# tiny digits models: one thread; SmolLM2-135M: both cores (about 61 + 27 min)

@@ -1,0 +1,78 @@
+"""bench/device_check.py: the plan without a GPU (exit 0 in seconds, nothing written), and every section
+executed on the CPU at tiny shapes (``--cpu-smoke``: Triton kernels in the interpreter)."""
+import json
+import time
+
+import pytest
+import torch
+
+from bench import device_check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script measures instead of printing its plan")
+def test_without_gpu_prints_the_plan_and_exits_0(tmp_path, capsys):
+    t0 = time.perf_counter()
+    assert device_check.main(["--out", str(tmp_path)]) == 0
+    assert time.perf_counter() - t0 < 10
+    out = capsys.readouterr().out
+    assert "device_check plan" in out and "No CUDA device" in out
+    for part in ("a. correctness", "b. kfac_update", "c. LOBPCG", "d. initialize_lora"):
+        assert part in out
+    assert not list(tmp_path.iterdir())
+
+
+def _smoke(tmp_path, monkeypatch, sections):
+    import lorainit_kernels as lk
+
+    if not lk.has_triton():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rc = device_check.main(["--cpu-smoke", "--sections", sections, "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    md = (tmp_path / "device_check.md").read_text()
+    assert res["environment"]["smoke"] and "CPU smoke run" in md
+    return rc, res, md
+
+
+def test_cpu_smoke_kernels_kfac_and_lobpcg_sections(tmp_path, monkeypatch):
+    rc, res, md = _smoke(tmp_path, monkeypatch, "a,b,c")
+    assert rc == 0, res
+    corr = res["sections"]["correctness"]
+    assert corr["failed"] == 0 and corr["passed"] >= 60
+    cases = {r["case"] for r in corr["rows"]}
+    for name in ("triton.kfac_update Z", "triton.weighted_gram (negative weights)", "op kfac_update (Z, G, s)",
+                 "op weighted_gram", "op sym_matmul", "op rr_grams", "lobpcg k smallest: objective",
+                 "guidance_matrix Omega"):
+        assert name in cases
+    assert {r["dtype"] for r in corr["rows"]} >= {"float32", "bfloat16", "float16"}
+    kfac = res["sections"]["kfac_update"]
+    assert {r["provider"] for r in kfac["rows"]} == {"triton", "cublas_bf16", "torch backend (fp32 GEMMs)"}
+    lob = res["sections"]["lobpcg"]
+    assert lob["swept_n"] == [48, 96] and "not importable" in lob["cupy"]
+    assert all(r["reaches_1e-5"] == "yes" for r in lob["rows"])
+    assert "## a. Correctness" in md and "## c. LOBPCG" in md and not res["skipped"]
+
+
+def test_cpu_smoke_init_section(tmp_path, monkeypatch):
+    rc, res, _ = _smoke(tmp_path, monkeypatch, "d")
+    assert rc == 0, res
+    rows = res["sections"]["init_overhead"]["rows"]
+    assert len(rows) == 2 and all(r["init_s"] > 0 and r["fwd_bwd_s"] > 0 and r["targets"] == 14 for r in rows)
+
+
+def test_time_guard_skips_and_still_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device_check.main(["--cpu-smoke", "--sections", "b,c", "--budget-s", "3", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "device_check.json").read_text())
+    assert res["skipped"] and all("time guard" in s or "alarm" in s for s in res["skipped"])
+
+
+def test_peak_table_matches_device_names():
+    assert device_check.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.5
+    assert device_check.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.5
+    assert device_check.peak_bf16_tflops("NVIDIA H200") == 989.5
+    assert device_check.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert device_check.peak_bf16_tflops("NVIDIA L4") == 121.0
+    assert device_check.peak_bf16_tflops("Some Future GPU") is None
+    assert device_check._crossover({256: 0.5, 512: 1.2, 1024: 0.9, 2048: 3.0}) == 2048
+    assert device_check._crossover({256: 1.5, 512: 2.0}) == 256 and device_check._crossover({256: 0.5}) is None
