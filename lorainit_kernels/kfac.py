@@ -4,7 +4,10 @@ Over the valid tokens ``t`` seen so far (``T = count``), DESIGN.md section 2:
 
 * ``Z = (1/T) sum_t x_t x_t^T`` (n, n), the input covariance (K-FAC's A factor);
 * ``G = (1/T) sum_t g_t x_t^T`` (m, n), the mean per-token gradient of ``W``;
-* ``s = (1/T) sum_t g_t * g_t`` (m,), the diagonal of K-FAC's output-gradient factor.
+* ``s = (1/T) sum_t g_t * g_t`` (m,), the diagonal of K-FAC's output-gradient factor;
+* optional, for the methods that need them: ``mu = (1/T) sum_t x_t`` (n,), the input mean (EVA centers
+  with it: ``Z - mu mu^T``), and ``Y = (1/T) sum_t y_t y_t^T`` (m, m), the second moment of the layer's
+  output ``y = W x + b`` (Astra), accumulated by the same op as ``Z`` applied to ``y``.
 
 Sums are kept (not means) so that accumulators merge and all-reduce exactly.
 """
@@ -32,6 +35,9 @@ class KFACStats:
         out_features: ``m``, the layer's output size; None keeps only ``Z`` (for layers that share
             an input, which share one ``Z``).
         track_input_cov: False keeps only ``G`` and ``s`` (the ``Z`` lives in another accumulator).
+        track_input_mean: also accumulate ``sum_t x_t`` (``input_mean()``); off by default (no cost).
+        track_output_cov: also accumulate ``sum_t y_t y_t^T`` (m, m) of the ``output`` passed to
+            :meth:`update` (``output_cov()``); needs ``out_features``; off by default.
         device, dtype: of the accumulators (fp32 by default; fp64 keeps the cross-batch sums in fp64,
             each batch is still reduced in fp32 unless its inputs are fp64).
         backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch), ``"native"``, ``"triton"`` or ``"torch"``;
@@ -50,6 +56,8 @@ class KFACStats:
         out_features: Optional[int] = None,
         *,
         track_input_cov: bool = True,
+        track_input_mean: bool = False,
+        track_output_cov: bool = False,
         device=None,
         dtype: torch.dtype = torch.float32,
         backend: Optional[str] = "auto",
@@ -61,6 +69,8 @@ class KFACStats:
             raise TypeError(f"KFACStats: dtype must be torch.float32 or torch.float64, got {dtype}")
         if out_features is None and not track_input_cov:
             raise ValueError("KFACStats: with out_features=None and track_input_cov=False there is nothing to accumulate")
+        if track_output_cov and out_features is None:
+            raise ValueError("KFACStats: track_output_cov=True needs out_features (the output's size m)")
         self.in_features = in_features
         self.out_features = out_features
         self.track_input_cov = track_input_cov
@@ -72,6 +82,8 @@ class KFACStats:
         self.z_sum = torch.zeros(n, n, **kw) if track_input_cov else None
         self.g_sum = torch.zeros(m, n, **kw) if m is not None else None
         self.s_sum = torch.zeros(m, **kw) if m is not None else None
+        self.mu_sum = torch.zeros(n, **kw) if track_input_mean else None
+        self.y_sum = torch.zeros(m, m, **kw) if track_output_cov else None
         self.count = 0
 
     def __repr__(self) -> str:
@@ -80,12 +92,14 @@ class KFACStats:
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
-    def update(self, x: Tensor, grad_output: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> int:
+    def update(self, x: Tensor, grad_output: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
+               output: Optional[Tensor] = None) -> int:
         """Add the tokens of one batch; returns the number of valid tokens added.
 
         ``x`` (..., n) layer inputs, ``grad_output`` (..., m) gradients of the summed loss with
         respect to the layer outputs (required when ``out_features`` is set), ``mask`` (...) bool
-        (True = valid token). Any leading shape, non-contiguous views and bf16/fp16/fp32 work.
+        (True = valid token), ``output`` (..., m) the layer outputs (required with ``track_output_cov``).
+        Any leading shape, non-contiguous views and bf16/fp16/fp32 work.
         """
         op = "KFACStats.update"
         if self.g_sum is not None and grad_output is None:
@@ -95,6 +109,14 @@ class KFACStats:
             raise ValueError(f"{op}: got grad_output of shape {tuple(grad_output.shape)} but this accumulator "
                              f"has out_features=None")
         check_kfac_inputs(x, grad_output, mask, self.in_features, self.out_features, op=op)
+        if (self.y_sum is None) != (output is None):
+            raise ValueError(f"{op}: output is {'required' if self.y_sum is not None else 'not accepted'} "
+                             f"(track_output_cov={self.y_sum is not None})")
+        if output is not None:
+            check_kfac_inputs(output, None, mask, self.out_features, None, op=op + " (output)")
+            if tuple(output.shape[:-1]) != tuple(x.shape[:-1]):
+                raise ValueError(f"{op}: output has shape {tuple(output.shape)} whose leading dims do not match "
+                                 f"x's {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"{op}: x is on {x.device} but the accumulator is on {self.device}; "
                              f"create KFACStats(..., device={str(x.device)!r})")
@@ -105,12 +127,22 @@ class KFACStats:
             raise ValueError(_nonfinite_message(op, "x", x, mask))
         if grad_output is not None and _nonfinite_rows(grad_output, mask):
             raise ValueError(_nonfinite_message(op, "grad_output", grad_output, mask))
+        if output is not None and _nonfinite_rows(output, mask):
+            raise ValueError(_nonfinite_message(op, "output", output, mask))
         count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask, backend=self.backend)
         if count == 0:
             return 0
+        if self.mu_sum is not None:
+            rows = x.reshape(-1, self.in_features)
+            if mask is not None:
+                rows = rows[mask.reshape(-1)]
+            self.mu_sum += rows.sum(0, dtype=self.dtype)
+        if self.y_sum is not None:  # the same fused op as Z, on the outputs
+            kfac_accumulate_(self.y_sum, None, None, output, None, mask, backend=self.backend)
         # finite inputs whose squares overflow fp32 (|x| ~ 1e19): the sums are no longer finite
         if (self.z_sum is not None and not bool(torch.isfinite(self.z_sum.diagonal()).all())) or \
-                (self.s_sum is not None and not bool(torch.isfinite(self.s_sum).all())):
+                (self.s_sum is not None and not bool(torch.isfinite(self.s_sum).all())) or \
+                (self.y_sum is not None and not bool(torch.isfinite(self.y_sum.diagonal()).all())):
             raise ValueError(f"{op}: the statistics overflowed to Inf in {self.dtype} (finite inputs of shape "
                              f"{tuple(x.shape)} too large to square); this accumulator is no longer usable")
         self.count += count
@@ -121,12 +153,14 @@ class KFACStats:
         """Add another accumulator of the same shapes (e.g. from another process or data shard)."""
         if not isinstance(other, KFACStats):
             raise TypeError(f"KFACStats.merge: other must be a KFACStats, got {type(other).__name__}")
-        mine = (self.in_features, self.out_features, self.track_input_cov)
-        theirs = (other.in_features, other.out_features, other.track_input_cov)
+        mine = (self.in_features, self.out_features, self.track_input_cov, self.mu_sum is not None,
+                self.y_sum is not None)
+        theirs = (other.in_features, other.out_features, other.track_input_cov, other.mu_sum is not None,
+                  other.y_sum is not None)
         if mine != theirs:
-            raise ValueError(f"KFACStats.merge: (in_features, out_features, track_input_cov) {theirs} "
-                             f"do not match this accumulator's {mine}")
-        for name in ("z_sum", "g_sum", "s_sum"):
+            raise ValueError(f"KFACStats.merge: (in_features, out_features, track_input_cov, track_input_mean, "
+                             f"track_output_cov) {theirs} do not match this accumulator's {mine}")
+        for name in ("z_sum", "g_sum", "s_sum", "mu_sum", "y_sum"):
             a, b = getattr(self, name), getattr(other, name)
             if a is not None:
                 a += b.to(device=a.device, dtype=a.dtype)
@@ -134,7 +168,7 @@ class KFACStats:
         return self
 
     def reset(self) -> None:
-        for t in (self.z_sum, self.g_sum, self.s_sum):
+        for t in (self.z_sum, self.g_sum, self.s_sum, self.mu_sum, self.y_sum):
             if t is not None:
                 t.zero_()
         self.count = 0
@@ -159,9 +193,17 @@ class KFACStats:
         """``s = (1/T) sum_t g_t * g_t`` (m,)."""
         return self._mean(self.s_sum, "grad_sq")
 
+    def input_mean(self) -> Tensor:
+        """``mu = (1/T) sum_t x_t`` (n,) (``track_input_mean=True``)."""
+        return self._mean(self.mu_sum, "input_mean")
+
+    def output_cov(self) -> Tensor:
+        """``Y = (1/T) sum_t y_t y_t^T`` (m, m), symmetric (``track_output_cov=True``)."""
+        return self._mean(self.y_sum, "output_cov")
+
     def sums(self) -> list:
         """The raw sum tensors (for all-reduce); ``count`` travels beside them."""
-        return [t for t in (self.z_sum, self.g_sum, self.s_sum) if t is not None]
+        return [t for t in (self.z_sum, self.g_sum, self.s_sum, self.mu_sum, self.y_sum) if t is not None]
 
 
 def _nonfinite_rows(t: Tensor, mask: Optional[Tensor]) -> bool:

@@ -42,7 +42,7 @@ from .passes.grads import weight_grads
 from .passes.loss import LossRunner, eval_loss
 from .passes.state import pass_state, progress_bar
 from .passes import cache as _cache
-from .passes.stats import LayerStats, StatsPass, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
+from .passes.stats import LayerStats, StatsPass, check_extras, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
 from .targets import LoRAInitError, LoRAInitWarning, TargetLayer
 
 __all__ = ["InitContext"]
@@ -98,10 +98,30 @@ class InitContext:
 
     # ---------------------------------------------------------------- writes
     def write(self, factors: Dict[str, LoRAFactors]) -> None:
-        """Check, then write ``factors`` into the adapters (and base weights, for a ``base_delta``)."""
+        """Check, then write ``factors`` into the adapters (and base weights, for a ``base_delta``).
+
+        A ``base_delta`` on a quantized base is re-quantized (:mod:`lorainit.quant`): the report gets
+        ``requant_error`` and ``init_weight_error`` per layer, ``info["quantized_residual"]`` their maxima,
+        and one warning says that the output at initialization is preserved only up to that rounding.
+        """
         if self._snapshot is None:
             self._snapshot = ModelSnapshot(self.model, self.targets)
-        write_factors(self.targets, factors, self._snapshot)
+        requant = write_factors(self.targets, factors, self._snapshot)
+        if requant:
+            for name, errors in requant.items():
+                self.record(name, **errors)
+            kinds = sorted({self.targets[n].quant for n in requant})
+            worst = {k: max(e[k] for e in requant.values()) for k in ("requant_error", "init_weight_error")}
+            self.info["quantized_residual"] = dict(layers=len(requant), quant=kinds, **{f"max_{k}": v
+                                                                                         for k, v in worst.items()})
+            if not getattr(self, "_requant_warned", False):  # one warning per call
+                self._requant_warned = True
+                warnings.warn(f"lorainit: {len(requant)} quantized ({', '.join(kinds)}) base weights were rewritten and "
+                              f"their residual re-quantized: the model at initialization differs from the quantized "
+                              f"base by the re-quantization (relative weight error up to "
+                              f"{worst['init_weight_error']:.3g}; per layer in the report's requant_error / "
+                              f"init_weight_error), so preserving the output holds only approximately",
+                              LoRAInitWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- data
     def needs_loss_tokens(self) -> bool:
@@ -199,8 +219,8 @@ class InitContext:
     # ---------------------------------------------------------------- passes
     def iter_stats(self, names: Optional[Sequence[str]] = None, *, batches: Optional[Sequence[Any]] = None,
                    max_memory: Optional[int] = None, dtype: torch.dtype = torch.float32, backend: str = "auto",
-                   token_mask: str = "attention",
-                   working_set: Optional[Callable[[str], int]] = None) -> Iterator[Dict[str, LayerStats]]:
+                   token_mask: str = "attention", working_set: Optional[Callable[[str], int]] = None,
+                   extras: Sequence[str] = ()) -> Iterator[Dict[str, LayerStats]]:
         """K-FAC statistics of the targets ``names`` (all by default) over ``batches`` (default: all).
 
         Yields one dict ``{name: LayerStats}`` per pass. With ``max_memory`` (bytes) below what the
@@ -208,6 +228,9 @@ class InitContext:
         per layer on top of the statistics, e.g. a solve), the layers are split into groups (layers
         sharing an input stay together) and each group gets its own pass over the same batches.
         The caller should drop each dict (and each layer's tensors) as soon as it is done with them.
+
+        ``extras`` (:data:`lorainit.passes.stats.EXTRAS`): statistics beside ``Z, G, s`` from the same
+        pass, ``"mean"`` (``LayerStats.mu``) and ``"output_cov"`` (``LayerStats.Y``); none by default.
 
         With ``stats_cache`` (:mod:`lorainit.passes.cache`) a matching cache file replaces the passes
         (the groups of the current budget are read one at a time), a missing one is written from the
@@ -217,10 +240,14 @@ class InitContext:
         batches = list(self.batches if batches is None else batches)
         if not batches:
             raise LoRAInitError("no batches for the statistics pass")
+        wanted = check_extras(extras)
+        # a cache that is written always carries the input mean (O(T n)), so it serves EVA too; a cache hit
+        # needs only what this method asks for
+        extras = wanted if self.stats_cache is None else check_extras(wanted + _cache.CACHED_EXTRAS)
         runner = self.runner(token_mask)
         work = max((working_set(n) for n in names), default=0) if working_set is not None else 0
         grouped = max_memory is not None and \
-            sum(stats_bytes(self.targets[n], dtype) for n in names) + work > max_memory
+            sum(stats_bytes(self.targets[n], dtype, extras=extras) for n in names) + work > max_memory
 
         def plan(shared: Optional[Dict[str, str]]) -> List[List[str]]:
             if not grouped:
@@ -229,7 +256,7 @@ class InitContext:
                 with self.timed("probe"):
                     shared = probe_shared_inputs(self.model, self.targets, names, runner, batches[0])
             self.shared_inputs = dict(shared)
-            return plan_groups(names, self.targets, shared, max_memory, dtype, working_set)
+            return plan_groups(names, self.targets, shared, max_memory, dtype, working_set, extras=extras)
 
         def passes() -> Iterator[Tuple[int, StatsPass]]:
             groups = plan(None)
@@ -238,7 +265,7 @@ class InitContext:
                 desc = "lorainit statistics" + (f" (pass {gi + 1}/{len(groups)})" if len(groups) > 1 else "")
                 with self.timed("stats_pass"):
                     done = stats_pass(self.model, self.targets, group, batches, runner, dtype=dtype, backend=backend,
-                                      progress=self.progress and self.rank == 0, desc=desc)
+                                      progress=self.progress and self.rank == 0, desc=desc, extras=extras)
                 self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
                 yield len(groups), done
                 done = None
@@ -250,7 +277,8 @@ class InitContext:
             with self.timed("stats_cache_check"):
                 key = _cache.cache_key(self.model, self.targets, names, batches, all_batches=self._batches,
                                             dtype=dtype, token_mask=token_mask, loss_fn=self.loss_fn,
-                                            loss_reduction=self.loss_reduction, backend=backend)
+                                            loss_reduction=self.loss_reduction, backend=backend, extras=wanted,
+                                            write_extras=extras)
             source = _cache.cached_stats(self.stats_cache, key, self.targets, compute=passes, plan=plan,
                                               dtype=dtype, info=self.info, timings=self.timings)
         self._sources.append(source)

@@ -70,7 +70,9 @@ def test_second_call_reuses_the_statistics_bitwise_without_a_pass(tmp_path, solv
     owners = {n: meta["layers"][n]["z_owner"] for n in names}
     assert sum(o == n for n, o in owners.items()) < len(names)  # q/k/v and gate/up share one Z
     assert sorted(keys) == sorted([f"{n}/G" for n in names] + [f"{n}/s" for n in names]
-                                  + [f"{n}/Z" for n in names if owners[n] == n])
+                                  + [f"{n}/Z" for n in names if owners[n] == n]
+                                  + [f"{n}/mu" for n in names if owners[n] == n])  # every cache holds the mean
+    assert meta["extras"] == ["mean"]
     assert [meta["layers"][n]["tokens"] for n in names] == [r1.layer(n)["tokens"] for n in names]
 
     second = tiny_llama(seed=6)

@@ -27,7 +27,11 @@ its step search still runs its forward passes on them.
 
 File format (``safetensors``): tensors ``"<target>/G"`` (m, n), ``"<target>/s"`` (m,) and
 ``"<owner>/Z"`` once per input (``z_owner``: targets sharing an input share one ``Z``; (n,) token
-frequencies for an embedding target), in the statistics dtype; the safetensors metadata key
+frequencies for an embedding target), in the statistics dtype, and the optional statistics the
+metadata's ``extras`` lists: ``"<owner>/mu"`` (n,) the input mean (every cache written holds it,
+:data:`CACHED_EXTRAS`; an embedding's is its ``Z``) and ``"<target>/Y"`` (m, m) the output second moment
+(written when the method that built the cache asked for it, Astra); a request needing an extra the
+cache lacks is a mismatch naming it. The safetensors metadata key
 :data:`META_KEY` holds a JSON object: format and :data:`VERSION`, ``cache_id``, the targets in
 order, per target ``kind, m, n, z_owner, tokens, token_mask`` (the mask its statistics used) and
 its file, ``stats_examples``, ``stats_dtype``, ``token_mask``, the samples (``batches``,
@@ -72,12 +76,15 @@ from ..targets import TargetLayer
 from .batches import count_examples
 from .stats import LayerStats, StatsPass
 
-__all__ = ["FORMAT", "VERSION", "META_KEY", "SAMPLES", "CacheKey", "check_path", "cache_key", "model_fingerprint",
+__all__ = ["FORMAT", "VERSION", "CACHED_EXTRAS", "META_KEY", "SAMPLES", "CacheKey", "check_path", "cache_key", "model_fingerprint",
            "data_fingerprint", "cached_stats", "cache_files"]
 
 FORMAT = "lorainit.stats_cache"
 #: Version of the file layout; a cache of another version is refused (naming both).
 VERSION = 1
+#: The optional statistics every cache written holds beside ``Z, G, s`` (the input mean costs O(T n), so a
+#: cache written for LoRA-DA also serves EVA); ``"output_cov"`` (m^2 per layer) only when the method asks.
+CACHED_EXTRAS = ("mean",)
 #: The safetensors metadata key holding the cache's JSON metadata.
 META_KEY = "lorainit_stats_cache"
 #: Evenly strided elements of each parameter that enter the model fingerprint.
@@ -215,14 +222,18 @@ class CacheKey:
     data: Dict[str, Any]  # batches, examples, fingerprint, complete, holdout, read_batches, read_examples, world_size
     loss: str
     backend: str = "auto"
+    extras: Tuple[str, ...] = ()  # the optional statistics this request needs (a cache may hold more)
+    write_extras: Tuple[str, ...] = ()  # what a cache written by this request holds (at least ``extras``)
 
 
 def cache_key(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any], *,
               all_batches: Optional[Sequence[Any]], dtype: torch.dtype, token_mask: str, loss_fn: Optional[Callable],
-              loss_reduction: Optional[str], backend: str = "auto") -> CacheKey:
+              loss_reduction: Optional[str], backend: str = "auto", extras: Sequence[str] = (),
+              write_extras: Optional[Sequence[str]] = None) -> CacheKey:
     """The :class:`CacheKey` of a statistics request (collective with a process group: every rank calls it).
 
     ``all_batches`` are the samples the call read (``batches`` is a subset when a holdout was taken out).
+    ``extras``: the optional statistics the request needs; ``write_extras``: those a cache it writes holds.
     """
     model_fp, params = model_fingerprint(model)
     model_fp = dist_utils.agree_fingerprint(model_fp, "the model's parameters (stats_cache fingerprint)")[0]
@@ -242,7 +253,8 @@ def cache_key(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence
             "world_size": len(per_rank)}
     return CacheKey(names=list(names), shapes={n: [targets[n].kind, targets[n].m, targets[n].n] for n in names},
                     stats_dtype=str(dtype).replace("torch.", ""), token_mask=token_mask, model=model_fp,
-                    params=params, data=data, loss=_loss_name(loss_fn, loss_reduction), backend=backend)
+                    params=params, data=data, loss=_loss_name(loss_fn, loss_reduction), backend=backend,
+                    extras=tuple(extras), write_extras=tuple(extras if write_extras is None else write_extras))
 
 
 def _examples(items: Sequence[str], k: int = 3) -> str:
@@ -310,6 +322,11 @@ def _differences(meta: Dict[str, Any], key: CacheKey) -> List[str]:
                    f"samples on each call: use shuffle=False or a seeded sampler for the statistics{ws})")
     if meta["loss"] != key.loss:
         out.append(f"another loss: {meta['loss']} in the cache, {key.loss} here")
+    lacking = [e for e in key.extras if e not in meta.get("extras", [])]
+    if lacking:
+        out.append(f"the cache lacks the statistics {lacking} this method needs (it holds "
+                   f"{meta.get('extras', [])}; a cache written by a method that needs them, e.g. astra for "
+                   f"'output_cov', serves every method)")
     return out
 
 
@@ -447,8 +464,10 @@ class _Reader:
                                     f"{shape} {dtype}; the cache is corrupt: " + _HINT.format(files=self.files_text))
             return t.to(device, copy=True)  # storage of its own: the solve writes into it in place
 
+        extras = self.meta.get("extras", [])
         try:
             zs: Dict[str, Tensor] = {}
+            mus: Dict[str, Tensor] = {}
             out: Dict[str, LayerStats] = {}
             for name in group:
                 L, t = layers[name], targets[name]
@@ -457,10 +476,15 @@ class _Reader:
                     o = targets[owner]
                     zshape = (o.n,) if o.kind == "embedding" else (o.n, o.n)
                     zs[owner] = get(layers[owner]["file"], f"{owner}/Z", zshape, o.device)
+                    if "mean" in extras:
+                        mus[owner] = zs[owner] if o.kind == "embedding" else \
+                            get(layers[owner]["file"], f"{owner}/mu", (o.n,), o.device)
                 out[name] = LayerStats(name=name, Z=zs[owner], G=get(L["file"], f"{name}/G", (t.m, t.n), t.device),
                                        s=get(L["file"], f"{name}/s", (t.m,), t.device), count=int(L["tokens"]),
-                                       z_owner=owner, diag=t.kind == "embedding")
-            del zs
+                                       z_owner=owner, diag=t.kind == "embedding", mu=mus.get(owner),
+                                       Y=get(L["file"], f"{name}/Y", (t.m, t.m), t.device)
+                                       if "output_cov" in extras else None)
+            del zs, mus
         except LoRAInitError:
             raise
         except (KeyError, TypeError, ValueError) as err:
@@ -513,8 +537,12 @@ class _Writer:
                 raise LoRAInitError(f"stats_cache: {name!r} shares Z with {st.z_owner!r}, which is not in the same pass")
             if st.z_owner == name:
                 tensors.append((f"{name}/Z", st.Z))
+                if "mean" in self.key.write_extras and not st.diag:  # an embedding's mean is its Z
+                    tensors.append((f"{name}/mu", st.mu))
             tensors.append((f"{name}/G", st.G))
             tensors.append((f"{name}/s", st.s))
+            if "output_cov" in self.key.write_extras:
+                tensors.append((f"{name}/Y", st.Y))
             self.layers[name] = {"kind_m_n": self.key.shapes[name], "z_owner": st.z_owner, "tokens": int(st.count),
                                  "token_mask": (done.masks or {}).get(name), "file": file}
         self.examples = int(done.examples)
@@ -546,6 +574,7 @@ class _Writer:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": key.names,
                 "layers": {n: self.layers[n] for n in key.names}, "stats_dtype": key.stats_dtype,
                 "token_mask": key.token_mask, "stats_examples": self.examples, "passes": k, "parts": self.parts,
+                "extras": list(key.write_extras),
                 "data": key.data, "loss": key.loss, "backend": key.backend,
                 "model": {"fingerprint": key.model, "params": key.params}}
 

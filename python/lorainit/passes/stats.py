@@ -10,7 +10,9 @@ parameter. Each layer's valid tokens come from the mask that matches its input
 heads). Targets whose inputs are the same tensor (q/k/v, gate/up) are found at run time on the
 first batch and share one ``Z``. ``nn.Embedding`` targets get :class:`EmbeddingStats`: their
 one-hot inputs make ``Z`` diagonal (the token frequencies), kept as a vector. Under a memory budget :func:`plan_groups` splits the targets
-into groups with one pass each (layers sharing an input stay together).
+into groups with one pass each (layers sharing an input stay together). A method may ask for
+extra statistics of the same pass (:data:`EXTRAS`): the input mean (EVA) and the output second
+moment ``(1/T) sum_t y_t y_t^T`` (Astra, from the forward hook's output, kept until its backward).
 
 With a process group (:mod:`lorainit.distributed`): every rank runs as many batches as the rank
 with the most (a rank that ran out repeats its first batch with the statistics off, so FSDP2's
@@ -38,7 +40,7 @@ from .loss import LossRunner
 from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
-__all__ = ["LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "probe_shared_inputs",
+__all__ = ["EXTRAS", "check_extras", "LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "probe_shared_inputs",
            "stats_pass"]
 
 
@@ -53,6 +55,22 @@ class LayerStats:
     count: int
     z_owner: str  # the layer whose accumulator holds Z (itself when not shared)
     diag: bool = False  # Z is the (n,) diagonal (embedding targets: token frequencies)
+    mu: Optional[Tensor] = None  # (n,) input mean (extra "mean"; shared like Z; an embedding's is its Z)
+    Y: Optional[Tensor] = None  # (m, m) output second moment (1/T) sum_t y_t y_t^T (extra "output_cov")
+
+
+#: The optional statistics a method may ask the pass for, beside ``Z, G, s``: ``"mean"`` (the input
+#: mean, O(T n), EVA) and ``"output_cov"`` (the output second moment, O(T m^2) and m^2 bytes, Astra).
+EXTRAS = ("mean", "output_cov")
+
+
+def check_extras(extras) -> tuple:
+    """``extras`` as a sorted tuple of names from :data:`EXTRAS` (ValueError naming an unknown one)."""
+    extras = tuple(sorted(set(extras or ())))
+    bad = [e for e in extras if e not in EXTRAS]
+    if bad:
+        raise ValueError(f"unknown statistics {bad}; the pass can add {list(EXTRAS)}")
+    return extras
 
 
 class EmbeddingStats:
@@ -99,16 +117,18 @@ class EmbeddingStats:
         return self.g2 / max(self.count, 1)
 
 
-def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool = True) -> int:
-    """Bytes of one layer's accumulators: Z (n^2, unless shared), G (m n), s (m)."""
+def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool = True, extras: Sequence[str] = ()) -> int:
+    """Bytes of one layer's accumulators: Z (n^2, unless shared), G (m n), s (m); with ``extras``: the
+    input mean (n, with Z) and the output second moment (m^2)."""
     e = torch.finfo(dtype).bits // 8
     z = (t.n if t.kind == "embedding" else t.n * t.n) if with_z else 0
-    return e * (z + t.m * t.n + t.m)
+    extra = (t.n if with_z and "mean" in extras else 0) + (t.m * t.m if "output_cov" in extras else 0)
+    return e * (z + t.m * t.n + t.m + extra)
 
 
 def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: Dict[str, str],
                 max_memory: Optional[int], dtype: torch.dtype,
-                working_set: Optional[Callable[[str], int]] = None) -> List[List[str]]:
+                working_set: Optional[Callable[[str], int]] = None, extras: Sequence[str] = ()) -> List[List[str]]:
     """Split targets (in model order) into passes whose peak fits in ``max_memory`` bytes.
 
     A pass's peak is its statistics plus the largest ``working_set(name)`` of its layers (bytes used
@@ -122,7 +142,8 @@ def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: D
     if max_memory is None:
         return [list(names)]
     work_of = working_set or (lambda name: 0)
-    return pack_passes([(members, sum(stats_bytes(targets[n], dtype, with_z=(n == members[0])) for n in members),
+    return pack_passes([(members, sum(stats_bytes(targets[n], dtype, with_z=(n == members[0]), extras=extras)
+                                      for n in members),
                          max(work_of(n) for n in members)) for members in units.values()], max_memory)
 
 
@@ -155,8 +176,11 @@ class StatsCollector:
     """
 
     def __init__(self, targets: Dict[str, TargetLayer], names: Sequence[str], *, dtype=torch.float32,
-                 backend: str = "auto", probe_only: bool = False, model: Optional[nn.Module] = None):
+                 backend: str = "auto", probe_only: bool = False, model: Optional[nn.Module] = None,
+                 extras: Sequence[str] = ()):
         self.targets = targets
+        self.extras = check_extras(extras)
+        self.keep_output = "output_cov" in self.extras
         self.layer_masks = LayerMasks(model, targets, list(names))
         self.names = list(names)
         self.dtype, self.backend = dtype, backend
@@ -215,7 +239,8 @@ class StatsCollector:
                 return None
             if not output.requires_grad:
                 output.requires_grad_(True)  # all parameters are frozen: start the graph here
-            output.register_hook(self._make_grad_hook(name, x))
+            y = output.detach() if self.keep_output and self.targets[name].kind != "embedding" else None
+            output.register_hook(self._make_grad_hook(name, x, y))
             return None
         return hook
 
@@ -223,7 +248,7 @@ class StatsCollector:
         """The mask matching this layer's input (:meth:`LayerMasks.select`; errors do not name the module)."""
         return self.layer_masks.select(name, x, self.masks)[0]
 
-    def _make_grad_hook(self, name: str, x: Tensor):
+    def _make_grad_hook(self, name: str, x: Tensor, y: Optional[Tensor] = None):
         def grad_hook(g: Tensor):
             if self.error is not None or not self.active:
                 return None
@@ -231,7 +256,10 @@ class StatsCollector:
                 t0 = time.perf_counter()
                 mask = self._mask_for(name, x)  # the batch's mask is final once backward runs
                 st = self.stats[name]
-                st.update(x.detach(), g.detach(), mask)
+                if y is None:
+                    st.update(x.detach(), g.detach(), mask)
+                else:
+                    st.update(x.detach(), g.detach(), mask, output=y)
                 self.kernel_time += time.perf_counter() - t0
             except Exception as err:  # named and re-raised after backward
                 self.error = LoRAInitError(f"module {name!r}, batch {self.batch_index}: {err}")
@@ -268,8 +296,7 @@ class StatsCollector:
                 if t.kind == "embedding":
                     self.stats[name] = EmbeddingStats(t.n, t.m, device=t.device, dtype=self.dtype)
                     continue
-                self.stats[name] = lk.KFACStats(t.n, t.m, track_input_cov=self.owner[name] == name,
-                                                device=t.device, dtype=self.dtype, backend=self.backend)
+                self.stats[name] = self._accumulator(t, self.owner[name] == name)
         for name in self.names:
             if name not in self.stats and name in self.calls:
                 raise LoRAInitError(f"module {name!r} ran in batch {self.batch_index} but not in batch 0; "
@@ -291,9 +318,13 @@ class StatsCollector:
             self.owner[name] = owners[name]
         for name in self.names:
             if name in owners and name not in self.stats:
-                t = self.targets[name]
-                self.stats[name] = lk.KFACStats(t.n, t.m, track_input_cov=owners[name] == name, device=t.device,
-                                                dtype=self.dtype, backend=self.backend)
+                self.stats[name] = self._accumulator(self.targets[name], owners[name] == name)
+
+    def _accumulator(self, t: TargetLayer, owns_z: bool) -> lk.KFACStats:
+        """A linear target's accumulator: Z (and the input mean) only where it owns its input's Z."""
+        return lk.KFACStats(t.n, t.m, track_input_cov=owns_z, track_input_mean=owns_z and "mean" in self.extras,
+                            track_output_cov="output_cov" in self.extras, device=t.device, dtype=self.dtype,
+                            backend=self.backend)
 
     def fingerprint(self) -> Dict[str, tuple]:
         """{target that ran here: (Z owner, accumulator dtype, tracks Z)}, what the ranks exchange before reducing."""
@@ -324,10 +355,22 @@ class StatsCollector:
             # means in place (no second copy): the accumulators are released below
             G, s = (st.grad(), st.grad_sq()) if diag else (st.g_sum.div_(st.count), st.s_sum.div_(st.count))
             out[name] = LayerStats(name=name, Z=None, G=G, s=s, count=st.count, z_owner=owner, diag=diag)
+        for name, s in out.items():
+            st = self.stats[name]
+            if "output_cov" in self.extras:
+                if s.diag:
+                    raise LoRAInitError(f"module {name!r}: the output covariance is not defined for an embedding "
+                                        f"target in lorainit (its method takes linear layers only)")
+                s.Y = st.y_sum.div_(st.count)
         zs = {o: self.stats[o].input_cov() if isinstance(self.stats[o], EmbeddingStats)
               else self.stats[o].z_sum.div_(self.stats[o].count) for o in {s.z_owner for s in out.values()}}
+        mus = {}
+        if "mean" in self.extras:  # an embedding's one-hot inputs have the token frequencies as their mean
+            mus = {o: zs[o] if isinstance(self.stats[o], EmbeddingStats) else self.stats[o].mu_sum.div_(self.stats[o].count)
+                   for o in zs}
         for s in out.values():
             s.Z = zs[s.z_owner]
+            s.mu = mus.get(s.z_owner)
             if self.stats[s.z_owner].count != s.count:
                 raise LoRAInitError(f"modules {s.z_owner!r} and {s.name!r} share an input but saw different token counts")
         self.stats = {}
@@ -357,8 +400,10 @@ def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names
 
 def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any],
                runner: LossRunner, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
-               progress: bool = False, desc: str = "lorainit statistics") -> StatsPass:
+               progress: bool = False, desc: str = "lorainit statistics", extras: Sequence[str] = ()) -> StatsPass:
     """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced.
+
+    ``extras`` (:data:`EXTRAS`): optional statistics accumulated in the same pass (``LayerStats.mu``, ``.Y``).
 
     With a process group: padded to the same number of batches on every rank, an agreed status after
     each forward and backward, the targets that ran agreed before the bucketed all-reduce (module docstring).
@@ -366,7 +411,7 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
     examples = 0
     steps = dist_utils.all_reduce_max(len(batches))
     with pass_state(model, targets, train_mode=True), \
-            StatsCollector(targets, names, dtype=dtype, backend=backend, model=model) as col:
+            StatsCollector(targets, names, dtype=dtype, backend=backend, model=model, extras=extras) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
             for i in range(steps):
