@@ -5,7 +5,7 @@ statistics' sums and counts are all-reduced (so each rank holds the statistics o
 data), the per-layer solves are spread over the ranks and each result is broadcast from the rank
 that computed it. Without an initialized process group every function here is the identity.
 
-The protocol (README "Distributed and FSDP2"), so that no rank can hang in a collective the
+The protocol (docs/distributed.md), so that no rank can hang in a collective the
 others never enter, and no reduction can mix tensors of different layers:
 
 * :func:`agree_fingerprint`: before any reduction, one all-gather of a fingerprint (targets,

@@ -103,7 +103,7 @@ class LoRADAConfig(InitConfig):
         token_mask: ``"attention"`` (tokens with ``attention_mask == 1``) or ``"labels"`` (only the
             positions whose loss label is not -100).
         max_memory: bytes bounding the peak of the whole call above the model and one forward/backward
-            of a batch (README "Memory"); None = all layers in one pass. Below what all statistics plus
+            of a batch (docs/memory.md); None = all layers in one pass. Below what all statistics plus
             one layer's solve need, layers are processed in groups with one pass each and solved in
             chunks that fit beside their statistics (identical adapters: each layer's LOBPCG start is
             seeded from its name). A budget below one layer's working set warns with the smallest
