@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_DIRS = ("bench/results/", "bench/experiments/results/")
 METHODS_SOURCE = "lorainit.methods"
 
-BLOCK = re.compile(r"(?P<open><!-- table: (?P<spec>.*?) -->)\n(?P<body>.*?)(?P<close><!-- /table -->)", re.S)
+BLOCK = re.compile(r"(?P<open><!-- table: (?P<spec>[^\n]*?) -->)\n(?P<body>.*?)(?P<close><!-- /table -->)", re.S)
+OPEN = re.compile(r"<!-- table:")
 _SEPARATOR = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 
 
@@ -240,9 +241,36 @@ def render(spec: str, *, root: Path = ROOT) -> str:
     return "\n".join(lines + [""]) + "\n"
 
 
+def _fenced_spans(text: str) -> List[range]:
+    """Character ranges of fenced code blocks (a block shown as an example there is not a block)."""
+    spans, start, pos, fence = [], 0, 0, None
+    for line in text.splitlines(keepends=True):
+        stripped = line.lstrip()
+        if fence is None and stripped.startswith(("```", "~~~")):
+            fence, start = stripped[:3], pos
+        elif fence is not None and stripped.startswith(fence):
+            spans.append(range(start, pos + len(line)))
+            fence = None
+        pos += len(line)
+    if fence is not None:
+        spans.append(range(start, pos))
+    return spans
+
+
 def refresh_text(text: str, *, where: str = "", root: Path = ROOT) -> str:
-    """``text`` with every block regenerated (TableError names ``where`` and the block's line)."""
+    """``text`` with every block regenerated (TableError names ``where`` and the block's line);
+    blocks inside fenced code are examples and stay as written."""
+    fenced = _fenced_spans(text)
+    matched = {m.start() for m in BLOCK.finditer(text)}
+    for m in OPEN.finditer(text):
+        if m.start() not in matched and not any(m.start() in span for span in fenced):
+            line = text.count("\n", 0, m.start()) + 1
+            raise TableError(f"{where}:{line}: a table block must be '<!-- table: FILE [options] -->' on one line, "
+                             f"then a newline, and end with '<!-- /table -->'")
+
     def sub(m: re.Match) -> str:
+        if any(m.start() in span for span in fenced):
+            return m.group(0)
         try:
             body = render(m.group("spec"), root=root)
         except (TableError, OSError, json.JSONDecodeError) as err:

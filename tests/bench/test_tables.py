@@ -71,6 +71,13 @@ def test_refresh_replaces_a_stale_body_and_check_mode_reports_it(tmp_path, capsy
     assert tables.main(["--check", str(doc)]) == 0
 
 
+def test_blocks_in_fenced_code_are_examples_and_unclosed_blocks_are_errors(tmp_path):
+    example = "```\n<!-- table: bench/results/nothing.json -->\n<!-- /table -->\n```\n"
+    assert tables.refresh_text(example, root=tmp_path) == example
+    with pytest.raises(tables.TableError, match="page.md:2: a table block must be"):
+        tables.refresh_text("text\n<!-- table: bench/results/x.json -->\nno end\n", where="page.md", root=tmp_path)
+
+
 def test_methods_block_lists_every_registered_method():
     import lorainit
 
