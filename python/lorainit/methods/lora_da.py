@@ -1,4 +1,4 @@
-"""LoRA-DA on a PEFT model: its config, the statistics pass, batched per-shape solves, the step size.
+"""LoRA-DA on a PEFT model: its config, the statistics pass, the layer-by-layer solves, the step size.
 
 LoRA-DA (Zhang et al. 2025, "LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via
 Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC statistics
