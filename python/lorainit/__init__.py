@@ -16,6 +16,10 @@ from .context import InitContext
 from .init import initialize_lora
 from .memory import MemoryPlan, estimate_memory
 from .methods.baselines import BaselineConfig, LoRAGAConfig, LoRAOneConfig, MiLoRAConfig, PiSSAConfig
+from .methods.astra import AstraConfig
+from .methods.corda import CorDAConfig
+from .methods.data_free import MiCAConfig, OLoRAConfig
+from .methods.eva import EVAConfig
 from .methods.hrp import HRPConfig
 from .methods.lora_da import LoRADAConfig
 from .registry import register_method
@@ -29,7 +33,7 @@ _LAZY = {
     "LoRAInitCallback": ("lorainit.integrations.trainer", "LoRAInitCallback"),
 }
 
-__all__ = ["BaselineConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
+__all__ = ["AstraConfig", "BaselineConfig", "CorDAConfig", "EVAConfig", "MiCAConfig", "OLoRAConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
            "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "LoRAInitWarning",
            "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method",
            "save_adapter"]

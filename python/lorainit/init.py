@@ -88,7 +88,7 @@ def initialize_lora(
     With ``torch.distributed`` initialized (DDP-style replicas, or an FSDP2 model: ``fully_shard``
     per decoder layer and on the root) every rank calls this with its own dataloader; ``num_samples``
     is the total over ranks, the result equals one process on the union of the ranks' samples, and
-    an error on any rank raises on every rank (README "Distributed and FSDP2").
+    an error on any rank raises on every rank (docs/distributed.md).
     """
     t_start = time.perf_counter()
     spec = get_method(method)
@@ -136,6 +136,9 @@ def initialize_lora(
         if getattr(config, "freeze_A", False):
             for t in targets.values():
                 t.lora_A.requires_grad_(False)
+        if getattr(config, "freeze_B", False):  # MiCA: only lora_A trains (PEFT's MiCA variant)
+            for t in targets.values():
+                t.lora_B.requires_grad_(False)
     except BaseException:
         try:
             ctx.close()  # an incomplete stats_cache is removed

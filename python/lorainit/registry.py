@@ -34,6 +34,11 @@ BUILTIN: Dict[str, str] = {
     "milora": "lorainit.methods.baselines:MILORA",
     "lora_ga": "lorainit.methods.baselines:LORA_GA",
     "lora_one": "lorainit.methods.baselines:LORA_ONE",
+    "eva": "lorainit.methods.eva:EVA",
+    "corda": "lorainit.methods.corda:CORDA",
+    "astra": "lorainit.methods.astra:ASTRA",
+    "olora": "lorainit.methods.data_free:OLORA",
+    "mica": "lorainit.methods.data_free:MICA",
 }
 
 _REGISTERED: Dict[str, MethodSpec] = {}  # register_method(); takes precedence over BUILTIN
