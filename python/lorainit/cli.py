@@ -230,12 +230,18 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def cmd_init(args) -> int:
     import torch
 
+    from .errors import LoRAInitError
     from .init import initialize_lora
     from .registry import methods
 
     known = {s["name"]: s for s in methods()}
     if args.method not in known:
-        raise UsageError(f"--method {args.method!r}: not registered; choose one of {sorted(known)}")
+        from .registry import get_method
+
+        try:
+            get_method(args.method)
+        except LoRAInitError as err:  # names the closest registered method
+            raise UsageError(f"--method: {err}") from None
     model_dir = Path(args.model)
     gguf = args.gguf_file
     if not (model_dir / "config.json").is_file() and not (gguf and (model_dir / gguf).is_file()):

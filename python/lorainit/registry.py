@@ -16,10 +16,12 @@ registry. User methods join through :func:`register_method`::
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Callable, Dict, List, Type
 
 from .configs import InitConfig
+from .errors import LoRAInitError
 from .methods.common import MethodSpec
 
 __all__ = ["BUILTIN", "MethodSpec", "register_method", "get_method", "methods"]
@@ -71,12 +73,16 @@ def register_method(name: str, *, fn: Callable, config_cls: Type[InitConfig], ne
 
 
 def get_method(name: str) -> MethodSpec:
-    """The spec registered under ``name`` (ValueError listing the registered names otherwise)."""
+    """The spec registered under ``name``; otherwise ``LoRAInitError`` (a ValueError) with the closest
+    registered name (difflib) and the list of them."""
     if name in _REGISTERED:
         return _REGISTERED[name]
     if name in BUILTIN:
         return _builtin(name)
-    raise ValueError(f"unknown method {name!r}; registered methods: {sorted({*BUILTIN, *_REGISTERED})}")
+    known = sorted({*BUILTIN, *_REGISTERED})
+    close = difflib.get_close_matches(str(name).lower().replace("-", "_"), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise LoRAInitError(f"unknown method {name!r}; {hint}registered methods: {known}")
 
 
 def methods() -> List[Dict[str, object]]:

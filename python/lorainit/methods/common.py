@@ -79,13 +79,38 @@ def layer_groups(targets: Dict[str, TargetLayer], names: Optional[List[str]] = N
 
 
 def kernel_call(method: str, names: List[str], fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)``, its argument errors re-raised as LoRAInitError naming ``method`` and the modules."""
+    """``fn(*args, **kwargs)``, its argument errors re-raised as LoRAInitError naming ``method`` and the modules.
+
+    For a batched call (one layer per index of a leading batch axis of ``len(names)``) the error names the
+    layer(s) whose inputs hold NaN/Inf entries, when that is the cause, rather than the whole group.
+    """
     try:
         return fn(*args, **kwargs)
     except LoRAInitError:
         raise
     except (ValueError, TypeError, RuntimeError) as err:
-        raise LoRAInitError(f"{method}: modules {names[:4]}{'...' if len(names) > 4 else ''}: {err}") from err
+        text = str(err)
+        for prefix in (f"{method}: ", f"{method.split(' ')[0]}: "):  # the kernel may already name the method
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+                break
+        bad = _nonfinite_members(names, args, kwargs) if len(names) > 1 else []
+        shown = bad or names
+        where = (f"module {shown[0]!r}" if len(shown) == 1
+                 else f"modules {shown[:4]}{'...' if len(shown) > 4 else ''}")
+        if bad:
+            where += f" (batch index {[names.index(n) for n in bad][:4]} of the {len(names)} layers solved together)"
+        raise LoRAInitError(f"{method}: {where}: {text}") from err
+
+
+def _nonfinite_members(names: List[str], args, kwargs) -> List[str]:
+    """The ``names[i]`` whose slice ``i`` of a batched tensor argument (leading axis ``len(names)``) has NaN/Inf."""
+    bad = set()
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[0] == len(names):
+            finite = torch.isfinite(x.detach()).reshape(len(names), -1).all(dim=1)
+            bad.update(i for i in range(len(names)) if not bool(finite[i]))
+    return [names[i] for i in sorted(bad)]
 
 
 def generator(seed: Optional[int]) -> Optional[torch.Generator]:

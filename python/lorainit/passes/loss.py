@@ -50,6 +50,48 @@ def _takes_labels(model: nn.Module) -> bool:
     return False
 
 
+def _tensors(obj):
+    """The floating-point tensors in a module's input or output (tensors, tuples, lists, dicts, ModelOutputs)."""
+    if isinstance(obj, Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, run: Callable[[], object]) -> Optional[Tuple[str, list]]:
+    """``(name, its non-finite parameters)`` of the first module, in execution order, whose output has
+    NaN/Inf entries while its inputs are finite: where a non-finite forward started. ``run()`` is
+    called once more (no grad) under forward hooks on every module; None when no module qualifies
+    (e.g. the data itself is not finite, or ``run`` is not deterministic)."""
+    found = []
+
+    def hook(module, args, kwargs, output):
+        if found or _finite(_tensors(output)):
+            return
+        if _finite(_tensors(args) + _tensors(kwargs)):
+            params = [n for n, p in module.named_parameters(recurse=False) if not bool(torch.isfinite(p).all())]
+            found.append((names[module], params))
+
+    names = {m: n for n, m in model.named_modules() if n}
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in names]
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - a diagnosis: whatever ran before the failure is what we can name
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 class LossRunner:
     """Turns a batch into the **summed** loss and the token mask (DESIGN.md section 2).
 
@@ -159,17 +201,32 @@ class LossRunner:
         try:
             loss, count = self.summed_loss(prepared, index)
         except LoRAInitError:  # e.g. NaN activations make the loss normalization undetectable: name the module
-            bad = culprit() if check_finite and culprit is not None else None
-            if bad is not None:
-                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
+            if check_finite:
+                self._raise_nonfinite(prepared, index, culprit, None)
             raise
         mask = self.masks(prepared)
         if check_finite and not bool(torch.isfinite(loss.detach())):
-            bad = culprit() if culprit is not None else None
-            if bad is not None:
-                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations")
-            raise LoRAInitError(f"batch {index}: the loss is {float(loss)} (NaN/Inf activations or logits)")
+            self._raise_nonfinite(prepared, index, culprit, float(loss.detach()))
         return loss, count, mask
+
+    def _raise_nonfinite(self, prepared, index: int, culprit, loss: Optional[float]) -> None:
+        """Raise the error of a batch whose forward went non-finite, naming where it started: the first
+        module whose output is NaN/Inf although its inputs are finite (:func:`first_nonfinite_module`,
+        e.g. a NaN in its weight), else the first target whose input was not finite (non-finite data)."""
+        bad_input = culprit() if culprit is not None else None
+        source = None
+        if not dist_utils.is_distributed():  # a rank-local extra forward would hang a sharded model
+            source = first_nonfinite_module(self.model, lambda: self.summed_loss(prepared, index))
+        if source is not None:
+            name, params = source
+            why = (f"its parameter(s) {params} have NaN/Inf entries" if params
+                   else "its output is NaN/Inf although its inputs are finite (overflow?)")
+            raise LoRAInitError(f"module {name!r}, batch {index}: {why} (the first module whose output is not "
+                                f"finite)") from None
+        if bad_input is not None:
+            raise LoRAInitError(f"module {bad_input!r}, batch {index}: its input has NaN/Inf activations") from None
+        if loss is not None:
+            raise LoRAInitError(f"batch {index}: the loss is {loss} (NaN/Inf activations or logits)")
 
     def summed_loss(self, batch, index: int) -> Tuple[Tensor, int]:
         """``(summed loss, number of loss terms)`` of a prepared batch (forward only)."""
