@@ -3,7 +3,7 @@
 Every check that needs the process group runs in one ``mp.spawn`` (CI time); the tests below read
 what each rank saved and compare it with one process on the union of the ranks' data:
 
-* lora_da, pissa, lora_ga, lora_one, hrp on an FSDP2 tiny Llama: ``scaling * B @ A`` and the base
+* lora_da, pissa, lora_ga, lora_one, hrp, corda, astra on an FSDP2 tiny Llama: ``scaling * B @ A`` and the base
   weights equal the one-process union result (1e-4 relative); both ranks hold the same values;
 * a training step runs afterwards (the model is still an FSDP2 model: DTensor parameters);
 * a NaN planted in rank 1's data only: both ranks raise ``LoRAInitError`` naming rank 1 and the
@@ -28,7 +28,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
-METHODS = ("lora_da", "pissa", "lora_ga", "lora_one", "hrp")
+METHODS = ("lora_da", "pissa", "lora_ga", "lora_one", "hrp", "corda", "astra")
 HRP_STEPS = 4
 
 
@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 
 def _config(method):
+    from lorainit.methods.astra import AstraConfig
     from lorainit.methods.baselines import LoRAGAConfig, LoRAOneConfig, PiSSAConfig
+    from lorainit.methods.corda import CorDAConfig
     from lorainit.methods.hrp import HRPConfig
     from lorainit.methods.lora_da import LoRADAConfig
 
@@ -49,6 +51,8 @@ def _config(method):
         "lora_ga": LoRAGAConfig(),
         "lora_one": LoRAOneConfig(),
         "hrp": HRPConfig(rank=8, steps=HRP_STEPS, lr=1e-2),
+        "corda": CorDAConfig(),
+        "astra": AstraConfig(solver="eigh"),
     }[method]
 
 
