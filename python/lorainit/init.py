@@ -14,6 +14,7 @@ import time
 import warnings
 from typing import Callable, Iterable, Optional, Union
 
+import torch
 from torch import nn
 
 from . import distributed as dist_utils
@@ -22,10 +23,20 @@ from .configs import InitConfig
 from .context import InitContext
 from .passes.cache import check_path
 from .registry import get_method
-from .report import InitReport
+from .report import InitReport, thread_hint
 from .targets import LoRAInitError, LoRAInitWarning, find_targets, target_fingerprint
 
 __all__ = ["initialize_lora"]
+
+_THREADS_WARNED = False
+
+
+def _warn_threads_once(hint: str) -> None:
+    """One warning per process about busy CPUs (the report of every affected call keeps the hint)."""
+    global _THREADS_WARNED
+    if not _THREADS_WARNED:
+        _THREADS_WARNED = True
+        warnings.warn(f"lorainit: {hint}", LoRAInitWarning, stacklevel=3)
 
 
 def initialize_lora(
@@ -53,8 +64,8 @@ def initialize_lora(
         method: a registered name (``lorainit.methods()`` lists them), e.g. ``"lora_da"``.
         config: the method's config (e.g. :class:`LoRADAConfig`); None uses its defaults.
         loss_fn: ``loss_fn(model, batch) -> summed loss`` over the batch; default: the model's own
-            loss (from ``labels``) times its number of loss tokens (DESIGN.md section 2).
-        progress: tqdm progress bars for the data passes.
+            loss (from ``labels``) times its number of loss tokens (docs/math.md).
+        progress: tqdm progress bars for every long phase (data passes, solves, step search, preheat).
         adapter: which adapter to initialize (default: the active one). With several active adapters
             this is required (one adapter per call: call once per adapter).
         loss_reduction: what ``loss_fn`` returns: ``"sum"`` (the summed loss) or ``"mean"`` (a mean over
@@ -90,7 +101,7 @@ def initialize_lora(
     is the total over ranks, the result equals one process on the union of the ranks' samples, and
     an error on any rank raises on every rank (docs/distributed.md).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     spec = get_method(method)
     if config is None:
         config = spec.config_cls()
@@ -158,4 +169,10 @@ def initialize_lora(
     info["base_modified"] = any(f.base_delta is not None for f in factors.values())
     if ctx.world > 1:
         info["world_size"] = ctx.world
+    info["cpu_time_s"] = time.process_time() - cpu_start  # all of the process's threads, beside timings["total"]
+    if all(t.device.type == "cpu" for t in targets.values()):  # on an accelerator the CPU waits, by design
+        hint = thread_hint(ctx.timings["total"], info["cpu_time_s"], torch.get_num_threads())
+        if hint is not None:
+            info["hint"] = hint
+            _warn_threads_once(hint)
     return InitReport(method=method, config=config.to_dict(), layers=rows, info=info, timings=dict(ctx.timings))

@@ -6,7 +6,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-__all__ = ["InitReport"]
+__all__ = ["InitReport", "thread_hint"]
+
+# The hint about busy CPUs: wall time at least this many times the process's CPU time, over at least
+# this many seconds (shorter runs are dominated by start-up noise).
+WALL_OVER_CPU = 2.0
+MIN_WALL_S = 2.0
+
+
+def thread_hint(wall_s: float, cpu_s: float, threads: int) -> Optional[str]:
+    """A hint when the init's wall time is far above the CPU time the process got (``cpu_s`` from
+    ``time.process_time``, all threads): the cores were busy with other work, and torch's threads
+    then mostly wait for each other (oversubscription). None when the times look normal."""
+    if wall_s < MIN_WALL_S or wall_s < WALL_OVER_CPU * cpu_s:
+        return None
+    return (f"the init took {wall_s:.1f} s but the process got only {cpu_s:.1f} s of CPU time with "
+            f"{threads} torch threads: the CPU cores are busy with other jobs (thread oversubscription can make "
+            f"it several times slower); try torch.set_num_threads(1) or `lorainit init --num-threads 1` "
+            f"(docs/performance.md)")
 
 
 def _short(v: Any) -> str:
@@ -27,8 +44,10 @@ class InitReport:
 
     Attributes:
         method: registered method name; config: its configuration as a dict.
-        layers: one dict per target layer (name, shape, rank, tokens, n_train, eigenvalues, solver
-            iterations and residual, time, ...; which keys exist depends on the method).
+        layers: one dict per target layer (name, shape, rank, tokens, n_train, eigenvalues, solver,
+            iterations, converged and residual, time, ...; which keys exist depends on the method).
+            ``time_s`` is the layer's own solve time, except where ``time_group_size`` (k > 1) says it
+            is a 1/k share of a batched call over k layers (the table marks those with ``*``).
         info: global facts (n_train source, step-size search scores and the chosen eta, passes, ...;
             ``stats_cache``: ``{"path", "hit", "files", ...}`` with a statistics cache, ``"used": False``
             when the method computes no statistics).
@@ -41,7 +60,22 @@ class InitReport:
     info: Dict[str, Any] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
 
-    COLUMNS = ("name", "shape", "r", "tokens", "n_train", "eigenvalues", "iters", "residual", "time_s")
+    # The raw eigenvalues of Omega stay in the JSON: their scale (e.g. -4e7) says nothing at a glance.
+    COLUMNS = ("name", "shape", "r", "tokens", "n_train", "solver", "iters", "converged", "residual",
+               "preheat_rank", "time_s")
+
+    @classmethod
+    def from_json(cls, source: Union[str, Path]) -> "InitReport":
+        """The report that :meth:`to_json` wrote: from a file path, or from the JSON text itself."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        data = json.loads(text)
+        missing = [k for k in ("method", "config") if k not in data]
+        if missing:
+            raise ValueError(f"InitReport.from_json: not a lorainit report (no {missing})")
+        return cls(method=data["method"], config=data["config"], layers=list(data.get("layers", [])),
+                   info=dict(data.get("info", {})), timings=dict(data.get("timings", {})))
 
     def layer(self, name: str) -> Dict[str, Any]:
         for row in self.layers:
@@ -65,17 +99,28 @@ class InitReport:
     def table(self) -> str:
         cols = [c for c in self.COLUMNS if any(c in row or c == "shape" for row in self.layers)]
         rows = []
+        shares = False
         for row in self.layers:
             cells = []
             for c in cols:
+                v = row.get(c)
                 if c == "shape":
                     cells.append(f"{row.get('m', '?')}x{row.get('n', '?')}")
+                elif c == "converged" and isinstance(v, bool):
+                    cells.append("yes" if v else "NO")
+                elif c == "iters" and v == 0 and row.get("solver") in ("eigh", "none"):
+                    cells.append("-")  # a dense solve has no iterations
+                elif c == "time_s" and v is not None and (row.get("time_group_size") or 1) > 1:
+                    cells.append(_short(v) + "*")
+                    shares = True
                 else:
-                    cells.append(_short(row.get(c)))
+                    cells.append(_short(v))
             rows.append(cells)
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
         line = lambda cells: "  ".join(s.ljust(w) for s, w in zip(cells, widths))  # noqa: E731
         out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        if shares:
+            out.append("* time_s: an even share of one batched call over several layers (time_group_size)")
         return "\n".join(out)
 
     def __str__(self) -> str:

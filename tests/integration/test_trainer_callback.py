@@ -84,3 +84,56 @@ def test_callback_rejects_unknown_method():
 
     with pytest.raises(ValueError, match="magic"):
         LoRAInitCallback(method="magic")
+
+
+def test_callback_prints_saves_and_passes_adapter_loss_reduction_stats_cache(tiny_lm_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    import lorainit.init
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lorainit import InitReport, LoRADAConfig, LoRAInitCallback
+
+    calls = []
+    real = lorainit.init.initialize_lora
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorainit.init, "initialize_lora", spy)
+
+    def mean_loss(model, batch):  # the model's own (mean) loss: loss_reduction="mean" says so
+        return model(**batch).loss
+
+    tok, rows = _dataset(8)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    cache, saved = tmp_path / "stats.safetensors", tmp_path / "report.json"
+    reports = []
+    for run in range(2):  # the second run reads the statistics from the cache
+        cb = LoRAInitCallback(method="lora_da", config=LoRADAConfig(step_scale=0.1), num_samples=8, progress=False,
+                              adapter="default", loss_fn=mean_loss, loss_reduction="mean", stats_cache=cache,
+                              report_path=saved)
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{run}"), per_device_train_batch_size=4, max_steps=1,
+                                 report_to=[], use_cpu=True, save_strategy="no", seed=0)
+        Trainer(model=_model(tiny_lm_dir), args=args, train_dataset=rows, data_collator=collator,
+                callbacks=[cb]).train()
+        reports.append(cb.report)
+        assert "lorainit: method=lora_da" in capsys.readouterr().out  # printed on the main process
+        assert InitReport.from_json(saved).to_dict() == InitReport.from_json(cb.report.to_json()).to_dict()
+    assert [c["adapter"] for c in calls] == ["default", "default"]
+    assert [c["loss_reduction"] for c in calls] == ["mean", "mean"]
+    assert [r.info["stats_cache"]["hit"] for r in reports] == [False, True]
+
+
+def test_callback_can_stay_quiet(tiny_lm_dir, tmp_path, capsys):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lorainit import LoRAInitCallback
+
+    tok, rows = _dataset(4)
+    cb = LoRAInitCallback(method="lora", progress=False, print_report=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no", seed=0)
+    Trainer(model=_model(tiny_lm_dir), args=args, train_dataset=rows,
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb]).train()
+    assert cb.report is not None and "lorainit: method" not in capsys.readouterr().out

@@ -203,12 +203,14 @@ def test_short_dataloader_is_cycled_with_a_warning_and_one_shot_iterators_too():
 
     batches = [{"x": x, "y": y} for x, y in mlp_batches(n=24, bs=8)]  # 3 batches
     cfg = HRPConfig(rank=8, steps=7, lr=1e-2, loss_fn=loss_fn)
-    with pytest.warns(HRPDataWarning, match=r"ended after 3 batches.*steps=7"):
+    with pytest.warns(HRPDataWarning, match=r"steps=7 .* 3 batches: it will be cycled, 3 passes") as caught:
         report = initialize_lora(tiny_mlp(seed=0, r=2), batches, method="hrp", config=cfg, progress=False)
-    assert report.info["preheat_passes"] == 3
+    assert len([w for w in caught if issubclass(w.category, HRPDataWarning)]) == 1  # said once, before the start
+    assert report.info["preheat_passes"] == 3 and report.info["preheat_passes_planned"] == 3
+    assert report.info["preheat_rank"] == 8
     assert len(seen) == 7 and all(s is batches[i % 3] for i, s in enumerate(seen))  # exactly as yielded
     seen.clear()
-    with pytest.warns(HRPDataWarning):
+    with pytest.warns(HRPDataWarning, match=r"ended after 3 batches.*steps=7"):  # no length: said when it ends
         initialize_lora(tiny_mlp(seed=0, r=2), iter(batches), method="hrp", config=cfg, progress=False)
     assert len(seen) == 7 and all(s is batches[i % 3] for i, s in enumerate(seen))
 

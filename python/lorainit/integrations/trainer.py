@@ -13,11 +13,12 @@ Multi-process runs: every rank initializes from its own train dataloader (``num_
 total over ranks). With the Trainer's FSDP2 (accelerate) the callback sees the sharded model and
 goes through lorainit's DTensor path, but that combination was not run here; the tested recipe is
 to call ``initialize_lora`` on the unsharded PEFT model on every rank first and shard afterwards
-(README "Distributed and FSDP2").
+(docs/distributed.md).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import os
+from typing import Any, Callable, Optional, Union
 
 try:
     from transformers import TrainerCallback
@@ -35,21 +36,35 @@ class LoRAInitCallback(TrainerCallback):
         loss_fn: optional ``loss_fn(model, batch) -> summed loss``; by default the model's own loss
             (``labels`` in the batch), rescaled to the summed-loss convention.
         progress: show a progress bar (only on the main process).
+        adapter, loss_reduction, stats_cache: passed to ``initialize_lora`` (which adapter, what
+            ``loss_fn`` returns, a K-FAC statistics cache file).
+        print_report: print the report's table on the main process when the init is done.
+        report_path: also save the report as JSON there (main process), e.g.
+            ``f"{args.output_dir}/lorainit_report.json"``; ``InitReport.from_json`` reads it back.
     The report of the run is kept in ``callback.report``.
     """
 
     def __init__(self, method: str = "lora_da", config: Any = None, *, num_samples: int = 256,
-                 loss_fn: Optional[Callable] = None, progress: bool = True):
-        from ..registry import methods
+                 loss_fn: Optional[Callable] = None, progress: bool = True, adapter: Optional[str] = None,
+                 loss_reduction: Optional[str] = None, stats_cache: Optional[Union[str, "os.PathLike[str]"]] = None,
+                 print_report: bool = True, report_path: Optional[Union[str, "os.PathLike[str]"]] = None):
+        from ..errors import LoRAInitError
+        from ..registry import get_method
 
-        known = {spec["name"] for spec in methods()}
-        if method not in known:
-            raise ValueError(f"LoRAInitCallback: method={method!r} is not registered; choose one of {sorted(known)}")
+        try:
+            get_method(method)
+        except LoRAInitError as err:  # names the closest registered method
+            raise LoRAInitError(f"LoRAInitCallback: {err}") from None
         self.method = method
         self.config = config
         self.num_samples = num_samples
         self.loss_fn = loss_fn
         self.progress = progress
+        self.adapter = adapter
+        self.loss_reduction = loss_reduction
+        self.stats_cache = stats_cache
+        self.print_report = print_report
+        self.report_path = report_path
         self.report = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -62,6 +77,12 @@ class LoRAInitCallback(TrainerCallback):
         was_training = model.training
         self.report = initialize_lora(model, train_dataloader, method=self.method, config=self.config,
                                       num_samples=self.num_samples, loss_fn=self.loss_fn,
-                                      progress=self.progress and state.is_world_process_zero)
+                                      progress=self.progress and state.is_world_process_zero, adapter=self.adapter,
+                                      loss_reduction=self.loss_reduction, stats_cache=self.stats_cache)
         model.train(was_training)
+        if state.is_world_process_zero:
+            if self.print_report:
+                print(self.report)
+            if self.report_path is not None:
+                self.report.to_json(self.report_path)
         return control

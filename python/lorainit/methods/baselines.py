@@ -245,7 +245,7 @@ def _random_init(kernel: Callable, method: str) -> Callable:
             dt = (time.perf_counter() - t0) / len(names)
             for i, name in enumerate(names):
                 out[name] = finalize(ctx.targets[name], f.lora_A[i], f.lora_B[i])
-                ctx.record(name, time_s=dt)
+                ctx.record(name, time_s=dt, time_group_size=len(names))  # one batched call: an even share
         if embeddings:  # after the linear layers, from the same generator
             out.update(_random_embedding(ctx, method, embeddings, gen))
         if ctx.world > 1:  # cheap draws on every rank; rank 0's win (seed=None draws from each rank's own RNG)
@@ -274,7 +274,7 @@ def _weight_svd(ctx: InitContext, method: str, fn: Callable, max_batch: Optional
                         generator=generator, **kwargs)
         dt = (time.perf_counter() - t0) / len(names)
         for name in names:
-            ctx.record(name, time_s=dt)
+            ctx.record(name, time_s=dt, time_group_size=len(names))  # one batched call: an even share
         return {name: (f.lora_A[i], f.lora_B[i], f.base_delta[i]) for i, name in enumerate(names)}
 
     out: Dict[str, LoRAFactors] = {}

@@ -1,7 +1,7 @@
 """HRP (High-Rank Preheating) on a PEFT model: its config and the method ``initialize_lora(..., method="hrp")``.
 
 Chen, Wang, Fu, Shen, Jing, Tian & Tao (2025), "HRP: High-Rank Preheating for Superior LoRA
-Initialization", arXiv 2502.07739. DESIGN.md section 2. Per target layer ``W`` (m, n):
+Initialization", arXiv 2502.07739. Math conventions: docs/math.md. Per target layer ``W`` (m, n):
 
 1. **Preheat.** A rank-``R`` *asymmetric* LoRA branch ``delta W = B_pre A_pre`` is attached to every
    target layer: for RSI (``side="A"``, default) ``A_pre`` (R, n) is random and frozen and
@@ -71,7 +71,8 @@ class HRPConfig(InitConfig):
         rank: preheat rank ``R`` (default 128); must exceed every target's LoRA rank ``r``. Capped
             per layer at ``in_features`` (``side="A"``) / ``out_features`` (``side="B"``), where the
             preheat is full rank (the report lists the rank used per layer).
-        steps: number ``S`` of preheat optimizer steps (default 200), one batch each.
+        steps: number ``S`` of preheat optimizer steps (default 200), one batch each. More steps than
+            the dataloader has batches cycle it: a warning says how many passes before the preheat starts.
         lr: constant learning rate of the preheat (default 1e-4). Only the directions of the
             preheated product are kept, so what matters is that the preheat makes progress
             without diverging: choose about the learning rate that trains plain LoRA stably.
@@ -153,9 +154,31 @@ def _make_hook(group: _PreheatGroup, i: int, embedding: bool = False):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _cycle(dataloader: Iterable, steps: int, keep: Optional[Callable[[Any], bool]] = None
-           ) -> Iterator[Tuple[Any, int]]:
-    """Yield ``(batch, epoch)`` for ``steps`` batches, re-iterating the dataloader (and warning once) if it ends.
+def _batches_per_pass(dataloader: Iterable) -> Optional[int]:
+    """``len(dataloader)`` (batches per pass) when the dataloader has a length, else None."""
+    try:
+        n = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _warn_passes(steps: int, per_pass: Optional[int]) -> Optional[int]:
+    """Warn before the preheat starts when ``steps`` exceeds one pass over the data; the number of passes."""
+    if per_pass is None or steps <= per_pass:
+        return None
+    passes = math.ceil(steps / per_pass)
+    warnings.warn(f"hrp: steps={steps} preheat steps over a dataloader of {per_pass} batches: it will be cycled, "
+                  f"{passes} passes over the data (each batch about {steps / per_pass:.1f} times). Lower "
+                  f"HRPConfig.steps (steps={per_pass} is one pass) or pass more data to avoid repeating batches.",
+                  HRPDataWarning, stacklevel=4)
+    return passes
+
+
+def _cycle(dataloader: Iterable, steps: int, keep: Optional[Callable[[Any], bool]] = None, *,
+           announced: bool = False) -> Iterator[Tuple[Any, int]]:
+    """Yield ``(batch, epoch)`` for ``steps`` batches, re-iterating the dataloader (and warning once, unless
+    ``announced`` already did before the start) if it ends.
 
     A one-shot iterator (``iter(x) is x``) is cycled over the batches it yielded, kept in memory.
     Batches for which ``keep(batch)`` is False (no loss tokens) are skipped, with one warning.
@@ -177,7 +200,7 @@ def _cycle(dataloader: Iterable, steps: int, keep: Optional[Callable[[Any], bool
         raise LoRAInitError(f"hrp: the dataloader must be iterable, got {type(dataloader).__name__}") from err
     one_shot = first is dataloader
     kept: List[Any] = []
-    it, epoch, per_epoch, done, warned = first, 0, 0, 0, False
+    it, epoch, per_epoch, done, warned = first, 0, 0, 0, announced
     while done < steps:
         try:
             batch = next(it)
@@ -290,10 +313,14 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
             for name, (g, i) in where.items():
                 embedding = ctx.targets[name].kind == "embedding"
                 handles.append(ctx.targets[name].module.register_forward_hook(_make_hook(g, i, embedding)))
-            bar = ctx.progress_bar(config.steps, "lorainit HRP preheat", unit="step")
+            planned = _warn_passes(config.steps, _batches_per_pass(ctx.dataloader))
+            if planned is not None:
+                ctx.info["preheat_passes_planned"] = planned
+            bar = ctx.progress_bar(config.steps, f"lorainit HRP preheat (rank {config.rank})", unit="step")
             try:
                 keep = has_loss_tokens if config.loss_fn is None and ctx.needs_loss_tokens() else None
-                for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps, keep)):
+                for step, (batch, epoch) in enumerate(_cycle(ctx.dataloader, config.steps, keep,
+                                                             announced=planned is not None)):
                     epochs = epoch + 1
                     opt.zero_grad(set_to_none=True)
                     err, weight = None, 1.0
@@ -301,7 +328,7 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
                         try:
                             loss, weight = _batch_loss(ctx, config, batch, step)
                             if not bool(torch.isfinite(loss.detach())):
-                                raise LoRAInitError(f"hrp: the preheat loss is {float(loss)} at step {step}; lower "
+                                raise LoRAInitError(f"hrp: the preheat loss is {float(loss.detach())} at step {step}; lower "
                                                     f"HRPConfig.lr (now {config.lr}) or check the data")
                             if not loss.requires_grad:
                                 raise LoRAInitError(f"hrp: the loss at preheat step {step} does not depend on any "
@@ -362,6 +389,7 @@ def hrp_init(ctx: InitContext, config: HRPConfig) -> Dict[str, LoRAFactors]:
                 ctx.record(name, preheat_rank=g.R, preheat_norm=float(B_pre.norm() * A_pre.norm() / math.sqrt(g.R)),
                            preheat_singular_values=_product_singular_values(B_pre, A_pre, r + 1).tolist())
     ctx.info.update({
+        "preheat_rank": config.rank,
         "preheat_steps": config.steps,
         "preheat_passes": epochs,
         "preheat_loss_first": losses[0] if losses else None,
