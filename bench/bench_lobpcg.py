@@ -9,6 +9,8 @@ relative error <= 1e-5. The CUDA provider (cupyx.scipy.sparse.linalg.lobpcg) is 
 Besides the ratios: lorainit's iterations and the time split of one untimed call (operator
 products, Rayleigh-Ritz with the basis update, search directions = projection + orthonormalization),
 and the crossover sweep (batch 2, n = 256..4096) that sets ``lorainit_kernels.defaults.EIGH_CROSSOVER_N["cpu"]``.
+A second table (``step_norm_table``) checks sigma_max(dW) of LoRA-DA's step normalization: the subspace
+iteration started from ``A`` against the exact value and against the full-tolerance LOBPCG it replaced.
 """
 from __future__ import annotations
 
@@ -300,7 +302,9 @@ def _run(quick: bool) -> dict:
         r["provider"] = "scaling: " + r["provider"]
     cols = ["provider", "batch", "n", "k", "median_s", "q25_s", "q75_s", "speedup_vs_eigh", "objective_rel_err",
             "reaches_1e-5", "note"]
+    step = step_norm_table(quick, real=not quick)
     return {
+        "tables": [step],
         "title": "lobpcg: k=8 smallest eigenpairs of realistic LoRA-DA Omega, fp32, CPU",
         "columns": cols,
         "rows": main + cpu1 + scaling,
@@ -351,3 +355,113 @@ def _split_note(main: list) -> list:
                    f"{sp['products_per_matrix']:.1f} (blocks of k + guard = 16 columns, first product and "
                    f"verification included).")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sigma_max(dW) for the step normalization: subspace iteration from A (now) vs a full-tolerance LOBPCG (before)
+# ---------------------------------------------------------------------------------------------------------
+def _step_norm_lobpcg(dW):
+    """The previous sigma_max(dW) of LoRA-DA's step normalization (lorainit_kernels before 2026-12-07):
+    LOBPCG (largest, k=1) on the smaller Gram operator at tol 1e-6 (fp32), then ``||dW u||`` in fp64."""
+    import warnings
+
+    import lorainit_kernels as lk
+
+    m, n = dW.shape[-2:]
+    tmul = lambda X: (X.transpose(-1, -2) @ dW).transpose(-1, -2)            # noqa: E731
+    op = (lambda X: dW @ tmul(X)) if m < n else (lambda X: tmul(dW @ X))       # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, u = lk.lobpcg(op, 1, largest=True, n=min(m, n), dtype=torch.float32, tol=1e-6, maxiter=500)
+    u = u.double() / u.double().norm()
+    return (dW.double().mT @ u).norm() if m < n else (dW.double() @ u).norm()
+
+
+def _smollm2_stats(layers=(0, 15), samples: int = 64, seq: int = 64):
+    """K-FAC statistics of real SmolLM2-135M layers (7 projections each), through initialize_lora's
+    statistics cache: {target: (Z, G, s, tokens)}."""
+    import json
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    from bench.bench_init_overhead_smollm2 import _batches
+    from lorainit import LoRADAConfig, initialize_lora
+    from lorainit.models import LLAMA_PROJECTIONS, load_smollm2
+    from lorainit.passes.cache import META_KEY
+
+    base, tok = load_smollm2(torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0,
+                                            layers_to_transform=list(layers), layers_pattern="layers"))
+    out = {}
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(d) / "stats.safetensors"
+        initialize_lora(model, _batches(tok, samples, seq, 8), config=LoRADAConfig(step_scale=1.0),
+                        num_samples=samples, progress=False, stats_cache=path)
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()[META_KEY])
+            for name, lay in meta["layers"].items():
+                out[name] = (f.get_tensor(f"{lay['z_owner']}/Z"), f.get_tensor(f"{name}/G"), f.get_tensor(f"{name}/s"),
+                             lay["tokens"])
+    return out
+
+
+def step_norm_table(quick: bool = False, real: bool = True) -> dict:
+    """sigma_max(dW) of the step normalization: relative change of the step ``dW A A^T / sigma`` against the
+    exact fp64 sigma_max (``matrix_norm(ord=2)``), and the time of the new subspace iteration from ``A``
+    against the previous full-tolerance LOBPCG, interleaved rounds, on SmolLM2-like synthetic statistics
+    (``bench.spectra.kfac_stats``), unstructured random statistics and, with ``real``, the statistics of two
+    real SmolLM2-135M layers."""
+    from bench.spectra import kfac_stats
+    from lorainit_kernels.linalg import guidance as gd
+
+    import lorainit_kernels as lk
+
+    def random_stats(m, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+        return X.T @ X / X.shape[0], torch.randn(m, n, generator=g, dtype=torch.float64), \
+            torch.rand(m, generator=g, dtype=torch.float64) + 0.05
+
+    shapes = [(192, 576), (576, 1536)] if quick else [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    cases = []
+    for m, n in shapes:
+        cases.append((f"SmolLM2-like {m}x{n}", kfac_stats((), m, n, seed=m + n), 1e4))
+        cases.append((f"random {m}x{n}", random_stats(m, n, m + n), 1e4))
+    if real and not quick:
+        for name, (Z, G, s, tokens) in _smollm2_stats().items():
+            cases.append((f"SmolLM2-135M {name.split('model.')[-1]}", (Z, G, s), float(tokens)))
+    rows, worst = [], 0.0
+    t_old_all, t_new_all = [], []
+    for label, (Z, G, s), N in cases:
+        Z, G, s = Z.float(), G.float(), s.float()
+        A, _, _ = lk.lora_da_factors(Z, G, s, 8, n_train=N)
+        prep = gd._Prepared("bench", Z, G, s, N, 0.1, 1.0, 1.0, True)
+        prep.omega("auto")
+        dW = prep.dW
+        exact = float(torch.linalg.matrix_norm(dW.double(), ord=2))
+        new = float(prep.step_norm(start=A))
+        old = float(_step_norm_lobpcg(dW))
+        times = interleaved_times({"old": lambda: _step_norm_lobpcg(dW), "new": lambda: prep.step_norm(start=A)},
+                                  2 if quick else 5)
+        change = abs(exact / new - 1)          # the step is proportional to 1 / sigma
+        worst = max(worst, change)
+        t_old_all.append(summarize(times["old"])["median"])
+        t_new_all.append(summarize(times["new"])["median"])
+        rows.append({"case": label, "step_change_new": change, "step_change_before": abs(exact / old - 1),
+                     "before_ms": 1e3 * t_old_all[-1], "now_ms": 1e3 * t_new_all[-1],
+                     "speedup": median_ratio(times["old"], times["new"])})
+    return {"title": "sigma_max(dW) for the step normalization: subspace iteration from A vs full-tolerance LOBPCG",
+            "columns": ["case", "step_change_new", "step_change_before", "before_ms", "now_ms", "speedup"],
+            "rows": rows,
+            "notes": [f"step_change = |sigma_exact / sigma - 1|, the relative change of the step eta dW A A^T / sigma "
+                      f"against the exact fp64 sigma_max; largest over all cases now: {worst:.2e} (required < 1e-2).",
+                      f"Summed over the cases: before {1e3 * sum(t_old_all):.1f} ms, now {1e3 * sum(t_new_all):.1f} ms "
+                      f"(medians of interleaved rounds; fp32 statistics, torch threads {torch.get_num_threads()}).",
+                      "SmolLM2-135M rows: real K-FAC statistics of layers 0 and 15 (64 samples x 64 tokens) "
+                      "from initialize_lora's statistics cache."],
+            "max_step_change": worst}
