@@ -154,10 +154,22 @@ def solve_spread(ctx: Any, method: str, groups: List[Tuple[tuple, List[str]]],
     """
     out: Dict[str, Solved] = {}
     rank, world = ctx.rank, ctx.world
+    bar = ctx.progress_bar(sum(len(names) for _, names in groups), f"lorainit {method} solve", unit="layer")
+    try:
+        _solve_groups(ctx, method, groups, solve, read, with_delta, gen, out, bar)
+    finally:
+        bar.close()
+    return out
+
+
+def _solve_groups(ctx, method, groups, solve, read, with_delta, gen, out, bar) -> None:
+    """The loop of :func:`solve_spread`, advancing ``bar`` by each group's layers."""
+    rank, world = ctx.rank, ctx.world
     for key, names in groups:
         if world == 1:
             inputs = {n: read(n) for n in names} if read is not None else {}
             out.update(solve(key, names, inputs))
+            bar.update(len(names))
             continue
         chunks = dist_utils.split_owners(names, world)
         mine = chunks[rank]
@@ -198,4 +210,4 @@ def solve_spread(ctx: Any, method: str, groups: List[Tuple[tuple, List[str]]],
             state = gen.get_state()
             dist_utils.broadcast_tensors([state], src=0)
             gen.set_state(state)
-    return out
+        bar.update(len(names))

@@ -2,7 +2,7 @@
 
 LoRA-DA (Zhang et al. 2025, "LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via
 Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC statistics
-``Z, G, s`` of the statistics samples (DESIGN.md section 2)::
+``Z, G, s`` of the statistics samples (docs/math.md)::
 
     dW    = -diag(s_d)^-1 G Z_d^-1                          (Fisher-gradient step)
     Omega = beta (sum_i 1/s_d,i) / N Z_d^-1 - alpha dW^T dW   (initialization guidance matrix)
@@ -56,7 +56,7 @@ BACKENDS = ("auto", "native", "triton", "torch")
 
 @dataclass(frozen=True)
 class LoRADAConfig(InitConfig):
-    """LoRA-DA (Zhang et al. 2025, arXiv 2510.24561) options; DESIGN.md section 2.
+    """LoRA-DA (Zhang et al. 2025, arXiv 2510.24561) options; the math in docs/math.md.
 
     Per target layer ``W`` (m, n) with K-FAC statistics ``Z``, ``G``, ``s`` over ``T`` valid tokens::
 
@@ -242,8 +242,8 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
                       solver: str = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None):
     """LoRA-DA of an embedding target from its diagonal statistics, without any n x n matrix.
 
-    ``z`` (n,) token frequencies (``Z = diag(z)``), ``G`` (m, n), ``s`` (m,) as in DESIGN.md
-    section 2. With ``z_d = z + damping mean(z)``, ``s_d = s + damping mean(s)``,
+    ``z`` (n,) token frequencies (``Z = diag(z)``), ``G`` (m, n), ``s`` (m,) as in docs/math.md.
+    With ``z_d = z + damping mean(z)``, ``s_d = s + damping mean(s)``,
     ``dW = -diag(s_d)^-1 G diag(z_d)^-1`` (``-G`` without ``fisher``), ``c = beta sum(1/s_d) / N``:
     ``Omega = diag(c / z_d) - alpha dW^T dW``. A token that never occurs has a zero column in ``G`` and
     so in ``dW``: ``e_j`` is an eigenvector of ``Omega`` with the largest diagonal value ``c / z_d,j``,
@@ -320,7 +320,7 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
     return lora_A, lora_B, evals.float(), info
 
 
-def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_train, results) -> None:
+def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_train, results, bar) -> None:
     for name in names:
         t, st = ctx.targets[name], part[name]
         t0 = time.perf_counter()
@@ -340,6 +340,7 @@ def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_tra
         results[name] = (lora_A, lora_B, evals)
         _release(st)
         part[name] = _Solved(st.count)
+        bar.update(1)
 
 
 def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
@@ -372,8 +373,9 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
             units.setdefault(part[name].z_owner, []).append(name)
     needs_factor = config.fisher or config.variance_weight > 0
     err = None
+    bar = ctx.progress_bar(len(mine), "lorainit LoRA-DA solve", unit="layer")
     try:
-        _solve_embeddings(ctx, config, part, embeddings, n_train, results)
+        _solve_embeddings(ctx, config, part, embeddings, n_train, results, bar)
         for owner, names in units.items():
             factor = None
             if needs_factor:
@@ -402,12 +404,16 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
                 results[name] = (factors.lora_A[0].float().clone(), factors.lora_B[0].float().clone(),
                                  info["evals"][0].float().clone())
                 del factors, info
+                bar.update(1)
+                bar.set_postfix(layer=".".join(name.split(".")[-3:]), refresh=False)
             if factor is not None:
                 factor.release()
             del factor
         _release_all(part)  # other ranks' layers: this rank does not need their statistics
     except Exception as e:  # agreed below: an error on the owner of a solve stops every rank before any broadcast
         err = e
+    finally:
+        bar.close()
     if ctx.world > 1:
         dist_utils.agree(err, "lora_da: the solves")
         per_rank = [[] for _ in range(ctx.world)]
@@ -518,11 +524,21 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
     _warn_about_statistics(ctx)
     if auto:
         with ctx.timed("step_search"):
+            grid = (0.0,) + tuple(sorted(config.step_grid))
+            # at most every grid point is scored (the search usually needs fewer: the bar may end early)
+            bar = ctx.progress_bar(len(grid), "lorainit LoRA-DA step search", unit="step size")
+
             def held_out_loss(eta: float) -> float:
                 ctx.write(_factors(ctx, results, eta, preserve=False))
-                return ctx.eval_loss(holdout, token_mask="attention")
+                loss = ctx.eval_loss(holdout, token_mask="attention")
+                bar.update(1)
+                bar.set_postfix(eta=f"{eta:g}", loss=f"{loss:.4g}", refresh=False)
+                return loss
 
-            scores = search_step_grid((0.0,) + tuple(sorted(config.step_grid)), held_out_loss)
+            try:
+                scores = search_step_grid(grid, held_out_loss)
+            finally:
+                bar.close()
             finite = {k: v for k, v in scores.items() if math.isfinite(v)}
             if not finite:
                 raise LoRAInitError(f"step_scale='auto': every step size gave a NaN/Inf held-out loss: {scores}")
