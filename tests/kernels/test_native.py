@@ -65,6 +65,9 @@ CASES = {  # name: (T, n, m, fraction of padding or None, seed)
     "all_valid_odd": (301, 37, 129, None, 3),
     "pad30": (300, 37, 129, 0.3, 4),
     "multi_block_threads": (777, 150, 91, 0.3, 5),  # several token blocks, threaded, odd K
+    # avx2 packs a few token blocks at a time (8 MB): here 4 blocks per superblock, 5 blocks, so the
+    # second superblock adds to the first's sums; odd n, m leave partial A and B panels
+    "superblocks": (1500, 701, 301, 0.3, 6),
 }
 
 
