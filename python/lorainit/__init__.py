@@ -10,7 +10,7 @@ loss/eval and weight-gradient passes), ``adapters`` (transactional writes), ``ta
 ``report``, ``distributed``, ``integrations/``, ``cli``, ``examples/``. The numerical core lives
 in ``lorainit_kernels``.
 """
-from .adapters import LoRAFactors, save_adapter
+from .adapters import LoRAFactors, save_adapter, save_for_original_base
 from .configs import InitConfig
 from .context import InitContext
 from .init import initialize_lora
@@ -36,7 +36,7 @@ _LAZY = {
 __all__ = ["AstraConfig", "BaselineConfig", "CorDAConfig", "EVAConfig", "MiCAConfig", "OLoRAConfig", "HRPConfig", "LoRAGAConfig", "LoRAOneConfig", "MiLoRAConfig", "PiSSAConfig",
            "InitConfig", "InitContext", "InitReport", "LoRAFactors", "LoRADAConfig", "LoRAInitCallback", "LoRAInitError", "LoRAInitWarning",
            "MemoryPlan", "estimate_memory", "initialize_lora", "methods", "register_method",
-           "save_adapter"]
+           "save_adapter", "save_for_original_base"]
 
 
 def __getattr__(name):

@@ -20,6 +20,8 @@ before any of them writes.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -34,7 +36,7 @@ from .distributed import local, shard_of
 from .targets import LoRAInitError, TargetLayer
 
 __all__ = ["LoRAFactors", "ModuleState", "ModelSnapshot", "write_factors", "cpu_copy", "save_adapter",
-           "residual_base_state_dict"]
+           "save_for_original_base", "residual_base_state_dict"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -208,7 +210,7 @@ def save_adapter(peft_model, out_dir: Union[str, "os.PathLike[str]"], report: An
     loads the initialized model. Otherwise the adapter names ``base_model_name_or_path`` (an absolute
     path when it is a local directory) or PEFT's own record of the base. The report goes to
     ``out_dir/lorainit_report.json``. To use the trained adapter on the *original* base, convert it
-    with PEFT (``save_pretrained(..., path_initial_model_for_weight_conversion=out_dir)``, docs/saving.md).
+    with :func:`save_for_original_base` (PEFT's ``path_initial_model_for_weight_conversion``; docs/saving.md).
 
     Returns ``out_dir`` as a Path. ``peft_model``'s own config is left as it was.
     """
@@ -245,4 +247,32 @@ def save_adapter(peft_model, out_dir: Union[str, "os.PathLike[str]"], report: An
             cfg.base_model_name_or_path = saved[key]
     if hasattr(report, "to_json"):
         report.to_json(out / "lorainit_report.json")
+    return out
+
+
+def save_for_original_base(peft_model, out_dir: Union[str, "os.PathLike[str]"],
+                           initial_dir: Union[str, "os.PathLike[str]"]) -> Path:
+    """Save the trained adapter of an init that rewrote base weights as a plain LoRA adapter for the
+    *original* base model, with PEFT's conversion (``save_pretrained(out_dir,
+    path_initial_model_for_weight_conversion=...)``).
+
+    ``initial_dir`` is the adapter saved right after the init (:func:`save_adapter`). The converted
+    adapter has rank ``2r``: ``[lora_A; A_0]`` and ``[lora_B, -B_0]`` (scaling kept), so on the original
+    ``W = W_res + sigma B_0 A_0`` it gives ``W_res + sigma B A``, the trained model. PEFT rewrites the
+    config of the initial adapter it reads (naming the original base); the conversion reads a copy, so
+    ``initial_dir`` keeps naming its residual base.
+    """
+    initial = Path(initial_dir)
+    if not (initial / "adapter_config.json").is_file():
+        raise LoRAInitError(f"save_for_original_base: initial_dir={str(initial)!r} has no adapter_config.json; pass "
+                            f"the directory save_adapter wrote right after initialize_lora")
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="lorainit-initial-") as tmp:
+        copy = Path(tmp) / "initial"
+        copy.mkdir()
+        for f in initial.iterdir():
+            if f.is_file() and f.name.startswith("adapter_"):
+                shutil.copy2(f, copy / f.name)
+        peft_model.save_pretrained(out, safe_serialization=True,
+                                   path_initial_model_for_weight_conversion=str(copy))
     return out

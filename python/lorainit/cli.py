@@ -358,8 +358,8 @@ def closing_message(out: Path, report, method: str) -> str:
     return (f"wrote a PEFT adapter to {out} and the residual base model it belongs to to {base_dir} ({method} "
             f"rewrote base weights); {load}, or PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
             f"{str(base_dir)!r}), {str(out)!r}). On the original model it gives a different model: after training, "
-            f"convert it with save_pretrained(..., path_initial_model_for_weight_conversion={str(out)!r}) "
-            f"(docs/saving.md)")
+            f"lorainit.save_for_original_base(model, 'final', {str(out)!r}) converts it to a plain LoRA adapter for "
+            f"the original model (PEFT's path_initial_model_for_weight_conversion; docs/saving.md)")
 
 
 def residual_base_state_dict(peft_model) -> dict:

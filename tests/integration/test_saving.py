@@ -35,7 +35,7 @@ def test_cli_adapter_names_its_residual_base(method, extra, tiny_lm_dir, jsonl_f
     assert cfg["base_model_name_or_path"] == str((out / "base_model").resolve())
     assert os.path.isabs(cfg["base_model_name_or_path"])
     assert "residual base model" in message and "AutoPeftModelForCausalLM" in message
-    assert "path_initial_model_for_weight_conversion" in message
+    assert "save_for_original_base" in message and "different model" in message
     monkeypatch.chdir(tmp_path)
     original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     with torch.no_grad():
@@ -100,3 +100,47 @@ def test_save_adapter_refuses_what_is_not_a_report(tmp_path):
 
     with pytest.raises(LoRAInitError, match="report"):
         save_adapter(torch.nn.Linear(2, 2), tmp_path, {"base_modified": True})
+
+
+def test_trained_adapter_converts_to_a_plain_lora_on_the_original_base(tiny_lm_dir, tmp_path, monkeypatch):
+    """docs/saving.md: save_adapter right after the init, train, then PEFT's conversion gives a rank-2r adapter
+    that AutoPeftModelForCausalLM loads on the original base as the trained model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorainit import initialize_lora, save_adapter, save_for_original_base
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    report = initialize_lora(model, method="pissa", progress=False)
+    init_dir = save_adapter(model, tmp_path / "init", report)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(IDS).logits
+    init_logits = _auto_logits(init_dir)  # the initialized model, before the conversion
+    save_for_original_base(model, tmp_path / "final", init_dir)
+    cfg = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_lm_dir) and cfg["r"] == 4
+    got = _auto_logits(tmp_path / "final")
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    original = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    with torch.no_grad():
+        assert (original(IDS).logits - want).abs().max() > 100 * (got - want).abs().max()  # training moved it
+    # the initial adapter still names its residual base (PEFT rewrote only the copy it read)
+    assert json.loads((init_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((init_dir / "base_model").resolve())
+    assert torch.equal(_auto_logits(init_dir), init_logits)
+
+
+def test_save_for_original_base_needs_the_initial_adapter(tmp_path):
+    from lorainit import LoRAInitError, save_for_original_base
+
+    with pytest.raises(LoRAInitError, match="initial_dir"):
+        save_for_original_base(None, tmp_path / "final", tmp_path / "nothing")
