@@ -6,7 +6,7 @@ The loader test and LoRA-DA's solver test use the whole 30-layer model with targ
 (``layers_to_transform``); the every-method, dtype, round-trip and planted-error tests use the
 model's first ``SHORT`` decoder layers (its real pretrained weights, embeddings and tied head:
 the targets' inputs and gradients are those of a real network) so that 9 methods x 2 dtypes fit
-the CI budget on 2 CPU cores.
+the CI budget on 2 CPU cores (every registered method, EVA, CorDA, Astra, OLoRA and MiCA included).
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ SHORT = 3  # decoder layers kept by the ``short`` fixture
 SHORT_LAYERS = [0, 2]
 RANK = 4
 NUM = 8  # statistics samples
-# methods that move part of W into the adapter: the model output is unchanged at step 0
-PRESERVING = {"pissa", "milora", "lora_ga"}
+# methods whose adapter leaves the output unchanged at step 0: part of W moved into the adapter
+# (pissa, milora, lora_ga, corda, astra, olora) or one factor zero (eva: B = 0, mica: A = 0)
+PRESERVING = {"pissa", "milora", "lora_ga", "corda", "astra", "olora", "eva", "mica"}
 # relative logit change a preserving init may cause: a few roundings of the dtype through 2 layers
 PRESERVE_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -184,7 +185,7 @@ def test_save_load_round_trip(short, data, tmp_path):
     torch.testing.assert_close(_logits(fresh, probe), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["lora_da", "lora_ga", "hrp"])
+@pytest.mark.parametrize("method", ["lora_da", "lora_ga", "hrp", "eva", "corda", "astra"])
 def test_planted_nan_leaves_model_untouched(short, data, method):
     loader, _ = data
     model = _peft(short[0], torch.float32, SHORT_LAYERS)
