@@ -5,8 +5,8 @@ model is loaded per module (the loader caches the dequantized GGUF, so later run
 The loader test and LoRA-DA's solver test use the whole 30-layer model with targets on two layers
 (``layers_to_transform``); the every-method, dtype, round-trip and planted-error tests use the
 model's first ``SHORT`` decoder layers (its real pretrained weights, embeddings and tied head:
-the targets' inputs and gradients are those of a real network) so that 9 methods x 2 dtypes fit
-the CI budget on 2 CPU cores (every registered method, EVA, CorDA, Astra, OLoRA and MiCA included).
+the targets' inputs and gradients are those of a real network) so that every registered method
+(14, EVA, CorDA, Astra, OLoRA and MiCA included) x 2 dtypes fits the CI budget on 2 CPU cores.
 """
 from __future__ import annotations
 
