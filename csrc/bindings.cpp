@@ -237,7 +237,9 @@ py::dict cpu_features() {
   f["avx512vl"] = bool(__builtin_cpu_supports("avx512vl"));
   f["avx512dq"] = bool(__builtin_cpu_supports("avx512dq"));
   f["avx512bf16"] = bool(__builtin_cpu_supports("avx512bf16"));
+  f["vendor"] = __builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other";
 #endif
+  f["auto_bf16_pairs"] = lorainit::auto_bf16_pairs();
 #if defined(LORAINIT_HAVE_OPENMP)
   f["openmp"] = true;
 #else

@@ -124,6 +124,8 @@ namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const cha
 const char* isa_name(int isa);
 int best_isa();                       // highest level this CPU runs
 bool isa_supported(int isa);
+// Whether the automatic choice runs bf16 inputs as bf16 pairs (vdpbf16ps) rather than fp32 FMA.
+bool auto_bf16_pairs();
 // The kernel run_problem will use for these operand dtypes at this level (-1 = best).
 std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted);
 // Runs the problem; returns the kernel name used. isa = -1 picks the best level.

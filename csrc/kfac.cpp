@@ -47,15 +47,32 @@ int best_isa() {
   return best;
 }
 
+bool auto_bf16_pairs() {
+#if defined(LORAINIT_X86)
+  // vdpbf16ps doubles the product rate of fp32 FMA where it issues as fast as an FMA (AMD Zen 4:
+  // the dpbf16 kernel 2.1x the fp32 one, 2026-11-23); Intel cores issue it on one port only, so
+  // there it multiplies no faster than fp32 FMA and the dpbf16 kernel measured slower (Sapphire
+  // Rapids: 196-238 ms vs 153 ms, bench/results/kfac.md). Unknown vendors keep fp32 FMA.
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_is("amd"));
+  }();
+  return amd && isa_supported(kAVX512BF16);
+#else
+  return false;
+#endif
+}
+
 namespace {
 enum Path { kPathPortable, kPathAVX2, kPathAVX512, kPathBF16P };
 
 Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
   const int level = isa < 0 ? best_isa() : isa;
   // bf16 pairs need every operand in bf16; weights would have to be rounded to bf16 with the
-  // products, so weighted problems take the fp32 path.
+  // products, so weighted problems take the fp32 path. The automatic choice (isa < 0) takes them
+  // only where they are the faster kernel (auto_bf16_pairs); naming the level forces them.
   const bool all_bf16 = x_dtype == kBF16 && (g_dtype < 0 || g_dtype == kBF16) && !weighted;
-  if (level >= kAVX512BF16 && all_bf16) return kPathBF16P;
+  if (level >= kAVX512BF16 && all_bf16 && (isa >= 0 || auto_bf16_pairs())) return kPathBF16P;
   if (level >= kAVX512) return kPathAVX512;
   if (level >= kAVX2) return kPathAVX2;
   return kPathPortable;

@@ -7,7 +7,10 @@ once and accumulates all outputs in fp32 with the GIL released (csrc/gram_driver
 The vector path is chosen at run time from the CPU's features: ``portable`` < ``avx2`` <
 ``avx512`` < ``avx512bf16`` (bf16 inputs then use ``vdpbf16ps``). ``LORAINIT_NATIVE_ISA`` set to
 one of these names forces that level (it must be one this CPU runs, see ``isa_levels()``); unset,
-empty or ``auto`` picks the best. OpenMP threads follow ``torch.get_num_threads()``.
+empty or ``auto`` picks the best level, and on it the faster kernel for bf16 inputs: bf16 pairs
+(``vdpbf16ps``) on AMD, where they double the product rate, fp32 FMA on Intel, where ``vdpbf16ps``
+multiplies no faster and measured slower (``cpu_features()["auto_bf16_pairs"]``; docs/kernels.md).
+OpenMP threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 

@@ -180,6 +180,22 @@ def test_kernel_names_follow_isa(isa):
     assert _native.kernel_name(torch.float32).startswith(isa if isa != "avx512bf16" else "avx512/")
 
 
+def test_auto_bf16_kernel_follows_vendor(monkeypatch):
+    """Unforced, bf16 inputs run as bf16 pairs only on AMD CPUs with AVX512-BF16 (faster there, slower on
+    Intel); naming the avx512bf16 level forces them; fp16 or weighted inputs never take them."""
+    monkeypatch.delenv(_native.ISA_ENV, raising=False)
+    feats = _native.cpu_features()
+    pairs = feats.get("vendor") == "amd" and bool(feats.get("avx512bf16"))
+    assert feats["auto_bf16_pairs"] == pairs
+    name = _native.kernel_name(torch.bfloat16, torch.bfloat16)
+    assert ("dpbf16" in name) == pairs
+    assert name.startswith(ISAS[-1] if pairs or ISAS[-1] != "avx512bf16" else "avx512/")
+    assert "dpbf16" not in _native.kernel_name(torch.bfloat16, torch.bfloat16, weighted=True)
+    if "avx512bf16" in ISAS:
+        monkeypatch.setenv(_native.ISA_ENV, "avx512bf16")
+        assert "dpbf16" in _native.kernel_name(torch.bfloat16, torch.bfloat16)
+
+
 def test_isa_env_var_errors(monkeypatch):
     monkeypatch.setenv(_native.ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="LORAINIT_NATIVE_ISA"):
