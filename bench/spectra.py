@@ -1,6 +1,6 @@
 """Generators of realistic LoRA-DA statistics and guidance matrices for the linalg benchmarks.
 
-A layer ``y = W x`` (``W`` (m, n)) seen through K-FAC statistics (DESIGN.md section 2):
+A layer ``y = W x`` (``W`` (m, n)) seen through K-FAC statistics (docs/math.md):
 
 * inputs with a power-law covariance ``Z = Q diag(lambda) Q^T``, ``lambda_i ~ i^-a`` scaled to a
   chosen condition number (~1e4 for transformer hidden states);

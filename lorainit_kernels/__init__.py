@@ -3,7 +3,7 @@
 Kernels for data-aware LoRA initialization: fused K-FAC statistics (``KFACStats``,
 ``kfac_update``), the weighted outer-product accumulation (``weighted_gram``), batched LOBPCG,
 the LoRA-DA guidance matrix and the per-layer math of every initialization method. It knows
-nothing of models or PEFT; ``lorainit`` builds on it. Conventions: DESIGN.md section 2.
+nothing of models or PEFT; ``lorainit`` builds on it. Conventions: docs/math.md.
 """
 from .backends import BACKENDS, has_native, has_triton, triton_interpreting
 from .kfac import KFACStats

@@ -1,4 +1,4 @@
-"""One source of LoRA-DA's numerical defaults (DESIGN.md section 2).
+"""One source of LoRA-DA's numerical defaults (docs/math.md).
 
 ``lk.guidance_matrix``, ``lk.lora_da_factors``, ``lorainit_kernels.methods.lora_da`` and
 ``lorainit.LoRADAConfig`` all read their defaults from here, so the low-level API and

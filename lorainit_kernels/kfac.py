@@ -1,6 +1,6 @@
 """Streaming accumulation of K-FAC statistics for one linear layer ``y = W x + b``, ``W`` (m, n).
 
-Over the valid tokens ``t`` seen so far (``T = count``), DESIGN.md section 2:
+Over the valid tokens ``t`` seen so far (``T = count``), docs/math.md:
 
 * ``Z = (1/T) sum_t x_t x_t^T`` (n, n), the input covariance (K-FAC's A factor);
 * ``G = (1/T) sum_t g_t x_t^T`` (m, n), the mean per-token gradient of ``W``;

@@ -1,6 +1,6 @@
 """Per-layer initialization math of every LoRA initialization method, as pure functions of tensors.
 
-Orientation (DESIGN.md section 2): a target layer is ``y = W x + b`` with ``W`` of shape ``(m, n)``
+Orientation (docs/math.md): a target layer is ``y = W x + b`` with ``W`` of shape ``(m, n)``
 = ``(out_features, in_features)``. PEFT stores ``lora_A.weight`` ``(r, n)`` and ``lora_B.weight``
 ``(m, r)`` and adds ``sigma * lora_B @ lora_A`` to ``W``, with ``sigma = lora_alpha / r``
 (``lora_alpha / sqrt(r)`` with rsLoRA; see :func:`peft_scaling`). Every function returns
@@ -674,7 +674,7 @@ def lora_da(
 
     Zhang et al. (2025), "LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via Asymptotic
     Analysis", arXiv 2510.24561; reference code zqy0126/LoRA-DA ``lora_da.py``. ``Z`` (..., n, n),
-    ``G`` (..., m, n), ``s`` (..., m) as in DESIGN.md section 2. ``lorainit_kernels.linalg``
+    ``G`` (..., m, n), ``s`` (..., m) as in docs/math.md. ``lorainit_kernels.linalg``
     computes the Fisher-gradient step ``dW = -diag(s_d)^-1 G Z_d^-1``, the guidance matrix
     ``Omega = beta (sum_i 1/s_d,i) / N Z_d^-1 - alpha dW^T dW`` and ``A`` (n, r), the orthonormal
     eigenvectors of its ``r`` smallest eigenvalues, and ``P = dW A`` (m, r). Then:

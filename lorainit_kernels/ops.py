@@ -188,7 +188,7 @@ def kfac_update(
     ``x`` (..., n), ``grad_output`` (..., m) or None, ``mask`` (...) bool or None (True = valid
     token; padding is compacted away, never multiplied by zero). Returns ``(Zs, Gs, ss, count)``:
     ``Zs = sum_t x_t x_t^T`` (n, n), ``Gs = sum_t g_t x_t^T`` (m, n), ``ss = sum_t g_t*g_t`` (m,)
-    over the ``count`` valid tokens, accumulated in fp32 (fp64 for fp64 inputs). DESIGN.md section 2.
+    over the ``count`` valid tokens, accumulated in fp32 (fp64 for fp64 inputs). docs/math.md.
     """
     check_kfac_inputs(x, grad_output, mask)
     return kfac_update_checked(x, grad_output, mask, with_input_cov, backend)
@@ -259,7 +259,7 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor] = None, *, backend: Optio
 
     Returns (..., d, d), symmetric, accumulated in fp32 (fp64 for fp64 inputs; the weights are cast
     to that dtype). Batch dimensions are looped over. Used for ``Z`` and for the guidance matrix's
-    ``G^T D^2 G`` (DESIGN.md section 2).
+    ``G^T D^2 G`` (docs/math.md).
 
     ``out`` (..., d, d), symmetric, in the accumulation dtype: the sums are **added** to it and it is
     returned. The native kernel adds in place (no (d, d) temporary, fp32 contiguous ``out``); other

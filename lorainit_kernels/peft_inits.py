@@ -1,9 +1,9 @@
 """Per-layer math of the initializations PEFT users know: EVA, CorDA, Astra, OLoRA, MiCA (pure functions of tensors).
 
-Orientation and layout as :mod:`lorainit_kernels.methods` (DESIGN.md section 2): ``W`` (..., m, n) =
+Orientation and layout as :mod:`lorainit_kernels.methods` (docs/math.md): ``W`` (..., m, n) =
 ``(out_features, in_features)``; every function returns :class:`~lorainit_kernels.methods.LoRAFactors`
 (``lora_A`` (..., r, n), ``lora_B`` (..., m, r), ``base_delta`` (..., m, n) to ADD to ``W``, or None).
-Statistics are means over the ``T`` valid tokens (DESIGN.md section 2):
+Statistics are means over the ``T`` valid tokens (docs/math.md):
 
 * ``Z = (1/T) sum_t x_t x_t^T`` (n, n) and ``mu = (1/T) sum_t x_t`` (n,): the layer's input second moment and mean;
 * ``Y = (1/T) sum_t y_t y_t^T`` (m, m): the second moment of the layer's output ``y = W x + b``.

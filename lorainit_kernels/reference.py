@@ -41,7 +41,7 @@ def kfac_update(
     ``x`` (T, n) layer inputs, ``g`` (T, m) output gradients or None, ``mask`` (T,) bool or None.
     Returns ``(Zs, Gs, ss)`` with ``Zs = sum_t x_t x_t^T`` (n, n) (an empty (0, 0) tensor when
     ``with_input_cov`` is False), ``Gs = sum_t g_t x_t^T`` (m, n) and ``ss = sum_t g_t * g_t`` (m,)
-    (empty (0, n) and (0,) when ``g`` is None). DESIGN.md section 2.
+    (empty (0, n) and (0,) when ``g`` is None). docs/math.md.
     """
     n = x.shape[-1]
     xv = compact(x, mask).to(dtype)
@@ -56,7 +56,7 @@ def weighted_gram(v: Tensor, weights: Optional[Tensor], dtype: torch.dtype = tor
     """``sum_t w_t v_t v_t^T`` (d, d) for ``v`` (T, d) and ``weights`` (T,) (all ones when None).
 
     The building block shared by the statistics (``Z``, w = 1) and the guidance matrix
-    (``G^T D^2 G``, w_i = -alpha / s_i^2), DESIGN.md section 2 "useful identity".
+    (``G^T D^2 G``, w_i = -alpha / s_i^2), docs/math.md, the assembly of Omega.
     """
     vv = v.to(dtype)
     if weights is None:

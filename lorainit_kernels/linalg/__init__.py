@@ -1,4 +1,4 @@
-"""Dense and iterative linear algebra of the numerical core (DESIGN.md sections 2-3).
+"""Dense and iterative linear algebra of the numerical core (docs/math.md).
 
 * ``lobpcg``: batched LOBPCG for a few extreme eigenpairs (Knyazev 2001; Duersch et al. 2018);
   ``shift_invert_preconditioner``: ``(A - sigma I)^-1`` by one batched Cholesky, for its ``M``.

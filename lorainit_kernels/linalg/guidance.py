@@ -1,7 +1,7 @@
 """LoRA-DA's Initialization Guidance Matrix and the per-layer LoRA-DA factors.
 
 LoRA-DA (Zhang et al., 2025, "LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via
-Asymptotic Analysis", arXiv 2510.24561), in torch orientation (DESIGN.md section 2). For one layer
+Asymptotic Analysis", arXiv 2510.24561), in torch orientation (docs/math.md). For one layer
 ``W`` (m, n) with K-FAC statistics ``Z`` (n, n), ``G`` (m, n), ``s`` (m,):
 
 * relative damping: ``Z_d = Z + delta * mean(diag Z) * I``, ``s_d = s + delta * mean(s)``;
@@ -373,7 +373,7 @@ class _Prepared:
 
         ``Omega = c Z_d^-1 - alpha dW^T dW = c Z_d^-1 + sum_i (-alpha / s_d,i^2) h_i h_i^T`` with
         ``h_i`` the rows of ``H = G Z_d^-1`` (fisher) or of ``G`` (``fisher=False``, weights ``-alpha``).
-        This is DESIGN.md's identity ``Z_d^-1 (c Z_d - alpha G^T D^2 G) Z_d^-1`` with the solves
+        This is the identity of docs/math.md ``Z_d^-1 (c Z_d - alpha G^T D^2 G) Z_d^-1`` with the solves
         applied to ``G`` before the Gram instead of after it: the same weighted-Gram kernel, but the
         cancellation inside ``c Z_d - alpha G^T D^2 G`` is not amplified by ``kappa(Z_d)^2`` (in fp32
         the solve-after form loses two more digits on realistic statistics, where ``G ~ W Z``).
@@ -507,7 +507,7 @@ def guidance_matrix(
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-DA's Initialization Guidance Matrix ``Omega`` and the Fisher-gradient step ``dW``.
 
-    Zhang et al. 2025 (arXiv 2510.24561), torch orientation (DESIGN.md section 2), batched over
+    Zhang et al. 2025 (arXiv 2510.24561), torch orientation (docs/math.md), batched over
     leading dims: ``Z`` (..., n, n) input covariance, ``G`` (..., m, n) mean gradient, ``s`` (..., m)
     mean squared output gradient, ``n_train`` = N training tokens, ``bias_weight`` = alpha,
     ``variance_weight`` = beta, ``damping`` = delta (relative)::
@@ -518,7 +518,7 @@ def guidance_matrix(
 
     assembled as ``c Z_d^-1 + weighted_gram(H, -alpha / s_d^2)`` with ``H = G Z_d^-1`` (one
     Cholesky factorization, ``cholesky_solve`` for ``H``, ``cholesky_inverse`` for Omega's own
-    ``c Z_d^-1`` term; DESIGN.md's identity with the solves before the Gram, which keeps fp32
+    ``c Z_d^-1`` term; the identity of docs/math.md with the solves before the Gram, which keeps fp32
     accurate), and with ``fisher=False`` as ``c Z_d^-1 + weighted_gram(G, -alpha)``.
 
     ``Z`` may be shared by the batch: its batch shape broadcasts to ``G``'s ((n, n) or (1, n, n) for
@@ -564,7 +564,7 @@ def lora_da_factors(
 ):
     """LoRA-DA factors of one (batch of) layer(s): ``A`` = the ``rank`` smallest eigenvectors of ``Omega``.
 
-    Zhang et al. 2025 (arXiv 2510.24561), DESIGN.md section 2; arguments as in ``guidance_matrix``
+    Zhang et al. 2025 (arXiv 2510.24561), docs/math.md; arguments as in ``guidance_matrix``
     (defaults from ``lorainit_kernels.defaults``). Returns ``(A, P, evals)``: ``A`` (..., n, rank)
     orthonormal eigenvectors of ``Omega`` for its ``rank`` smallest eigenvalues ``evals`` (..., rank)
     (ascending) and ``P = dW A`` (..., m, rank), so that ``P A^T`` is the projection of the

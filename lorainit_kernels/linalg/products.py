@@ -2,7 +2,7 @@
 
 Used by HRP (Chen et al., 2025, "HRP: High-Rank Preheating for Superior LoRA Initialization"):
 after preheating, the rank-``R`` product ``B A`` (``m x n``) is decomposed from ``B`` (m, R) and
-``A`` (R, n) at cost ``O((m + n) R^2 + R^3)`` instead of ``O(m n min(m, n))``. DESIGN.md section 2.
+``A`` (R, n) at cost ``O((m + n) R^2 + R^3)`` instead of ``O(m n min(m, n))``. docs/math.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton backend of ``kfac_update`` and ``weighted_gram``: one weighted outer-product kernel.
 
-Every statistic of DESIGN.md section 2 is the same tiled product with the token axis as the
+Every statistic of docs/math.md is the same tiled product with the token axis as the
 reduction (K) dimension::
 
     out[i, j] = sum_t w[t] * a[t, i] * b[t, j]            (fp32 accumulate)

@@ -9,7 +9,7 @@ A method ``fn(ctx, config) -> {layer name: LoRAFactors}`` uses these names, all 
   :meth:`~InitContext.dataset_length`;
 * the passes (:mod:`lorainit.passes`), bound to this model and data:
   :meth:`~InitContext.iter_stats` / :meth:`~InitContext.collect_stats` (K-FAC statistics
-  ``Z, G, s`` per layer, DESIGN.md section 2, under an optional memory budget; read from / saved
+  ``Z, G, s`` per layer, docs/math.md, under an optional memory budget; read from / saved
   to ``stats_cache`` when the call has one, :mod:`lorainit.passes.cache`),
   :meth:`~InitContext.collect_weight_grads` (full weight gradients, for LoRA-GA / LoRA-One),
   :meth:`~InitContext.eval_loss` (mean loss with the adapters as written, forward only); for a

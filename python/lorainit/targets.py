@@ -1,4 +1,4 @@
-"""Find the PEFT LoRA layers of a model and describe each in torch orientation (DESIGN.md section 2).
+"""Find the PEFT LoRA layers of a model and describe each in torch orientation (docs/math.md).
 
 A target is a PEFT ``LoraLayer`` whose base layer is an ``nn.Linear`` (weight ``(m, n)``), a
 transformers ``Conv1D`` (GPT-2; weight stored transposed, ``(n, m)``) or an ``nn.Embedding``.

@@ -16,7 +16,7 @@ BACKENDS = [
     "torch",
     pytest.param("native", marks=pytest.mark.skipif(not has_native(), reason="lorainit_kernels._C is not built")),
 ]
-# (dtype, tolerance) per DESIGN.md section 4 (the fp32 bound grows like sqrt(T / 1e3))
+# (dtype, tolerance) per docs/math.md, tolerances (the fp32 bound grows like sqrt(T / 1e3))
 DTYPE_TOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
 
 

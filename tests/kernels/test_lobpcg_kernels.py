@@ -54,7 +54,7 @@ def test_matches_float64_and_never_reads_the_lower_triangle(isa, batch, n, p):
     out = lk.sym_matmul(poison_lower(A.float()), W.float())
     assert out.shape == ref.shape and out.dtype == torch.float32
     e, e_torch = rel_err(out, ref), rel_err(A.float() @ W.float(), ref)
-    # fp32 accumulation over n terms: the DESIGN.md fp32 class, and within a few x torch's error
+    # fp32 accumulation over n terms: the fp32 class of docs/math.md, and within a few x torch's error
     assert e <= 1e-5 * max(1.0, (n / 1e3) ** 0.5), e
     assert e <= 4 * e_torch + 2.0 ** -23, (e, e_torch)
 

@@ -484,7 +484,7 @@ def _kfac_stats(m, n, seed, batch=()):
 
 
 def _lora_da_reference(Z, G, s, r, n_train, damping, alpha=1.0, beta=1.0):
-    """DESIGN.md section 2 in plain fp64 with explicit inverses (test-only reference)."""
+    """docs/math.md in plain fp64 with explicit inverses (test-only reference)."""
     n = Z.shape[-1]
     Zd = Z + damping * Z.diagonal().mean() * torch.eye(n, dtype=F64)
     sd = s + damping * s.mean()

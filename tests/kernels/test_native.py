@@ -46,12 +46,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def tol(dtype: torch.dtype, T: int) -> float:
-    # DESIGN.md section 4: fp32 accumulation 1e-5*sqrt(T/1e3) class; bf16/fp16 operands 1e-2.
+    # docs/math.md, tolerances: fp32 accumulation 1e-5*sqrt(T/1e3) class; bf16/fp16 operands 1e-2.
     return 1e-5 * math.sqrt(max(T, 1000) / 1e3) if dtype == torch.float32 else 1e-2
 
 
 def check_against_torch(outs, refs, torch_outs, dtype, T):
-    """Each output within the DESIGN tolerance and within 2x plain torch's error (+1 fp32 ulp)."""
+    """Each output within the tolerance of docs/math.md and within 2x plain torch's error (+1 fp32 ulp)."""
     for name, out, ref, tout in zip(("Z", "G", "s"), outs, refs, torch_outs):
         assert out.shape == ref.shape and out.dtype == torch.float32, name
         e, et = rel_err(out, ref), rel_err(tout, ref)

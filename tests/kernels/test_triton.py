@@ -2,7 +2,7 @@
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (``make test`` sets it), or on CUDA when present.
 Shapes are small and deliberately not multiples of the block sizes: the interpreter is slow.
-Tolerances (DESIGN.md section 4), as ||out - ref|| / ||ref|| against fp64 on the same inputs:
+Tolerances (docs/math.md, tolerances), as ||out - ref|| / ||ref|| against fp64 on the same inputs:
 * unweighted sums: every product of two bf16/fp16/fp32 numbers is exact or rounded once and the sum
   is accumulated in fp32, so all dtypes meet the fp32 class ``1e-5 * sqrt(T / 1e3)`` (floored at
   1e-6 for a handful of tokens: one rounding per term on a GPU's 3xTF32 path);

@@ -140,7 +140,7 @@ def kfac_stats(batch, m, n, *, cond=1e3, seed=0, T=None, dtype=torch.float64):
 
 
 def reference_guidance(Z, G, s, *, n_train, damping=1e-3, alpha=1.0, beta=1.0, fisher=True):
-    """DESIGN.md section 2 in float64 with explicit inverses: returns (Omega, dW)."""
+    """docs/math.md in float64 with explicit inverses: returns (Omega, dW)."""
     Z, G, s = Z.double(), G.double(), s.double()
     n = Z.shape[-1]
     Zs = 0.5 * (Z + Z.transpose(-1, -2))

@@ -1,4 +1,4 @@
-"""The house rules of DESIGN.md section 1, checked on the sources: no import cycle, imports flow one way."""
+"""The house rules of docs/layout.md, checked on the sources: no import cycle, imports flow one way."""
 import ast
 from pathlib import Path
 

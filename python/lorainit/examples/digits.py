@@ -63,7 +63,7 @@ def load_task(split_seed: int = 0, test_fraction: float = 0.3) -> DigitsTask:
 
 
 def summed_ce(model: nn.Module, batch) -> torch.Tensor:
-    """Summed cross-entropy of one ``(x, y)`` batch: the loss convention of DESIGN.md section 2."""
+    """Summed cross-entropy of one ``(x, y)`` batch: the loss convention of docs/math.md."""
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="sum")
 

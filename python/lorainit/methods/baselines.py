@@ -18,7 +18,7 @@ Conventions:
   after another, so the result is the same as one call per layer in that order.
 * Gradient methods use ``ctx.collect_weight_grads()``: ``G = (1/T) sum_t g_t x_t^T`` with ``g_t``
   the output gradient of the *summed* loss and ``T`` the number of valid (attention-mask) tokens
-  (DESIGN.md section 2), i.e. the gradient of the per-token mean loss over all samples. The
+  (docs/math.md), i.e. the gradient of the per-token mean loss over all samples. The
   LoRA-GA reference (Outsider565/LoRA-GA ``estimate_gradient``) averages the gradients of the
   model's *mean* loss over batches instead; the two differ by a positive factor (the ratio of loss
   tokens to valid tokens, e.g. ``(s - 1)/s`` for a causal LM whose last position has no label, and

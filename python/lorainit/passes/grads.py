@@ -5,7 +5,7 @@ off, eval mode); hooks on the targets' base layers accumulate ``sum_t g_t x_t^T`
 from each layer's input ``x`` and output gradient ``g`` (over all positions, exactly what autograd
 would put in ``W.grad``; for an embedding the one-hot ``x`` makes it a column scatter of ``g``), in
 torch orientation, on the layer's device. ``G = that / T_l`` with ``T_l`` the number of valid tokens
-of each layer: the mask that matches its input (:mod:`~lorainit.passes.masks`; DESIGN.md section 2).
+of each layer: the mask that matches its input (:mod:`~lorainit.passes.masks`; docs/math.md).
 Positions outside a layer's mask carry no loss, so their gradient is zero and only ``T_l`` depends
 on the mask.
 

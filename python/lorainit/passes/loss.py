@@ -1,7 +1,7 @@
 """The loss of a batch, and the loss/eval pass.
 
 :class:`LossRunner` turns a batch into the **summed** loss over its loss tokens and the token mask
-of DESIGN.md section 2 (detecting, on the first batch, how the model normalizes its own loss);
+of docs/math.md (detecting, on the first batch, how the model normalizes its own loss);
 every pass runs its forwards through one. :func:`eval_loss` is the eval pass: the mean loss of some
 batches with the adapters as currently written, forward only.
 """
@@ -93,7 +93,7 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], object]) -> Optio
 
 
 class LossRunner:
-    """Turns a batch into the **summed** loss and the token mask (DESIGN.md section 2).
+    """Turns a batch into the **summed** loss and the token mask (docs/math.md).
 
     With ``loss_fn(model, batch) -> summed loss`` the batch reaches it exactly as the dataloader
     yielded it. Otherwise the batch must be a mapping of model inputs; when it has no ``labels`` but

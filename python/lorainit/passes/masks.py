@@ -1,4 +1,4 @@
-"""Token validity per layer: which positions of a target's input are statistics tokens (DESIGN.md section 2).
+"""Token validity per layer: which positions of a target's input are statistics tokens (docs/math.md).
 
 A batch can carry several token masks; each target layer uses the one that matches *its* input:
 

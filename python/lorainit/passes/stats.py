@@ -1,4 +1,4 @@
-"""The statistics pass: hooks on the target layers feed one ``KFACStats`` per layer (DESIGN.md section 2).
+"""The statistics pass: hooks on the target layers feed one ``KFACStats`` per layer (docs/math.md).
 
 The pass runs forward and backward over the statistics samples with every parameter frozen and
 the LoRA branches disabled, so each target computes ``y = W x + b`` of its base weight. A forward
