@@ -112,7 +112,8 @@ class Kernel:
     ``fn`` takes the op's arguments (without the backend name). ``dtypes``: the dtypes every floating
     tensor argument may have (None: any). ``check(*args)``: a further reason to decline, or None.
     ``symbol``: the ``_C`` attribute the native implementation calls (an extension built from older
-    sources may lack it).
+    sources may lack it). ``slower(*tensors)``: why ``"auto"`` should not choose this kernel although it
+    can run (it is slower than the next backend on this machine), or None; a forced backend ignores it.
     """
 
     op: str
@@ -121,12 +122,14 @@ class Kernel:
     dtypes: Optional[FrozenSet[torch.dtype]] = None
     check: Optional[Callable[..., Optional[str]]] = None
     symbol: Optional[str] = None
+    slower: Optional[Callable[..., Optional[str]]] = None
 
 
 _KERNELS: Dict[Tuple[str, str], Kernel] = {}
 
 
-def register_kernel(op: str, backend: str, *, dtypes=None, check=None, symbol: Optional[str] = None):
+def register_kernel(op: str, backend: str, *, dtypes=None, check=None, symbol: Optional[str] = None,
+                    slower=None):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` (see :class:`Kernel`)."""
     if backend not in BACKENDS:
         raise ValueError(f"register_kernel: backend {backend!r} is not one of {BACKENDS}")
@@ -135,7 +138,8 @@ def register_kernel(op: str, backend: str, *, dtypes=None, check=None, symbol: O
         key = (op, backend)
         if key in _KERNELS:
             raise ValueError(f"register_kernel: {backend!r} already implements {op!r}")
-        _KERNELS[key] = Kernel(op, backend, fn, None if dtypes is None else frozenset(dtypes), check, symbol)
+        _KERNELS[key] = Kernel(op, backend, fn, None if dtypes is None else frozenset(dtypes), check, symbol,
+                               slower)
         return fn
 
     return deco
@@ -200,6 +204,29 @@ def not_supported_reasons(op: str, *args, full: bool = True) -> Dict[str, Option
     return {b: _kernel_reason(op, b, tensors, args, full) for b in BACKENDS}
 
 
+_WARNED_SLOWER = set()
+
+
+def _slower_reason(op: str, backend: str, tensors: list) -> Optional[str]:
+    """Why ``"auto"`` passes over ``backend``, which can run ``op``, for a faster one (warned once per op)."""
+    kernel = _KERNELS.get((op, backend))
+    reason = None if kernel is None or kernel.slower is None else kernel.slower(*tensors)
+    if reason is not None and (op, backend) not in _WARNED_SLOWER:
+        _WARNED_SLOWER.add((op, backend))
+        warnings.warn(f"{op}: backend='auto' passes over the {_LABELS[backend]} kernel: {reason}", stacklevel=4)
+    return reason
+
+
+def auto_reasons(op: str, *args, full: bool = True) -> Dict[str, Optional[str]]:
+    """``{backend: why backend="auto" does not choose it, or None}``: :func:`not_supported_reasons` plus the
+    backends ``"auto"`` skips although they can run (the Triton interpreter; a kernel slower here)."""
+    tensors = _tensors_of(op, args)
+    device = tensors[0].device
+    return {b: _kernel_reason(op, b, tensors, args, full) or _auto_reason(b, device)
+            or (_KERNELS[(op, b)].slower(*tensors) if (op, b) in _KERNELS and _KERNELS[(op, b)].slower else None)
+            for b in BACKENDS}
+
+
 def _refuse(op: str, backend: str, reason: str, tensors: list, args: tuple, full: bool) -> BackendNotSupported:
     others = "; ".join(f"{b}: {r or 'available'}" for b, r in not_supported_reasons(op, *args, full=full).items())
     dtypes = ", ".join(sorted({str(t.dtype) for t in tensors}))
@@ -219,7 +246,8 @@ def select(op: str, backend: Optional[str], *args, full: bool = True) -> str:
         device = tensors[0].device
         reasons = {}
         for name in BACKENDS:
-            reason = _kernel_reason(op, name, tensors, args, full) or _auto_reason(name, device)
+            reason = _kernel_reason(op, name, tensors, args, full) or _auto_reason(name, device) \
+                or _slower_reason(op, name, tensors)
             if reason is None:
                 return name
             reasons[name] = reason

@@ -4,9 +4,14 @@ CPU tensors only, the extension built. ``kfac_update`` and ``weighted_gram`` tak
 fp32 operands (fp32 accumulation), and can add into existing fp32 accumulators in place
 (``ops.kfac_accumulate_``, ``ops.weighted_gram(..., out=)``: no per-call temporary); ``sym_matmul`` and ``rr_grams`` take fp32 (``rr_grams``
 accumulates in fp64). fp64 inputs are declined: the ``"torch"`` backend computes them.
+
+``backend="auto"`` passes over the native ``kfac_update`` where it is slower than plain torch: on CPUs
+without AVX2, whose only native level is the plain-C++ ``portable`` kernel (``backends.auto_reasons``
+says so; docs/kernels.md has the measurements per ISA).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -19,7 +24,25 @@ _FP32 = (torch.float32,)
 RR_MAX_PARTS = 4
 
 
-@register_kernel("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update")
+@lru_cache(maxsize=None)
+def _kfac_slower_here() -> Optional[str]:
+    best = _native.isa_levels()[-1]
+    if best == "portable":
+        # bench/results/kfac.md, baseline-x86-64 table: the plain-C++ kernel against torch with its BLAS
+        # held to SSE4.2 measured 0.91x (T=2048, n=m=512); every SIMD level wins (AVX2 1.3-1.4x)
+        return ("this CPU has no AVX2 (native level 'portable'), where the native kernel is slower than "
+                "plain torch's BLAS matmuls (0.91x, bench/results/kfac.md); running torch")
+    return None
+
+
+def _kfac_slower(*tensors: Tensor) -> Optional[str]:
+    """Why ``backend="auto"`` runs torch rather than the native kfac_update here (None: native is faster)."""
+    if not tensors or tensors[0].device.type != "cpu":
+        return None
+    return _kfac_slower_here()
+
+
+@register_kernel("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update", slower=_kfac_slower)
 def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``

@@ -343,3 +343,30 @@ def test_package_imports_without_native_build(tmp_path):
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "1"
+
+
+def test_auto_passes_over_native_kfac_without_simd(monkeypatch):
+    """Where the native kfac_update is slower than torch (the portable level only), "auto" runs torch,
+    says why (auto_reasons, one warning) and a forced backend="native" still runs native."""
+    from lorainit_kernels import ops
+    from lorainit_kernels.backends import native as native_backend
+
+    x = torch.randn(5, 3, dtype=torch.bfloat16)
+    monkeypatch.setattr(backends, "_WARNED_SLOWER", set())
+    native_backend._kfac_slower_here.cache_clear()
+    if "avx2" in ISAS:  # the SIMD kernels beat torch: auto keeps native
+        assert ops.backend_for("kfac_update", x) == "native"
+        assert backends.auto_reasons("kfac_update", x, full=False)["native"] is None
+    monkeypatch.setattr(_native, "isa_levels", lambda: ["portable"])
+    native_backend._kfac_slower_here.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="passes over the native kernel.*no AVX2") as rec:
+            assert ops.backend_for("kfac_update", x) == "torch"
+            assert ops.backend_for("kfac_update", x) == "torch"
+        assert len([w for w in rec if "passes over" in str(w.message)]) == 1
+        assert "no AVX2" in backends.auto_reasons("kfac_update", x, full=False)["native"]
+        assert ops.backend_for("kfac_update", x, backend="native") == "native"
+        assert ops.backend_for("rr_grams", torch.randn(2, 4, 3)) == "native"  # other ops unaffected
+    finally:
+        monkeypatch.undo()
+        native_backend._kfac_slower_here.cache_clear()
