@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from .lr import check_lora_lr
+
 __all__ = ["InitReport", "thread_hint"]
 
 # The hint about busy CPUs: wall time at least this many times the process's CPU time, over at least
@@ -20,10 +22,12 @@ def thread_hint(wall_s: float, cpu_s: float, threads: int) -> Optional[str]:
     then mostly wait for each other (oversubscription). None when the times look normal."""
     if wall_s < MIN_WALL_S or wall_s < WALL_OVER_CPU * cpu_s:
         return None
-    return (f"the init took {wall_s:.1f} s but the process got only {cpu_s:.1f} s of CPU time with "
-            f"{threads} torch threads: the CPU cores are busy with other jobs (thread oversubscription can make "
-            f"it several times slower); try torch.set_num_threads(1) or `lorainit init --num-threads 1` "
-            f"(docs/performance.md)")
+    head = (f"the init took {wall_s:.1f} s but the process got only {cpu_s:.1f} s of CPU time with {threads} torch "
+            f"thread{'s' if threads > 1 else ''}: the CPU cores are busy with other jobs")
+    if threads == 1:
+        return head + " (it runs at the speed of the share of a core it gets; docs/performance.md)"
+    return (head + " (thread oversubscription can make it several times slower); try torch.set_num_threads(1) "
+            "or `lorainit init --num-threads 1` (docs/performance.md)")
 
 
 def _short(v: Any) -> str:
@@ -76,6 +80,25 @@ class InitReport:
             raise ValueError(f"InitReport.from_json: not a lorainit report (no {missing})")
         return cls(method=data["method"], config=data["config"], layers=list(data.get("layers", [])),
                    info=dict(data.get("info", {})), timings=dict(data.get("timings", {})))
+
+    @property
+    def lr_scale(self) -> Optional[float]:
+        """The factor to apply to the learning rate you would use with plain LoRA (1.0 for ``"lora"``).
+
+        From the weight-space size of one Adam step under this init against plain LoRA's
+        (:mod:`lorainit.lr`); validated against per-init learning-rate sweeps in docs/learning-rate.md.
+        None when the init's first step moves no weight (``info["lr_scale"]["reason"]``).
+        """
+        value = (self.info.get("lr_scale") or {}).get("value")
+        return None if value is None else float(value)
+
+    def suggest_lr(self, lora_lr: float) -> float:
+        """``lora_lr * lr_scale``: the rate for this init, given the one tuned for plain LoRA."""
+        lr = check_lora_lr(lora_lr)
+        if self.lr_scale is None:
+            reason = (self.info.get("lr_scale") or {}).get("reason", "the report has no lr_scale")
+            raise ValueError(f"suggest_lr: no learning-rate scale for method {self.method!r}: {reason}")
+        return lr * self.lr_scale
 
     def layer(self, name: str) -> Dict[str, Any]:
         for row in self.layers:
