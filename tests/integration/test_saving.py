@@ -61,7 +61,7 @@ def test_cli_adapter_without_base_change_names_the_model_by_absolute_path(tiny_l
     assert not (out / "base_model").exists()
 
 
-@pytest.mark.parametrize("method", ["pissa", "lora_ga", "lora_one"])
+@pytest.mark.parametrize("method", ["pissa", "lora_ga", "lora_one", "corda", "olora"])
 def test_api_save_adapter_reloads_the_initialized_model(method, tiny_lm_dir, jsonl_file, tmp_path, monkeypatch):
     """The documented API path (docs/saving.md): initialize_lora, then lorainit.save_adapter."""
     from peft import LoraConfig, get_peft_model
