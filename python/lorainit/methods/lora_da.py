@@ -41,6 +41,7 @@ from .. import memory
 from ..adapters import LoRAFactors
 from ..configs import InitConfig, check_bool, check_choice, check_int, check_number
 from ..context import InitContext
+from ..passes.batches import packed_sequences
 from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, kernel_call
 
@@ -197,6 +198,15 @@ def _n_train(ctx: InitContext, config: LoRADAConfig, count: int) -> Tuple[float,
         return float(config.n_train), "config"
     examples = ctx.info.get("stats_examples") or 0
     length = ctx.dataset_length()
+    if any(packed_sequences(b) is not None for b in ctx.batches):
+        # padding-free (packed) batches: dataset rows are packed rows, not examples; count batches instead
+        try:
+            n_batches = len(ctx.dataloader)
+        except TypeError:
+            n_batches = 0
+        if n_batches:
+            return float(n_batches) * count / len(ctx.batches), "len(dataloader) x mean valid tokens per batch (packed)"
+        return float(count), _N_FALLBACK
     if length and examples:
         return float(length) * count / examples, "len(dataset) x mean valid tokens per example"
     return float(count), _N_FALLBACK

@@ -2,6 +2,9 @@
 
 Batches are dicts of tensors, tuples/lists (named tuples too) or single tensors; a batch's size is
 the first dimension of its first tensor, and a batch without a tensor counts as one example.
+A padding-free batch (TRL's ``packing`` / ``padding_free``, transformers' ``DataCollatorWithFlattening``:
+one row of concatenated sequences, ``position_ids`` restarting at 0 at each sequence, no
+``attention_mask``) counts as its number of sequences (:func:`packed_sequences`) and is never cut.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 from ..targets import LoRAInitError
 
 __all__ = ["leading_size", "count_examples", "count_positions", "take_samples", "to_device", "model_device",
-           "slice_examples", "has_loss_tokens"]
+           "slice_examples", "has_loss_tokens", "packed_sequences"]
 
 
 def leading_size(batch) -> Optional[int]:
@@ -31,6 +34,25 @@ def leading_size(batch) -> Optional[int]:
             if isinstance(v, Tensor) and v.dim():
                 return int(v.shape[0])
     return None
+
+
+def packed_sequences(batch) -> Optional[int]:
+    """Sequences in a padding-free batch (one row, ``position_ids`` restarting at 0 per sequence, no
+    ``attention_mask``): the number of zeros in ``position_ids``; None for any other batch."""
+    if isinstance(batch, Mapping) and not isinstance(batch.get("attention_mask"), Tensor):
+        pos = batch.get("position_ids")
+        if isinstance(pos, Tensor) and pos.dim() == 2 and pos.shape[0] == 1:
+            return max(1, int(pos.eq(0).sum()))
+    return None
+
+
+def _examples(batch) -> int:
+    """Examples in one batch: its sequences when padding-free, else its leading size (1 when unknown)."""
+    packed = packed_sequences(batch)
+    if packed is not None:
+        return packed
+    size = leading_size(batch)
+    return 1 if size is None else size
 
 
 def _map_tensors(batch, cut):
@@ -78,8 +100,10 @@ def has_loss_tokens(batch) -> bool:
 def take_samples(dataloader: Iterable, num_samples: Optional[int]) -> Tuple[List[Any], int]:
     """The first ``num_samples`` examples of ``dataloader`` as a list of batches (last one cut).
 
-    Batches whose size is unknown (no tensor inside) count as one example each. Materializing the
-    (small) input batches once makes every pass of a multi-pass run see identical data.
+    Batches whose size is unknown (no tensor inside) count as one example each; a padding-free batch
+    counts as its sequences and is kept whole (the samples may then exceed ``num_samples`` by part of
+    that batch; the count returned is the real one). Materializing the (small) input batches once
+    makes every pass of a multi-pass run see identical data.
     """
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
         raise LoRAInitError(f"num_samples must be a positive int or None (all), got {num_samples!r}")
@@ -90,13 +114,15 @@ def take_samples(dataloader: Iterable, num_samples: Optional[int]) -> Tuple[List
                             f"got {type(dataloader).__name__}") from err
     batches, seen = [], 0
     for batch in iterator:
-        size = leading_size(batch)
-        size = 1 if size is None else size
+        size = _examples(batch)
         if size == 0:
             continue
         if num_samples is not None and seen + size > num_samples:
             k = num_samples - seen
-            if leading_size(batch) is not None:
+            if packed_sequences(batch) is not None:  # cutting would need new cu_seq_lens: keep it whole
+                batches.append(batch)
+                seen += size
+            elif leading_size(batch) is not None:
                 batches.append(_slice_batch(batch, k))
                 seen += k
             break
@@ -128,8 +154,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def count_examples(batches: Sequence[Any]) -> int:
-    """Examples in ``batches`` (a batch of unknown size counts as one)."""
-    return sum((leading_size(b) or 1) for b in batches)
+    """Examples in ``batches`` (a batch of unknown size counts as one, a padding-free batch as its sequences)."""
+    return sum(_examples(b) for b in batches)
 
 
 def count_positions(batch) -> int:

@@ -92,6 +92,16 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], object]) -> Optio
     return found[0] if found else None
 
 
+def _no_cache(model: nn.Module, batch: Mapping) -> Mapping:
+    """``batch`` plus ``use_cache=False`` for a transformers model (one whose config has ``use_cache``) unless the
+    batch sets it: training forwards run without a KV cache (the Trainer and TRL pass ``use_cache=False``), and
+    with a cache transformers ignores the sequence boundaries of padding-free (packed) batches, which it reads
+    from ``position_ids`` only when there is no cache."""
+    if "use_cache" in batch or not hasattr(getattr(model, "config", None), "use_cache"):
+        return batch
+    return {**batch, "use_cache": False}
+
+
 class LossRunner:
     """Turns a batch into the **summed** loss and the token mask (docs/math.md).
 
@@ -247,7 +257,7 @@ class LossRunner:
             raise LoRAInitError(f"batch {index} is a {type(batch).__name__}, not a mapping of model inputs; pass "
                                 f"loss_fn(model, batch) -> summed loss for such batches")
         try:
-            out = self.model(**batch)
+            out = self.model(**_no_cache(self.model, batch))
         except LoRAInitError:
             raise
         except Exception as err:
@@ -333,7 +343,7 @@ class LossRunner:
             return None
         try:
             with torch.no_grad():
-                out = self.model(**b)
+                out = self.model(**_no_cache(self.model, b))
             loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
             logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
             if not isinstance(loss, Tensor) or not bool(torch.isfinite(loss)):
