@@ -35,6 +35,9 @@ class KFACStats:
         out_features: ``m``, the layer's output size; None keeps only ``Z`` (for layers that share
             an input, which share one ``Z``).
         track_input_cov: False keeps only ``G`` and ``s`` (the ``Z`` lives in another accumulator).
+        track_grad: False keeps no ``G`` and ``s`` (a forward-only pass: no ``grad_output``), while
+            ``out_features`` still sizes the output statistics; with nothing else tracked the
+            accumulator only counts tokens (a layer whose input's ``Z`` lives in another one).
         track_input_mean: also accumulate ``sum_t x_t`` (``input_mean()``); off by default (no cost).
         track_output_cov: also accumulate ``sum_t y_t y_t^T`` (m, m) of the ``output`` passed to
             :meth:`update` (``output_cov()``); needs ``out_features``; off by default.
@@ -56,6 +59,7 @@ class KFACStats:
         out_features: Optional[int] = None,
         *,
         track_input_cov: bool = True,
+        track_grad: bool = True,
         track_input_mean: bool = False,
         track_output_cov: bool = False,
         device=None,
@@ -67,7 +71,7 @@ class KFACStats:
                 raise ValueError(f"KFACStats: {name} must be a positive int, got {val!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"KFACStats: dtype must be torch.float32 or torch.float64, got {dtype}")
-        if out_features is None and not track_input_cov:
+        if out_features is None and not track_input_cov and not track_input_mean:
             raise ValueError("KFACStats: with out_features=None and track_input_cov=False there is nothing to accumulate")
         if track_output_cov and out_features is None:
             raise ValueError("KFACStats: track_output_cov=True needs out_features (the output's size m)")
@@ -80,8 +84,8 @@ class KFACStats:
         n, m = in_features, out_features
         kw = dict(device=self.device, dtype=dtype)
         self.z_sum = torch.zeros(n, n, **kw) if track_input_cov else None
-        self.g_sum = torch.zeros(m, n, **kw) if m is not None else None
-        self.s_sum = torch.zeros(m, **kw) if m is not None else None
+        self.g_sum = torch.zeros(m, n, **kw) if m is not None and track_grad else None
+        self.s_sum = torch.zeros(m, **kw) if m is not None and track_grad else None
         self.mu_sum = torch.zeros(n, **kw) if track_input_mean else None
         self.y_sum = torch.zeros(m, m, **kw) if track_output_cov else None
         self.count = 0
@@ -107,8 +111,9 @@ class KFACStats:
                              f"(x has shape {tuple(x.shape)}); use out_features=None for Z only")
         if self.g_sum is None and grad_output is not None:
             raise ValueError(f"{op}: got grad_output of shape {tuple(grad_output.shape)} but this accumulator "
-                             f"has out_features=None")
-        check_kfac_inputs(x, grad_output, mask, self.in_features, self.out_features, op=op)
+                             f"keeps no gradient statistics (out_features=None or track_grad=False)")
+        check_kfac_inputs(x, grad_output, mask, self.in_features, self.out_features if grad_output is not None else None,
+                          op=op)
         if (self.y_sum is None) != (output is None):
             raise ValueError(f"{op}: output is {'required' if self.y_sum is not None else 'not accepted'} "
                              f"(track_output_cov={self.y_sum is not None})")
@@ -129,7 +134,10 @@ class KFACStats:
             raise ValueError(_nonfinite_message(op, "grad_output", grad_output, mask))
         if output is not None and _nonfinite_rows(output, mask):
             raise ValueError(_nonfinite_message(op, "output", output, mask))
-        count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask, backend=self.backend)
+        if self.z_sum is None and self.g_sum is None:  # nothing for the fused op: count the valid tokens
+            count = x[..., 0].numel() if mask is None else int(mask.sum())
+        else:
+            count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask, backend=self.backend)
         if count == 0:
             return 0
         if self.mu_sum is not None:
@@ -153,13 +161,13 @@ class KFACStats:
         """Add another accumulator of the same shapes (e.g. from another process or data shard)."""
         if not isinstance(other, KFACStats):
             raise TypeError(f"KFACStats.merge: other must be a KFACStats, got {type(other).__name__}")
-        mine = (self.in_features, self.out_features, self.track_input_cov, self.mu_sum is not None,
-                self.y_sum is not None)
-        theirs = (other.in_features, other.out_features, other.track_input_cov, other.mu_sum is not None,
-                  other.y_sum is not None)
+        mine = (self.in_features, self.out_features, self.track_input_cov, self.g_sum is not None,
+                self.mu_sum is not None, self.y_sum is not None)
+        theirs = (other.in_features, other.out_features, other.track_input_cov, other.g_sum is not None,
+                  other.mu_sum is not None, other.y_sum is not None)
         if mine != theirs:
-            raise ValueError(f"KFACStats.merge: (in_features, out_features, track_input_cov, track_input_mean, "
-                             f"track_output_cov) {theirs} do not match this accumulator's {mine}")
+            raise ValueError(f"KFACStats.merge: (in_features, out_features, track_input_cov, track_grad, "
+                             f"track_input_mean, track_output_cov) {theirs} do not match this accumulator's {mine}")
         for name in ("z_sum", "g_sum", "s_sum", "mu_sum", "y_sum"):
             a, b = getattr(self, name), getattr(other, name)
             if a is not None:

@@ -220,7 +220,7 @@ class InitContext:
     def iter_stats(self, names: Optional[Sequence[str]] = None, *, batches: Optional[Sequence[Any]] = None,
                    max_memory: Optional[int] = None, dtype: torch.dtype = torch.float32, backend: str = "auto",
                    token_mask: str = "attention", working_set: Optional[Callable[[str], int]] = None,
-                   extras: Sequence[str] = ()) -> Iterator[Dict[str, LayerStats]]:
+                   extras: Sequence[str] = (), grads: bool = True) -> Iterator[Dict[str, LayerStats]]:
         """K-FAC statistics of the targets ``names`` (all by default) over ``batches`` (default: all).
 
         Yields one dict ``{name: LayerStats}`` per pass. With ``max_memory`` (bytes) below what the
@@ -231,6 +231,8 @@ class InitContext:
 
         ``extras`` (:data:`lorainit.passes.stats.EXTRAS`): statistics beside ``Z, G, s`` from the same
         pass, ``"mean"`` (``LayerStats.mu``) and ``"output_cov"`` (``LayerStats.Y``); none by default.
+        ``grads=False``: a forward-only pass (no backward, ``G`` and ``s`` None), for methods that need no
+        gradient statistics; a cache it writes holds none either (a gradient method then needs its own).
 
         With ``stats_cache`` (:mod:`lorainit.passes.cache`) a matching cache file replaces the passes
         (the groups of the current budget are read one at a time), a missing one is written from the
@@ -265,7 +267,8 @@ class InitContext:
                 desc = "lorainit statistics" + (f" (pass {gi + 1}/{len(groups)})" if len(groups) > 1 else "")
                 with self.timed("stats_pass"):
                     done = stats_pass(self.model, self.targets, group, batches, runner, dtype=dtype, backend=backend,
-                                      progress=self.progress and self.rank == 0, desc=desc, extras=extras)
+                                      progress=self.progress and self.rank == 0, desc=desc, extras=extras,
+                                      with_grad=grads)
                 self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
                 yield len(groups), done
                 done = None
@@ -278,7 +281,7 @@ class InitContext:
                 key = _cache.cache_key(self.model, self.targets, names, batches, all_batches=self._batches,
                                             dtype=dtype, token_mask=token_mask, loss_fn=self.loss_fn,
                                             loss_reduction=self.loss_reduction, backend=backend, extras=wanted,
-                                            write_extras=extras)
+                                            write_extras=extras, grads=grads)
             source = _cache.cached_stats(self.stats_cache, key, self.targets, compute=passes, plan=plan,
                                               dtype=dtype, info=self.info, timings=self.timings)
         self._sources.append(source)

@@ -286,3 +286,19 @@ def test_kfac_stats_extras_bad_input_leaves_the_accumulator_unchanged():
         plain.update(x, g, output=y)
     with pytest.raises(ValueError, match="not tracked"):
         plain.input_mean()
+
+
+def test_kfac_stats_forward_only_keeps_z_mean_and_y_without_gradients():
+    g = _gen(12)
+    x, y = torch.randn(3, 9, 6, generator=g) + 1.0, torch.randn(3, 9, 4, generator=g)
+    mask = torch.rand(3, 9, generator=g) > 0.4
+    st = lk.KFACStats(6, 4, track_grad=False, track_input_mean=True, track_output_cov=True)
+    assert st.update(x, None, mask, output=y) == int(mask.sum())
+    X, Y = x.double()[mask], y.double()[mask]
+    assert _rel(st.input_cov(), X.T @ X / X.shape[0]) < 1e-6 and _rel(st.input_mean(), X.mean(0)) < 1e-6
+    assert _rel(st.output_cov(), Y.T @ Y / X.shape[0]) < 1e-6
+    assert st.g_sum is None and st.s_sum is None and len(st.sums()) == 3
+    with pytest.raises(ValueError, match="keeps no gradient statistics"):
+        st.update(x, torch.randn(3, 9, 4), mask, output=y)
+    counter = lk.KFACStats(6, 4, track_input_cov=False, track_grad=False)  # a layer sharing another's Z
+    assert counter.update(x, None, mask) == int(mask.sum()) and counter.sums() == []

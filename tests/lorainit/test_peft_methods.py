@@ -232,36 +232,35 @@ def _same_products(a, b, tol=0.0):
         assert rel(a[n][1], b[n][1]) <= tol, n
 
 
-def test_one_stats_cache_serves_astra_eva_corda_and_lora_da(tmp_path):
+def test_one_stats_cache_serves_several_methods(tmp_path):
+    """astra's forward-only pass writes Z, the mean and Y: eva and corda reuse it, lora_da (needs G, s) is told
+    why not; lora_da's pass writes Z, G, s and the mean: eva and corda reuse it, astra (needs Y) is told why not."""
     batches = _batches(n=12)
-    lora_da = LoRADAConfig(step_scale=0.1, solver="eigh")
     configs = {"astra": AstraConfig(solver="eigh"), "eva": EVAConfig(token_mask="attention", solver="eigh"),
-               "corda": CorDAConfig(), "lora_da": lora_da}
+               "corda": CorDAConfig(), "lora_da": LoRADAConfig(step_scale=0.1, solver="eigh")}
     plain = {}
     for method, cfg in configs.items():
         model = tiny_llama(seed=9)
         initialize_lora(model, batches, method=method, config=cfg, progress=False)
         plain[method] = _products(model)
-    path = tmp_path / "stats.safetensors"
-    hits = {}
-    for method, cfg in configs.items():  # astra first: its cache holds Y and the mean, so it serves all
+    for writer, readers, refused, why in (("astra", ("eva", "corda"), "lora_da", "no gradient statistics"),
+                                          ("lora_da", ("eva", "corda"), "astra", r"lacks the statistics \['output_cov'\]")):
+        path = tmp_path / f"{writer}.safetensors"
         model = tiny_llama(seed=9)
-        rep = initialize_lora(model, batches, method=method, config=cfg, progress=False, stats_cache=path)
-        hits[method] = rep.info["stats_cache"]["hit"]
-        _same_products(_products(model), plain[method], tol=1e-6)
-    assert hits == {"astra": False, "eva": True, "corda": True, "lora_da": True}
-    # a cache written by lora_da holds the mean (cheap) but not Y: eva reuses it, astra is told what is missing
-    path2 = tmp_path / "lora_da.safetensors"
-    initialize_lora(tiny_llama(seed=9), batches, method="lora_da", config=lora_da, progress=False, stats_cache=path2)
-    model = tiny_llama(seed=9)
-    rep = initialize_lora(model, batches, method="eva", config=configs["eva"], progress=False, stats_cache=path2)
-    assert rep.info["stats_cache"]["hit"]
-    _same_products(_products(model), plain["eva"], tol=1e-6)
-    model = tiny_llama(seed=9)
-    before = model_state(model)
-    with pytest.raises(LoRAInitError, match=r"lacks the statistics \['output_cov'\]"):
-        initialize_lora(model, batches, method="astra", config=configs["astra"], progress=False, stats_cache=path2)
-    assert_same_state(before, model_state(model))
+        rep = initialize_lora(model, batches, method=writer, config=configs[writer], progress=False, stats_cache=path)
+        assert not rep.info["stats_cache"]["hit"]
+        _same_products(_products(model), plain[writer], tol=1e-6)
+        for method in readers:
+            model = tiny_llama(seed=9)
+            rep = initialize_lora(model, batches, method=method, config=configs[method], progress=False,
+                                  stats_cache=path)
+            assert rep.info["stats_cache"]["hit"] and rep.info["passes"] == 0, (writer, method)
+            _same_products(_products(model), plain[method], tol=1e-6)
+        model = tiny_llama(seed=9)
+        before = model_state(model)
+        with pytest.raises(LoRAInitError, match=why):
+            initialize_lora(model, batches, method=refused, config=configs[refused], progress=False, stats_cache=path)
+        assert_same_state(before, model_state(model))
 
 
 @pytest.mark.parametrize("method", list(DATA_AWARE))

@@ -2,7 +2,8 @@
 
 :func:`solve_from_stats` runs :meth:`lorainit.context.InitContext.iter_stats` (with the extra
 statistics the method needs, under its ``max_memory``, through the ``stats_cache`` when the call has
-one) and hands each layer's :class:`~lorainit.passes.stats.LayerStats` (and, for a method that
+one; a forward-only pass: these methods need no gradients) and hands each layer's
+:class:`~lorainit.passes.stats.LayerStats` (and, for a method that
 rewrites the base weight, the full weight ``W``) to the method's per-layer solve, which calls
 :mod:`lorainit_kernels.peft_inits`. With a process group the layers are solved round-robin on their
 owner rank, every rank reads every full weight in the same order (an FSDP2 all-gather each, one layer
@@ -50,7 +51,7 @@ def solve_from_stats(ctx: InitContext, method: str, config, solve: Callable[[str
     owners = dist_utils.assign_ranks(ctx.names, ctx.world)
     results: Dict[str, Solved] = {}
     for part in ctx.iter_stats(ctx.names, max_memory=config.max_memory, backend=config.backend,
-                               token_mask=config.token_mask, extras=extras):
+                               token_mask=config.token_mask, extras=extras, grads=False):
         with ctx.timed("solve"):
             err = None
             for name in [n for n in ctx.names if n in part]:

@@ -27,7 +27,9 @@ its step search still runs its forward passes on them.
 
 File format (``safetensors``): tensors ``"<target>/G"`` (m, n), ``"<target>/s"`` (m,) and
 ``"<owner>/Z"`` once per input (``z_owner``: targets sharing an input share one ``Z``; (n,) token
-frequencies for an embedding target), in the statistics dtype, and the optional statistics the
+frequencies for an embedding target), in the statistics dtype (``G`` and ``s`` only when the pass
+computed gradients: metadata ``grads``; a forward-only pass for EVA/CorDA/Astra writes none, and a
+gradient method refuses such a cache naming why), and the optional statistics the
 metadata's ``extras`` lists: ``"<owner>/mu"`` (n,) the input mean (every cache written holds it,
 :data:`CACHED_EXTRAS`; an embedding's is its ``Z``) and ``"<target>/Y"`` (m, m) the output second moment
 (written when the method that built the cache asked for it, Astra); a request needing an extra the
@@ -224,12 +226,13 @@ class CacheKey:
     backend: str = "auto"
     extras: Tuple[str, ...] = ()  # the optional statistics this request needs (a cache may hold more)
     write_extras: Tuple[str, ...] = ()  # what a cache written by this request holds (at least ``extras``)
+    grads: bool = True  # whether the request needs G and s (a forward-only pass writes none)
 
 
 def cache_key(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any], *,
               all_batches: Optional[Sequence[Any]], dtype: torch.dtype, token_mask: str, loss_fn: Optional[Callable],
               loss_reduction: Optional[str], backend: str = "auto", extras: Sequence[str] = (),
-              write_extras: Optional[Sequence[str]] = None) -> CacheKey:
+              write_extras: Optional[Sequence[str]] = None, grads: bool = True) -> CacheKey:
     """The :class:`CacheKey` of a statistics request (collective with a process group: every rank calls it).
 
     ``all_batches`` are the samples the call read (``batches`` is a subset when a holdout was taken out).
@@ -254,7 +257,8 @@ def cache_key(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence
     return CacheKey(names=list(names), shapes={n: [targets[n].kind, targets[n].m, targets[n].n] for n in names},
                     stats_dtype=str(dtype).replace("torch.", ""), token_mask=token_mask, model=model_fp,
                     params=params, data=data, loss=_loss_name(loss_fn, loss_reduction), backend=backend,
-                    extras=tuple(extras), write_extras=tuple(extras if write_extras is None else write_extras))
+                    extras=tuple(extras), write_extras=tuple(extras if write_extras is None else write_extras),
+                    grads=bool(grads))
 
 
 def _examples(items: Sequence[str], k: int = 3) -> str:
@@ -322,6 +326,10 @@ def _differences(meta: Dict[str, Any], key: CacheKey) -> List[str]:
                    f"samples on each call: use shuffle=False or a seeded sampler for the statistics{ws})")
     if meta["loss"] != key.loss:
         out.append(f"another loss: {meta['loss']} in the cache, {key.loss} here")
+    if key.grads and not meta.get("grads", True):
+        out.append("the cache holds no gradient statistics G, s (it was written by a forward-only pass: eva, "
+                   "corda or astra); this method needs them (a cache written by a gradient method, e.g. lora_da, "
+                   "serves the forward-only methods too)")
     lacking = [e for e in key.extras if e not in meta.get("extras", [])]
     if lacking:
         out.append(f"the cache lacks the statistics {lacking} this method needs (it holds "
@@ -479,8 +487,11 @@ class _Reader:
                     if "mean" in extras:
                         mus[owner] = zs[owner] if o.kind == "embedding" else \
                             get(layers[owner]["file"], f"{owner}/mu", (o.n,), o.device)
-                out[name] = LayerStats(name=name, Z=zs[owner], G=get(L["file"], f"{name}/G", (t.m, t.n), t.device),
-                                       s=get(L["file"], f"{name}/s", (t.m,), t.device), count=int(L["tokens"]),
+                grads = self.meta.get("grads", True)
+                out[name] = LayerStats(name=name, Z=zs[owner],
+                                       G=get(L["file"], f"{name}/G", (t.m, t.n), t.device) if grads else None,
+                                       s=get(L["file"], f"{name}/s", (t.m,), t.device) if grads else None,
+                                       count=int(L["tokens"]),
                                        z_owner=owner, diag=t.kind == "embedding", mu=mus.get(owner),
                                        Y=get(L["file"], f"{name}/Y", (t.m, t.m), t.device)
                                        if "output_cov" in extras else None)
@@ -539,8 +550,9 @@ class _Writer:
                 tensors.append((f"{name}/Z", st.Z))
                 if "mean" in self.key.write_extras and not st.diag:  # an embedding's mean is its Z
                     tensors.append((f"{name}/mu", st.mu))
-            tensors.append((f"{name}/G", st.G))
-            tensors.append((f"{name}/s", st.s))
+            if self.key.grads:
+                tensors.append((f"{name}/G", st.G))
+                tensors.append((f"{name}/s", st.s))
             if "output_cov" in self.key.write_extras:
                 tensors.append((f"{name}/Y", st.Y))
             self.layers[name] = {"kind_m_n": self.key.shapes[name], "z_owner": st.z_owner, "tokens": int(st.count),
@@ -574,7 +586,7 @@ class _Writer:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": key.names,
                 "layers": {n: self.layers[n] for n in key.names}, "stats_dtype": key.stats_dtype,
                 "token_mask": key.token_mask, "stats_examples": self.examples, "passes": k, "parts": self.parts,
-                "extras": list(key.write_extras),
+                "extras": list(key.write_extras), "grads": key.grads,
                 "data": key.data, "loss": key.loss, "backend": key.backend,
                 "model": {"fingerprint": key.model, "params": key.params}}
 
