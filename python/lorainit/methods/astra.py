@@ -80,5 +80,5 @@ def astra_init(ctx: InitContext, config: AstraConfig) -> Dict[str, LoRAFactors]:
     return out
 
 
-ASTRA = MethodSpec("astra", fn=astra_init, config_cls=AstraConfig, needs_data=True, needs_grad=True, paper=PAPER,
+ASTRA = MethodSpec("astra", fn=astra_init, config_cls=AstraConfig, needs_data=True, needs_grad=False, paper=PAPER,
                    summary="eigenvectors of the output-activation covariance in B, A = B^T W, residual in the base")

@@ -80,6 +80,6 @@ def corda_init(ctx: InitContext, config: CorDAConfig) -> Dict[str, LoRAFactors]:
     return out
 
 
-CORDA = MethodSpec("corda", fn=corda_init, config_cls=CorDAConfig, needs_data=True, needs_grad=True, paper=PAPER,
+CORDA = MethodSpec("corda", fn=corda_init, config_cls=CorDAConfig, needs_data=True, needs_grad=False, paper=PAPER,
                    summary="SVD of W C (input covariance): r largest (ipm) or smallest (kpm) into the adapter, "
                            "residual in the base")

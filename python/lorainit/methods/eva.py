@@ -137,5 +137,5 @@ def _redistribute(ctx: InitContext, config: EVAConfig, comps, owner_of) -> None:
                             f"rank_pattern={rank_pattern}, alpha_pattern={alpha_pattern}")
 
 
-EVA = MethodSpec("eva", fn=eva_init, config_cls=EVAConfig, needs_data=True, needs_grad=True, paper=PAPER,
+EVA = MethodSpec("eva", fn=eva_init, config_cls=EVAConfig, needs_data=True, needs_grad=False, paper=PAPER,
                  summary="top principal directions of the centered layer inputs in A, B = 0 (one statistics pass)")
