@@ -310,9 +310,12 @@ def cmd_init(args) -> int:
         missing = [t for t in targets if t not in names]
         if missing:
             raise UsageError(f"--target-modules: {missing} not found in the model")
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
-                                                  use_rslora=args.rslora, lora_dropout=args.lora_dropout,
-                                                  layers_to_transform=layers, task_type="CAUSAL_LM"))
+    try:
+        peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
+                                                      use_rslora=args.rslora, lora_dropout=args.lora_dropout,
+                                                      layers_to_transform=layers, task_type="CAUSAL_LM"))
+    except ValueError as err:  # e.g. no target module in the chosen --layers
+        raise UsageError(f"--target-modules/--layers: PEFT: {(str(err).splitlines() or [''])[0][:200]}") from err
     if args.max_memory is not None:
         if config is None:
             from .registry import get_method

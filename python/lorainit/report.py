@@ -54,7 +54,9 @@ class InitReport:
             is a 1/k share of a batched call over k layers (the table marks those with ``*``).
         info: global facts (n_train source, step-size search scores and the chosen eta, passes, ...;
             ``stats_cache``: ``{"path", "hit", "files", ...}`` with a statistics cache, ``"used": False``
-            when the method computes no statistics).
+            when the method computes no statistics; ``cpu_time_s``: the CPU time the process got during
+            the call, all threads; ``hint``: only when the cores were busy with other jobs, what to do,
+            docs/performance.md).
         timings: seconds per phase (statistics pass, kernels inside it, solves, line search, writes, total).
     """
 
