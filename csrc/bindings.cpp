@@ -237,6 +237,7 @@ py::dict cpu_features() {
   f["avx512vl"] = bool(__builtin_cpu_supports("avx512vl"));
   f["avx512dq"] = bool(__builtin_cpu_supports("avx512dq"));
   f["avx512bf16"] = bool(__builtin_cpu_supports("avx512bf16"));
+  f["amx"] = lorainit::isa_supported(lorainit::kAMX);
   f["vendor"] = __builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other";
 #endif
   f["auto_bf16_pairs"] = lorainit::auto_bf16_pairs();
@@ -256,7 +257,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lorainit C++ CPU kernels (no libtorch: raw pointers and strides)";
   m.def("version", []() { return 4; });
 
-  m.attr("ISA_NAMES") = py::make_tuple("portable", "avx2", "avx512", "avx512bf16");
+  m.attr("ISA_NAMES") = py::make_tuple("portable", "avx2", "avx512", "avx512bf16", "amx");
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
 
   m.def("kfac_update", &kfac_update,

@@ -23,8 +23,8 @@ using i64 = std::int64_t;
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // ISA levels, lowest first. A level runs only when the CPU (and OS) support it.
-enum Isa : int { kPortable = 0, kAVX2 = 1, kAVX512 = 2, kAVX512BF16 = 3 };
-constexpr int kNumIsa = 4;
+enum Isa : int { kPortable = 0, kAVX2 = 1, kAVX512 = 2, kAVX512BF16 = 3, kAMX = 4 };
+constexpr int kNumIsa = 5;
 
 struct Operand {
   const char* base = nullptr;  // first element of row 0
@@ -118,6 +118,7 @@ void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
 void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); }
+namespace amx { void run_bf16(const Problem& p, int nthreads); const char* name_bf16(); }
 #endif
 
 // Dispatch (kfac.cpp).

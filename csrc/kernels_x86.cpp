@@ -52,6 +52,17 @@ const char* name_bf16p() { return KernelBF16P::name; }
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace amx {
+#define LORAINIT_LEVEL 4
+#include "gram_driver.inc"
+#undef LORAINIT_LEVEL
+void run_bf16(const Problem& p, int nthreads) { run_driver<KernelAMX>(p, nthreads); }
+const char* name_bf16() { return KernelAMX::name; }
+}  // namespace amx
+#pragma GCC pop_options
+
 }  // namespace lorainit
 
 #endif  // LORAINIT_X86

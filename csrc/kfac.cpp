@@ -7,6 +7,14 @@
 
 #include "gram_kernels.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lorainit {
 
 const char* isa_name(int isa) {
@@ -15,9 +23,37 @@ const char* isa_name(int isa) {
     case kAVX2: return "avx2";
     case kAVX512: return "avx512";
     case kAVX512BF16: return "avx512bf16";
+    case kAMX: return "amx";
     default: return "unknown";
   }
 }
+
+#if defined(LORAINIT_X86)
+// AMX-TILE + AMX-BF16 in CPUID, the tile state enabled by the OS (XCR0 bits 17, 18) and this
+// process allowed to use it (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once).
+static bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    if (!((c >> 27) & 1u)) return false;                         // OSXSAVE (CPUID.1:ECX.27 read below)
+    return true;
+  }() && [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3u) != 3u) return false;
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+#endif
 
 bool isa_supported(int isa) {
   if (isa == kPortable) return true;
@@ -31,6 +67,7 @@ bool isa_supported(int isa) {
     case kAVX2: return avx2;
     case kAVX512: return avx512;
     case kAVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    case kAMX: return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
     default: return false;
   }
 #else
@@ -49,10 +86,11 @@ int best_isa() {
 
 bool auto_bf16_pairs() {
 #if defined(LORAINIT_X86)
-  // vdpbf16ps doubles the product rate of fp32 FMA where it issues as fast as an FMA (AMD Zen 4:
+  // vdpbf16ps doubles the product rate of fp32 FMA where it issues as fast as an FMA (AMD EPYC:
   // the dpbf16 kernel 2.1x the fp32 one, 2026-11-23); Intel cores issue it on one port only, so
   // there it multiplies no faster than fp32 FMA and the dpbf16 kernel measured slower (Sapphire
-  // Rapids: 196-238 ms vs 153 ms, bench/results/kfac.md). Unknown vendors keep fp32 FMA.
+  // Rapids, one thread, T=8192, n=m=1024: 229 vs 136 ms CPU). Unknown vendors keep fp32 FMA. (Where
+  // AMX is usable, its level runs bf16 inputs before this choice arises.)
   static const bool amd = [] {
     __builtin_cpu_init();
     return bool(__builtin_cpu_is("amd"));
@@ -64,7 +102,7 @@ bool auto_bf16_pairs() {
 }
 
 namespace {
-enum Path { kPathPortable, kPathAVX2, kPathAVX512, kPathBF16P };
+enum Path { kPathPortable, kPathAVX2, kPathAVX512, kPathBF16P, kPathAMX };
 
 Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
   const int level = isa < 0 ? best_isa() : isa;
@@ -72,6 +110,7 @@ Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
   // products, so weighted problems take the fp32 path. The automatic choice (isa < 0) takes them
   // only where they are the faster kernel (auto_bf16_pairs); naming the level forces them.
   const bool all_bf16 = x_dtype == kBF16 && (g_dtype < 0 || g_dtype == kBF16) && !weighted;
+  if (level >= kAMX && all_bf16) return kPathAMX;
   if (level >= kAVX512BF16 && all_bf16 && (isa >= 0 || auto_bf16_pairs())) return kPathBF16P;
   if (level >= kAVX512) return kPathAVX512;
   if (level >= kAVX2) return kPathAVX2;
@@ -82,6 +121,7 @@ Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
 std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted) {
   switch (choose(isa, x_dtype, g_dtype, weighted)) {
 #if defined(LORAINIT_X86)
+    case kPathAMX: return amx::name_bf16();
     case kPathBF16P: return avx512bf16::name_bf16p();
     case kPathAVX512: return avx512::name_f32();
     case kPathAVX2: return avx2::name_f32();
@@ -94,6 +134,15 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
   const int g_dtype = p.G ? p.g.dtype : -1;
   switch (choose(isa, p.x.dtype, g_dtype, p.w != nullptr)) {
 #if defined(LORAINIT_X86)
+    case kPathAMX:
+      // a level is chosen only where isa_supported said yes, which also obtained the tile permission;
+      // asking again (cached) keeps a direct caller of run_problem from a SIGILL
+      if (!isa_supported(kAMX)) {
+        avx512::run_f32(p, nthreads);
+        return avx512::name_f32();
+      }
+      amx::run_bf16(p, nthreads);
+      return amx::name_bf16();
     case kPathBF16P: avx512bf16::run_bf16p(p, nthreads); return avx512bf16::name_bf16p();
     case kPathAVX512: avx512::run_f32(p, nthreads); return avx512::name_f32();
     case kPathAVX2: avx2::run_f32(p, nthreads); return avx2::name_f32();

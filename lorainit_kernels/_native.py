@@ -5,11 +5,13 @@ codes (it links neither libtorch nor a BLAS), compacts the valid tokens, packs e
 once and accumulates all outputs in fp32 with the GIL released (csrc/gram_driver.inc).
 
 The vector path is chosen at run time from the CPU's features: ``portable`` < ``avx2`` <
-``avx512`` < ``avx512bf16`` (bf16 inputs then use ``vdpbf16ps``). ``LORAINIT_NATIVE_ISA`` set to
+``avx512`` < ``avx512bf16`` (bf16 inputs then use ``vdpbf16ps``) < ``amx`` (bf16 inputs then use
+AMX tiles, ``tdpbf16ps``; Linux grants the tile state on first use). ``LORAINIT_NATIVE_ISA`` set to
 one of these names forces that level (it must be one this CPU runs, see ``isa_levels()``); unset,
-empty or ``auto`` picks the best level, and on it the faster kernel for bf16 inputs: bf16 pairs
-(``vdpbf16ps``) on AMD, where they double the product rate, fp32 FMA on Intel, where ``vdpbf16ps``
-multiplies no faster and measured slower (``cpu_features()["auto_bf16_pairs"]``; docs/kernels.md).
+empty or ``auto`` picks the best level, and on ``avx512bf16`` the faster kernel for bf16 inputs: bf16
+pairs (``vdpbf16ps``) on AMD, where they double the product rate, fp32 FMA on Intel, where
+``vdpbf16ps`` multiplies no faster and measured slower (``cpu_features()["auto_bf16_pairs"]``;
+docs/kernels.md).
 OpenMP threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 from .backends import native_module
 
 ISA_ENV = "LORAINIT_NATIVE_ISA"
-ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16", "amx")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -35,7 +37,7 @@ def _C():
 
 
 def isa_levels() -> list:
-    """The ISA levels this CPU runs, lowest first (e.g. ``['portable', 'avx2', 'avx512', 'avx512bf16']``)."""
+    """The ISA levels this CPU runs, lowest first (e.g. ``['portable', 'avx2', 'avx512', 'avx512bf16', 'amx']``)."""
     return list(_C().isa_levels())
 
 

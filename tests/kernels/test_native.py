@@ -177,19 +177,24 @@ def test_kernel_names_follow_isa(isa):
                          mask.data_ptr(), True, Zs.data_ptr(), Gs.data_ptr(), ss.data_ptr(),
                          _native.requested_isa(), 2)
     assert ran == name
-    assert _native.kernel_name(torch.float32).startswith(isa if isa != "avx512bf16" else "avx512/")
+    assert _native.kernel_name(torch.float32).startswith(isa if isa not in ("avx512bf16", "amx") else "avx512/")
 
 
 def test_auto_bf16_kernel_follows_vendor(monkeypatch):
-    """Unforced, bf16 inputs run as bf16 pairs only on AMD CPUs with AVX512-BF16 (faster there, slower on
-    Intel); naming the avx512bf16 level forces them; fp16 or weighted inputs never take them."""
+    """Unforced, bf16 inputs run on AMX tiles where usable, else as bf16 pairs only on AMD CPUs with
+    AVX512-BF16 (faster there, slower on Intel); naming the avx512bf16 level forces the pairs; fp16 or
+    weighted inputs never take them."""
     monkeypatch.delenv(_native.ISA_ENV, raising=False)
     feats = _native.cpu_features()
     pairs = feats.get("vendor") == "amd" and bool(feats.get("avx512bf16"))
     assert feats["auto_bf16_pairs"] == pairs
+    assert feats["amx"] == ("amx" in ISAS)
     name = _native.kernel_name(torch.bfloat16, torch.bfloat16)
-    assert ("dpbf16" in name) == pairs
-    assert name.startswith(ISAS[-1] if pairs or ISAS[-1] != "avx512bf16" else "avx512/")
+    if "amx" in ISAS:  # AMX tiles run bf16 inputs wherever the OS grants them
+        assert name.startswith("amx/")
+    else:
+        assert ("dpbf16" in name) == pairs
+        assert name.startswith(ISAS[-1] if pairs or ISAS[-1] != "avx512bf16" else "avx512/")
     assert "dpbf16" not in _native.kernel_name(torch.bfloat16, torch.bfloat16, weighted=True)
     if "avx512bf16" in ISAS:
         monkeypatch.setenv(_native.ISA_ENV, "avx512bf16")
