@@ -40,7 +40,7 @@ def test_nan_weight_under_lora_da_names_the_first_module_with_a_nonfinite_output
     assert_same_state(before, _finite(model_state(model)))
 
 
-def test_nan_data_still_names_the_target_whose_input_is_not_finite():
+def test_nan_in_an_embedding_row_names_the_embedding_not_the_next_target():
     model = tiny_llama(seed=1)
     batches = lm_batches(n=8, bs=4, labels=True)
     with torch.no_grad():
