@@ -118,7 +118,10 @@ void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
 void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); }
+#if !defined(__clang__) && __GNUC__ >= 11  // AMX intrinsics (and an assembler that knows them)
+#define LORAINIT_AMX 1
 namespace amx { void run_bf16(const Problem& p, int nthreads); const char* name_bf16(); }
+#endif
 #endif
 
 // Dispatch (kfac.cpp).

@@ -52,6 +52,7 @@ const char* name_bf16p() { return KernelBF16P::name; }
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
+#if defined(LORAINIT_AMX)
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace amx {
@@ -62,6 +63,7 @@ void run_bf16(const Problem& p, int nthreads) { run_driver<KernelAMX>(p, nthread
 const char* name_bf16() { return KernelAMX::name; }
 }  // namespace amx
 #pragma GCC pop_options
+#endif  // LORAINIT_AMX
 
 }  // namespace lorainit
 

@@ -28,7 +28,7 @@ const char* isa_name(int isa) {
   }
 }
 
-#if defined(LORAINIT_X86)
+#if defined(LORAINIT_AMX)
 // AMX-TILE + AMX-BF16 in CPUID, the tile state enabled by the OS (XCR0 bits 17, 18) and this
 // process allowed to use it (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once).
 static bool amx_usable() {
@@ -67,7 +67,9 @@ bool isa_supported(int isa) {
     case kAVX2: return avx2;
     case kAVX512: return avx512;
     case kAVX512BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+#if defined(LORAINIT_AMX)
     case kAMX: return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
+#endif
     default: return false;
   }
 #else
@@ -121,7 +123,9 @@ Path choose(int isa, int x_dtype, int g_dtype, bool weighted) {
 std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted) {
   switch (choose(isa, x_dtype, g_dtype, weighted)) {
 #if defined(LORAINIT_X86)
+#if defined(LORAINIT_AMX)
     case kPathAMX: return amx::name_bf16();
+#endif
     case kPathBF16P: return avx512bf16::name_bf16p();
     case kPathAVX512: return avx512::name_f32();
     case kPathAVX2: return avx2::name_f32();
@@ -134,6 +138,7 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
   const int g_dtype = p.G ? p.g.dtype : -1;
   switch (choose(isa, p.x.dtype, g_dtype, p.w != nullptr)) {
 #if defined(LORAINIT_X86)
+#if defined(LORAINIT_AMX)
     case kPathAMX:
       // a level is chosen only where isa_supported said yes, which also obtained the tile permission;
       // asking again (cached) keeps a direct caller of run_problem from a SIGILL
@@ -143,6 +148,7 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
       }
       amx::run_bf16(p, nthreads);
       return amx::name_bf16();
+#endif
     case kPathBF16P: avx512bf16::run_bf16p(p, nthreads); return avx512bf16::name_bf16p();
     case kPathAVX512: avx512::run_f32(p, nthreads); return avx512::name_f32();
     case kPathAVX2: avx2::run_f32(p, nthreads); return avx2::name_f32();
