@@ -249,7 +249,7 @@ class InitContext:
         runner = self.runner(token_mask)
         work = max((working_set(n) for n in names), default=0) if working_set is not None else 0
         grouped = max_memory is not None and \
-            sum(stats_bytes(self.targets[n], dtype, extras=extras) for n in names) + work > max_memory
+            sum(stats_bytes(self.targets[n], dtype, extras=extras, grads=grads) for n in names) + work > max_memory
 
         def plan(shared: Optional[Dict[str, str]]) -> List[List[str]]:
             if not grouped:
@@ -258,7 +258,7 @@ class InitContext:
                 with self.timed("probe"):
                     shared = probe_shared_inputs(self.model, self.targets, names, runner, batches[0])
             self.shared_inputs = dict(shared)
-            return plan_groups(names, self.targets, shared, max_memory, dtype, working_set, extras=extras)
+            return plan_groups(names, self.targets, shared, max_memory, dtype, working_set, extras=extras, grads=grads)
 
         def passes() -> Iterator[Tuple[int, StatsPass]]:
             groups = plan(None)

@@ -117,18 +117,20 @@ class EmbeddingStats:
         return self.g2 / max(self.count, 1)
 
 
-def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool = True, extras: Sequence[str] = ()) -> int:
-    """Bytes of one layer's accumulators: Z (n^2, unless shared), G (m n), s (m); with ``extras``: the
-    input mean (n, with Z) and the output second moment (m^2)."""
+def stats_bytes(t: TargetLayer, dtype: torch.dtype = torch.float32, with_z: bool = True, extras: Sequence[str] = (),
+                grads: bool = True) -> int:
+    """Bytes of one layer's accumulators: Z (n^2, unless shared), G (m n) and s (m) (``grads``: not in a
+    forward-only pass); with ``extras``: the input mean (n, with Z) and the output second moment (m^2)."""
     e = torch.finfo(dtype).bits // 8
     z = (t.n if t.kind == "embedding" else t.n * t.n) if with_z else 0
     extra = (t.n if with_z and "mean" in extras else 0) + (t.m * t.m if "output_cov" in extras else 0)
-    return e * (z + t.m * t.n + t.m + extra)
+    return e * (z + (t.m * t.n + t.m if grads else 0) + extra)
 
 
 def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: Dict[str, str],
                 max_memory: Optional[int], dtype: torch.dtype,
-                working_set: Optional[Callable[[str], int]] = None, extras: Sequence[str] = ()) -> List[List[str]]:
+                working_set: Optional[Callable[[str], int]] = None, extras: Sequence[str] = (),
+                grads: bool = True) -> List[List[str]]:
     """Split targets (in model order) into passes whose peak fits in ``max_memory`` bytes.
 
     A pass's peak is its statistics plus the largest ``working_set(name)`` of its layers (bytes used
@@ -142,8 +144,8 @@ def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: D
     if max_memory is None:
         return [list(names)]
     work_of = working_set or (lambda name: 0)
-    return pack_passes([(members, sum(stats_bytes(targets[n], dtype, with_z=(n == members[0]), extras=extras)
-                                      for n in members),
+    return pack_passes([(members, sum(stats_bytes(targets[n], dtype, with_z=(n == members[0]), extras=extras,
+                                                  grads=grads) for n in members),
                          max(work_of(n) for n in members)) for members in units.values()], max_memory)
 
 
