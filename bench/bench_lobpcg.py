@@ -9,8 +9,9 @@ relative error <= 1e-5. The CUDA provider (cupyx.scipy.sparse.linalg.lobpcg) is 
 Besides the ratios: lorainit's iterations and the time split of one untimed call (operator
 products, Rayleigh-Ritz with the basis update, search directions = projection + orthonormalization),
 and the crossover sweep (batch 2, n = 256..4096) that sets ``lorainit_kernels.defaults.EIGH_CROSSOVER_N["cpu"]``.
-A second table (``step_norm_table``) checks sigma_max(dW) of LoRA-DA's step normalization: the subspace
-iteration started from ``A`` against the exact value and against the full-tolerance LOBPCG it replaced.
+``step_norm_table`` (run by ``bench/bench_step_norm.py``) checks sigma_max(dW) of LoRA-DA's step
+normalization: the subspace iteration started from ``A`` against the exact value and against the
+full-tolerance LOBPCG it replaced.
 """
 from __future__ import annotations
 
@@ -302,9 +303,7 @@ def _run(quick: bool) -> dict:
         r["provider"] = "scaling: " + r["provider"]
     cols = ["provider", "batch", "n", "k", "median_s", "q25_s", "q75_s", "speedup_vs_eigh", "objective_rel_err",
             "reaches_1e-5", "note"]
-    step = step_norm_table(quick, real=not quick)
     return {
-        "tables": [step],
         "title": "lobpcg: k=8 smallest eigenpairs of realistic LoRA-DA Omega, fp32, CPU",
         "columns": cols,
         "rows": main + cpu1 + scaling,

@@ -437,8 +437,8 @@ class _Prepared:
         ``= c Z_d^-1 - alpha dW^T dW`` are dominated by ``dW``'s top ones when ``alpha > 0``); two
         seeded random columns are appended either way. It stops when ``sigma`` changes by at most
         ``STEP_NORM_RTOL[dtype]`` in one iteration: 1-3 iterations from ``A`` on realistic statistics,
-        where a full-tolerance LOBPCG took ~5 iterations of a costlier step (the step_norm table of
-        bench/results/lobpcg.md: 4-27x faster, the step within 1e-6 of the exact one).
+        where a full-tolerance LOBPCG took ~5 iterations of a costlier step (bench/results/step_norm.md:
+        several times faster, the step within 1e-6 of the exact one).
         A batch that reaches ``maxiter`` first warns (RuntimeWarning, naming the batch indices and the
         last relative change, an estimate of the error). For fp32 ``dW`` the returned value is
         ``||dW v||`` of the top Ritz vector ``v`` evaluated in fp64 from ``dW`` read in row blocks (at
