@@ -200,10 +200,12 @@ def eva_rank_distribution(ratios: Mapping[str, Tensor], budget: int, max_compone
 
 
 # ------------------------------------------------------------------------------------------ CorDA
-def _damped_cholesky(C: Tensor, damping: float, op: str, retries: int = 10) -> Tuple[Tensor, Tensor, float]:
+def _damped_cholesky(C: Tensor, damping: float, op: str, retries: int = 128) -> Tuple[Tensor, Tensor, float]:
     """``(C_d, L, damping)``: ``C_d = C + damping * mean(diag C) * I`` with its Cholesky factor; the damping
-    doubles (as PEFT's ``collect_eigens_for_layer`` does until its inverse is accurate) while ``C_d`` is
-    not numerically positive definite."""
+    doubles while ``C_d`` does not factor or solves with it would be inaccurate: PEFT's
+    ``collect_eigens_for_layer`` doubles it until ``|C_d C_d^-1 - I| < 0.05``; without forming the
+    inverse, here until ``cond_est * eps < 0.05`` with ``cond_est = (max diag L / min diag L)^2`` (a lower
+    estimate of the condition number) and ``eps`` of the compute dtype."""
     n = C.shape[-1]
     mean_diag = torch.diagonal(C, dim1=-2, dim2=-1).mean(-1)
     if bool((mean_diag <= 0).any()):
@@ -214,9 +216,15 @@ def _damped_cholesky(C: Tensor, damping: float, op: str, retries: int = 10) -> T
         Cd = C + (d * mean_diag)[..., None, None] * eye
         L, info = torch.linalg.cholesky_ex(Cd)
         if not bool((info != 0).any()):
-            return Cd, L, d
-        d *= 2
-    raise ValueError(f"{op}: the damped input covariance is not positive definite even with damping {d / 2:g}")
+            diag = torch.diagonal(L, dim1=-2, dim2=-1).abs()
+            cond = (diag.amax(-1) / diag.amin(-1).clamp_min(torch.finfo(C.dtype).tiny)) ** 2
+            if bool((cond * torch.finfo(C.dtype).eps < 0.05).all()):
+                return Cd, L, d
+        if d >= 1.0:  # a PSD C damped by its mean diagonal always factors: C itself is not PSD
+            break
+        d = min(2 * d, 1.0)
+    raise ValueError(f"{op}: the damped input covariance is not positive definite even with damping {d:g} "
+                     f"(the input covariance C is not positive semi-definite)")
 
 
 def corda(W: Tensor, C: Tensor, rank: int, *, scaling: float, mode: str = "ipm",

@@ -105,9 +105,9 @@ def test_eva_bad_input():
 
 
 # ------------------------------------------------------------------------------------------ CorDA
-def _corda_ref(W, C, r, scaling, mode, damping=0.01):
-    """PEFT's collect_eigens_for_layer + corda_init in float64 (explicit inverse, as PEFT)."""
-    W, C = W.double(), C.double()
+def _corda_ref(W, C, r, scaling, mode, damping=0.01, dtype=torch.float64):
+    """PEFT's collect_eigens_for_layer + corda_init in ``dtype`` (explicit inverse, as PEFT)."""
+    W, C = W.to(dtype), C.to(dtype)
     Cd = C + torch.eye(C.shape[0], dtype=C.dtype) * torch.diagonal(C).mean() * damping
     U, S, Vh = torch.linalg.svd(W @ Cd, full_matrices=False)
     V = (Vh @ torch.linalg.inv(Cd)).T
@@ -302,3 +302,26 @@ def test_kfac_stats_forward_only_keeps_z_mean_and_y_without_gradients():
         st.update(x, torch.randn(3, 9, 4), mask, output=y)
     counter = lk.KFACStats(6, 4, track_input_cov=False, track_grad=False)  # a layer sharing another's Z
     assert counter.update(x, None, mask) == int(mask.sum()) and counter.sums() == []
+
+
+def test_corda_doubles_the_damping_until_the_covariance_factors_accurately():
+    """A rank-deficient C (fewer tokens than features) with a tiny damping: the damping doubles (PEFT's retry,
+    here until the Cholesky factor's condition estimate times eps is below 0.05), and the result equals the
+    float64 reference at the damping used."""
+    g = _gen(21)
+    X = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    C = (X.T @ X / 3).float()  # rank 3 of 12
+    W = torch.randn(7, 12, generator=g)
+    Cd, L, used = lkp._damped_cholesky(C, 1e-30, "corda")
+    assert 1e-30 < used <= 1.0 and torch.allclose(L @ L.T, Cd, atol=1e-5)
+    assert float(torch.linalg.cond(Cd.double())) * torch.finfo(torch.float32).eps < 0.2
+    f = lkp.corda(W, C, 2, scaling=1.0, damping=1e-30)
+    A_ref, B_ref = _corda_ref(W, C, 2, 1.0, "ipm", damping=used)
+    # as ill-conditioned as PEFT accepts: fp32 is as accurate as plain fp32 torch (PEFT's explicit inverse)
+    A32, B32 = _corda_ref(W, C, 2, 1.0, "ipm", damping=used, dtype=torch.float32)
+    err_torch = _rel(B32 @ A32, B_ref @ A_ref)
+    assert _rel(f.adapter_delta(1.0), B_ref @ A_ref) <= 2 * err_torch + 1e-6
+    f64 = lkp.corda(W.double(), C.double(), 2, scaling=1.0, damping=used)  # and exact in fp64
+    assert _rel(f64.adapter_delta(1.0), B_ref @ A_ref) < 1e-6
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        lkp.corda(W, torch.diag(torch.tensor([1.0] * 11 + [-5.0])), 2, scaling=1.0)
