@@ -234,7 +234,7 @@ def corda(W: Tensor, C: Tensor, rank: int, *, scaling: float, mode: str = "ipm",
     Yang et al. (2024), arXiv 2406.05223; PEFT ``corda.py`` ``collect_eigens_for_layer`` and
     ``layer.py`` ``corda_init``. With ``C_d = C + damping * mean(diag C) * I`` (C the input second
     moment ``Z``; PEFT doubles ``damping`` from 0.01 until ``C_d`` inverts accurately; here until its
-    Cholesky succeeds) and ``U S Vh = svd(W C_d)``, ``V = C_d^{-1} Vh^T`` (a Cholesky solve, no inverse):
+    Cholesky factor's condition estimate times eps is below 0.05, :func:`_damped_cholesky`) and ``U S Vh = svd(W C_d)``, ``V = C_d^{-1} Vh^T`` (a Cholesky solve, no inverse):
 
         ``I`` = the ``r`` largest (``mode="ipm"``, instruction-previewed) or smallest (``"kpm"``,
         knowledge-preserving) singular values,

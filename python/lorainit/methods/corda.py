@@ -42,7 +42,7 @@ class CorDAConfig(InitConfig):
         mode: ``"ipm"`` (instruction-previewed: the r largest components of ``W C`` adapt, default) or
             ``"kpm"`` (knowledge-preserved: the r smallest adapt, the principal ones stay frozen).
         damping: relative damping of ``C`` (``C + damping * mean(diag C) * I``; PEFT's 0.01, doubled
-            while ``C_d`` is not positive definite).
+            while solves with ``C_d`` would be inaccurate, as PEFT does).
         token_mask: ``"attention"`` (default; PEFT's hook takes every input token) or ``"labels"``.
         max_memory: bytes bounding the statistics (several passes when they do not fit; None: one pass).
         backend: statistics kernel (``"auto"``, ``"native"``, ``"triton"``, ``"torch"``).
