@@ -221,8 +221,39 @@ def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: 
     return MemoryPlan("lora_da", budget, groups, sum(u_stats), peak, smallest, per_group=per)
 
 
+#: The forward-only statistics methods: (extra statistics, fp32 (m, n) tensors and (d, d) tensors of one
+#: layer's solve, d = "n" or "m"): EVA's centered covariance and eigenvectors; CorDA's W, W C_d, SVD
+#: factors and base_delta, C_d and its Cholesky factor; Astra's W and base_delta, the eigen-solve of Y.
+STATS_SOLVES = {"eva": (("mean",), 0, 2, "n"), "corda": ((), 5, 2, "n"), "astra": (("output_cov",), 2, 2, "m")}
+
+
+def stats_solve_bytes(t: TargetLayer, method: str) -> int:
+    """fp32 bytes of one layer's solve for a method of :data:`STATS_SOLVES`, on top of its statistics."""
+    _, copies, squares, side = STATS_SOLVES[method]
+    d = t.n if side == "n" else t.m
+    return 4 * (copies * t.m * t.n + squares * d * d)
+
+
+def plan_stats_solves(method: str, targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],
+                      budget: Optional[int]) -> MemoryPlan:
+    """Passes of a forward-only statistics method (eva, corda, astra) under ``budget`` (None: one pass):
+    the same packing as the statistics pass (:func:`lorainit.passes.stats.plan_groups`)."""
+    from .passes.stats import plan_groups
+
+    extras = STATS_SOLVES[method][0]
+    work = {n: stats_solve_bytes(targets[n], method) for n in names}
+    sizes = {n: stats_bytes(targets[n], torch.float32, with_z=shared.get(n, n) == n, extras=extras, grads=False)
+             for n in names}
+    groups = plan_groups(names, targets, shared, budget, torch.float32, work.get, extras=extras, grads=False)
+    per = [{"stats": sum(sizes[n] for n in g), "peak": sum(sizes[n] for n in g) + max(work[n] for n in g)}
+           for g in groups]
+    smallest = max(sum(sizes[n] for n in u) + max(work[n] for n in u) for u in _units(names, shared))
+    return MemoryPlan(method, budget, groups, sum(sizes.values()), max(d["peak"] for d in per), smallest,
+                      per_group=per)
+
+
 def _changes_base(method: str, config) -> bool:
-    if method in ("pissa", "milora", "lora_ga"):
+    if method in ("pissa", "milora", "lora_ga", "corda", "astra", "olora"):
         return True
     if method == "lora_one":
         return bool(getattr(config, "subtract_init", False))
@@ -259,6 +290,8 @@ def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, d
         if any(o != n for n, o in shared.items()):
             plan.notes.append("layers sharing an input share one Z: damped and Cholesky-factored once, in place, "
                               "for all of them; Z_d^-1 is kept beside one Omega until the last of them is solved")
+    elif method in STATS_SOLVES:
+        plan = plan_stats_solves(method, targets, names, structural_sharing(targets), budget)
     elif method in ("lora_ga", "lora_one"):
         sizes = {n: grad_bytes(targets[n]) for n in names}
         groups = plan_grad_groups(names, sizes, budget)

@@ -273,3 +273,18 @@ def test_max_memory_splits_the_pass_without_changing_the_adapters(method):
     rep = initialize_lora(model, batches, method=method, config=cfg.replace(max_memory=40_000), progress=False)
     assert rep.info["passes"] > 1
     _same_products(_products(model), _products(ref), tol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(DATA_AWARE))
+def test_estimate_memory_plans_the_passes_the_call_makes(method):
+    from lorainit import estimate_memory
+
+    batches = _batches(n=8)
+    budget = estimate_memory(tiny_llama(seed=6), method, DATA_AWARE[method]).smallest_budget
+    cfg = DATA_AWARE[method].replace(max_memory=budget)
+    plan = estimate_memory(tiny_llama(seed=6), method, cfg)
+    rep = initialize_lora(tiny_llama(seed=6), batches, method=method, config=cfg, progress=False)
+    assert plan.passes == rep.info["passes"] > 1 and plan.fits and plan.peak_bytes <= budget
+    assert plan.snapshot_host_bytes > 0 if method != "eva" else True  # corda/astra rewrite W: snapshot of W
+    with pytest.raises(LoRAInitError, match="smallest budget"):
+        estimate_memory(tiny_llama(seed=6), method, cfg.replace(max_memory=1_000))

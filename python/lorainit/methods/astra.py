@@ -26,7 +26,7 @@ from ..configs import InitConfig, check_choice, check_int
 from ..context import InitContext
 from ..targets import LoRAInitError
 from .common import MethodSpec
-from .peft_common import refuse_embeddings, solve_bytes, solve_from_stats
+from .peft_common import refuse_embeddings, solve_from_stats
 
 __all__ = ["AstraConfig", "astra_init", "ASTRA"]
 
@@ -75,9 +75,7 @@ def astra_init(ctx: InitContext, config: AstraConfig) -> Dict[str, LoRAFactors]:
         f = lkp.astra(W, st.Y, t.r, scaling=t.scaling, mode=config.mode, solver=config.solver)
         return f.lora_A, f.lora_B, f.base_delta
 
-    # W and base_delta (m x n); the eigen-solve of Y (m x m, twice)
-    out = solve_from_stats(ctx, "astra", config, solve, extras=("output_cov",), needs_weight=True, with_delta=True,
-                           working_set=lambda n: solve_bytes(ctx.targets[n], weight_copies=2, square=2, side="m"))
+    out = solve_from_stats(ctx, "astra", config, solve, needs_weight=True, with_delta=True)
     ctx.info["astra"] = f"mode={config.mode}: eigenvectors of the output second moment (1/T) sum_t y_t y_t^T"
     return out
 

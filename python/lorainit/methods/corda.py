@@ -26,7 +26,7 @@ from ..configs import InitConfig, check_choice, check_int, check_number
 from ..context import InitContext
 from ..targets import check_rank
 from .common import MethodSpec
-from .peft_common import refuse_embeddings, solve_bytes, solve_from_stats
+from .peft_common import refuse_embeddings, solve_from_stats
 
 __all__ = ["CorDAConfig", "corda_init", "CORDA"]
 
@@ -75,9 +75,7 @@ def corda_init(ctx: InitContext, config: CorDAConfig) -> Dict[str, LoRAFactors]:
         ctx.record(name, singular_values=(t.scaling * f.lora_B.float().pow(2).sum(0)).tolist())  # of W C_d
         return f.lora_A, f.lora_B, f.base_delta
 
-    # W, W C_d, the SVD's factors (<= 2 m n) and base_delta; C_d and its Cholesky factor (n x n)
-    out = solve_from_stats(ctx, "corda", config, solve, needs_weight=True, with_delta=True,
-                           working_set=lambda n: solve_bytes(ctx.targets[n], weight_copies=5, square=2))
+    out = solve_from_stats(ctx, "corda", config, solve, needs_weight=True, with_delta=True)
     ctx.info["corda"] = f"mode={config.mode}: SVD of W C_d, C = the per-token input second moment Z"
     return out
 

@@ -33,7 +33,7 @@ from ..configs import InitConfig, check_bool, check_choice, check_int, check_num
 from ..context import InitContext
 from ..targets import LoRAInitError, check_rank
 from .common import MethodSpec
-from .peft_common import refuse_embeddings, solve_bytes, solve_from_stats
+from .peft_common import refuse_embeddings, solve_from_stats
 
 __all__ = ["EVAConfig", "eva_init", "EVA"]
 
@@ -103,9 +103,7 @@ def eva_init(ctx: InitContext, config: EVAConfig) -> Dict[str, LoRAFactors]:
         ctx.record(name, explained_variance_ratio=c.explained_variance_ratio[:t.r].tolist())
         return A, torch.zeros(t.m, t.r, dtype=A.dtype, device=A.device), None
 
-    # the centered covariance and its eigenvectors (n x n each) on top of the statistics
-    out = solve_from_stats(ctx, "eva", config, solve, extras=("mean",),
-                           working_set=lambda n: solve_bytes(ctx.targets[n], square=2))
+    out = solve_from_stats(ctx, "eva", config, solve)
     ctx.info["eva"] = "top principal directions of the centered inputs, Z - mu mu^T, from one statistics pass"
     if config.rho > 1:
         _redistribute(ctx, config, comps, owner_of)

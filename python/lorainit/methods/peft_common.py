@@ -13,7 +13,7 @@ broadcast the factors. :func:`refuse_embeddings` names the embedding targets a m
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from ..passes.stats import LayerStats
 from ..targets import LoRAInitError
 from .common import finalize
 
-__all__ = ["refuse_embeddings", "solve_from_stats", "solve_bytes"]
+__all__ = ["refuse_embeddings", "solve_from_stats"]
 
 Solved = Tuple[Tensor, Tensor, Optional[Tensor]]
 
@@ -40,17 +40,18 @@ def refuse_embeddings(ctx: InitContext, method: str, why: str) -> None:
 
 
 def solve_from_stats(ctx: InitContext, method: str, config, solve: Callable[[str, LayerStats, Optional[Tensor]], Solved],
-                     *, extras: Sequence[str] = (), needs_weight: bool = False, with_delta: bool = False,
-                     working_set: Optional[Callable[[str], int]] = None) -> Dict[str, LoRAFactors]:
+                     *, needs_weight: bool = False, with_delta: bool = False) -> Dict[str, LoRAFactors]:
     """``{layer: LoRAFactors}`` from ``solve(name, stats, W) -> (lora_A, lora_B, base_delta or None)`` per layer.
 
     ``config`` supplies ``max_memory``, ``token_mask`` and ``backend`` of the statistics pass (fp32
     statistics). ``needs_weight``: ``W`` is the full base weight (m, n) in torch orientation, else None.
-    ``with_delta``: the solve returns a ``base_delta`` (broadcast with the factors). ``working_set(name)``:
-    bytes one layer's solve uses on top of the statistics (the memory plan of ``max_memory`` adds the largest).
+    ``with_delta``: the solve returns a ``base_delta`` (broadcast with the factors). The extra statistics
+    and each layer's solve working set (``max_memory``) come from :data:`lorainit.memory.STATS_SOLVES`.
     """
     owners = dist_utils.assign_ranks(ctx.names, ctx.world)
     results: Dict[str, Solved] = {}
+    working_set = (lambda n: memory.stats_solve_bytes(ctx.targets[n], method))
+    extras = memory.STATS_SOLVES[method][0]
     for part in ctx.iter_stats(ctx.names, max_memory=config.max_memory, backend=config.backend,
                                token_mask=config.token_mask, extras=extras, grads=False, working_set=working_set):
         with ctx.timed("solve"):
@@ -81,13 +82,6 @@ def solve_from_stats(ctx: InitContext, method: str, config, solve: Callable[[str
     if missing:
         raise LoRAInitError(f"{method} produced no factors for {missing[:5]}")
     return {n: finalize(ctx.targets[n], *results[n]) for n in ctx.names}
-
-
-def solve_bytes(t, *, weight_copies: int = 0, square: int = 0, side: str = "n") -> int:
-    """fp32 bytes of one layer's solve: ``weight_copies`` (m, n) tensors (the full weight, products, factors'
-    residual) and ``square`` (d, d) tensors, ``d`` = ``n`` (input side) or ``m`` (output side)."""
-    d = t.n if side == "n" else t.m
-    return 4 * (weight_copies * t.m * t.n + square * d * d)
 
 
 def _broadcast(ctx: InitContext, part, owners, results: Dict[str, Solved], with_delta: bool) -> None:
