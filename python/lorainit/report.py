@@ -68,7 +68,7 @@ class InitReport:
 
     # The raw eigenvalues of Omega stay in the JSON: their scale (e.g. -4e7) says nothing at a glance.
     COLUMNS = ("name", "shape", "r", "tokens", "n_train", "solver", "iters", "converged", "residual",
-               "preheat_rank", "time_s")
+               "preheat_rank", "quant", "requant_error", "init_weight_error", "time_s")
 
     @classmethod
     def from_json(cls, source: Union[str, Path]) -> "InitReport":
