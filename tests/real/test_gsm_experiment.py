@@ -1,44 +1,92 @@
-"""The headline experiment's bookkeeping (bench/experiments/smollm2_gsm.py): rows per method and rank,
-runs written before the rank sweep existed, and the rank sweep's argument check. No model is loaded."""
-import types
+"""The learning-rate-fair protocol's bookkeeping (bench/experiments/smollm2_gsm.py): the rate chosen on the
+validation loss, the grid extended beyond an end, the seeds at the chosen rate, the later phases, the
+tables. No model is loaded."""
+import math
 
 import pytest
 
 from bench.experiments import smollm2_gsm as gsm
 
 
-def _run(method, seed, accuracy, rank=None):
-    r = {"method": method, "seed": seed, "accuracy": accuracy, "heldout_loss_init": 2.0 + seed,
-         "heldout_loss_end": 1.0, "init_s": 0.5, "train_s": 3.0}
-    if rank is not None:
-        r["rank"] = rank
-    return r
+def _args(*extra):
+    return gsm.parse_args(["--methods", "lora,lora_da,pissa,lora_da:no_bias", "--lrs", "1e-4,1e-3", "--max-extend", "1",
+                           "--sweep-ranks", "2", *extra])
 
 
-def test_rank_sweep_rows_group_by_method_and_rank():
-    runs = [_run("lora", 0, 0.2, 1), _run("lora", 1, 0.4, 1), _run("lora", 0, 0.5, 4),
-            _run("lora_da", 0, 0.1, 1), _run("lora_da", 0, 0.3, 4), _run("lora_da", 1, 0.5, 4)]
-    rows = gsm.summarize(runs, ["lora", "lora_da"], [1, 4], default_rank=8)
-    got = {(r["method"], r["r"]): (r["exact match"], r["seeds"]) for r in rows}
-    assert got == {("lora", 1): (pytest.approx(0.3), 2), ("lora", 4): (0.5, 1),
-                   ("lora_da", 1): (0.1, 1), ("lora_da", 4): (pytest.approx(0.4), 2)}
-    assert [r["std"] for r in rows if r["seeds"] == 1] == [0.0, 0.0]
+def _run(method, lr, val, seed=0, rank=8, acc=0.5, phase="grid", scale=1.0):
+    return {"method": method, "rank": rank, "lr": lr, "seed": seed, "phase": phase, "accuracy": acc, "val_loss": val,
+            "val_loss_init": 2.0, "diverged": not math.isfinite(val), "lr_scale": scale, "init_s": 1.0,
+            "train_s": 2.0, "eval_s": 1.0, "train_losses": [1.0, 0.5]}
 
 
-def test_one_rank_has_no_rank_column_and_old_runs_count_at_the_default_rank():
-    runs = [_run("lora", 0, 0.2), _run("lora", 1, 0.6, 8), _run("lora", 2, 0.9, 4)]
-    rows = gsm.summarize(runs, ["lora"], [8], default_rank=8)
-    assert len(rows) == 1 and "r" not in rows[0]
-    assert rows[0]["seeds"] == 2 and rows[0]["exact match"] == pytest.approx(0.4)
+def test_the_grid_comes_first_method_by_method():
+    todo = gsm.plan([], _args())
+    assert [k for k, _ in todo] == [("lora", 8, 1e-4, 0), ("lora", 8, 1e-3, 0), ("lora_da", 8, 1e-4, 0),
+                                    ("lora_da", 8, 1e-3, 0), ("pissa", 8, 1e-4, 0), ("pissa", 8, 1e-3, 0)]
 
 
-def test_markdown_names_the_ranks():
-    args = types.SimpleNamespace(quick=False, steps=4, lr=1e-3, batch=2, init_samples=8, test=10, heldout_loss=4)
-    rows = gsm.summarize([_run("lora", 0, 0.2, 1), _run("lora", 0, 0.3, 2)], ["lora"], [1, 2], 8)
-    md = gsm.markdown(rows, 0.0, 2.0, args, [1, 2], 60.0)
-    assert "rank sweep" in md and "r in {1, 2}" in md and "| method | r | exact match |" in md
+def test_the_rate_is_chosen_on_validation_loss_and_diverged_runs_lose():
+    runs = [_run("lora", 1e-4, 0.9, acc=0.9), _run("lora", 1e-3, 0.5, acc=0.1), _run("lora", 3e-3, float("nan"))]
+    assert gsm.chosen_lr(runs, "lora", 8) == 1e-3  # not the higher test accuracy
+    assert gsm.chosen_lr([_run("lora", 1e-3, float("nan"))], "lora", 8) is None
 
 
-def test_bad_rank_is_refused_before_the_model_loads():
-    with pytest.raises(SystemExit, match="--ranks"):
-        gsm.main(["--ranks", "0,2"])
+def test_an_end_of_the_grid_is_extended_then_seeds_follow():
+    args = _args()
+    runs = [_run("lora", 1e-4, 0.4), _run("lora", 1e-3, 0.6)]
+    assert gsm.extension(runs, "lora", 8, args.lr_grid, 1) == pytest.approx(3.33e-5)
+    runs.append(_run("lora", 3.33e-5, 0.5))  # the best is now inside: no more extension, seeds at 1e-4
+    assert gsm.extension(runs, "lora", 8, args.lr_grid, 1) is None
+    todo = [k for k, _ in gsm.plan(runs, args)]
+    assert ("lora", 8, 1e-4, 1) in todo and ("lora", 8, 1e-4, 2) in todo
+    # max_extend bounds the extension: the best at the new end does not extend again
+    runs[-1]["val_loss"] = 0.1
+    assert gsm.extension(runs, "lora", 8, args.lr_grid, 1) is None
+    assert gsm.chosen_lr(runs, "lora", 8) == 3.33e-5
+
+
+def test_ablations_sweep_and_suggested_rates_follow_the_chosen_rates():
+    args = _args()
+    runs = [_run("lora", 1e-4, 0.9), _run("lora", 1e-3, 0.5), _run("lora", 3e-3, 0.7),
+            _run("lora_da", 1e-4, 0.4, scale=0.5), _run("lora_da", 1e-3, 0.6, scale=0.5),
+            _run("lora_da", 3.33e-5, 0.45, scale=0.5)]
+    todo = gsm.plan(runs, args)
+    keys = [k for k, _ in todo]
+    assert ("lora_da:no_bias", 8, 3.33e-5, 0) in keys and ("lora_da:no_bias", 8, 3e-4, 0) in keys
+    assert ("lora", 2, 1e-3, 0) in keys and ("lora_da", 2, 1e-4, 0) in keys  # the rank sweep around each rate
+    assert (("lora_da", 8, 5e-4, 0), "suggested") in todo  # lora's 1e-3 times lr_scale 0.5
+    assert not any(k[0] == "lora" and p == "suggested" for k, p in todo)
+
+
+def test_suggestion_rows_compare_with_the_chosen_rate():
+    runs = [_run("lora", 1e-4, 0.9), _run("lora", 1e-3, 0.5), _run("lora", 3e-3, 0.7),
+            _run("pissa", 1e-4, 0.3, acc=0.6, scale=0.1), _run("pissa", 1e-3, 0.9, acc=0.2, scale=0.1),
+            _run("pissa", 3.33e-5, 0.4, acc=0.5, scale=0.1)]
+    rows = gsm.suggestion_rows(runs, ["lora", "pissa"], 8)
+    assert len(rows) == 1 and rows[0]["suggested lr"] == pytest.approx(1e-4) and rows[0]["within 3x"]
+    assert rows[0]["fraction of best"] == pytest.approx(1.0)  # the grid run at 1e-4 is the suggested one
+
+
+def test_best_rate_rows_average_the_seeds_at_the_chosen_rate():
+    runs = [_run("lora", 1e-4, 0.9, acc=0.9), _run("lora", 1e-3, 0.5, acc=0.2),
+            _run("lora", 1e-3, 0.5, seed=1, acc=0.4), _run("lora", 1e-3, 0.5, seed=2, acc=0.6)]
+    row = gsm.best_rate_rows(runs, ["lora"], 8)[0]
+    assert row["chosen lr"] == 1e-3 and row["seeds"] == 3
+    assert row["exact match"] == pytest.approx(0.4) and row["std"] == pytest.approx(0.2)
+
+
+def test_markdown_holds_both_headline_tables():
+    args = _args()
+    payload = {"args": vars(args), "runs": [_run("lora", 1e-4, 0.9), _run("lora", 1e-3, 0.5), _run("pissa", 1e-3, 0.7)],
+               "base_accuracy": 0.05, "base_val_loss": 2.3, "remaining": 3,
+               "env": {"machine": "x86_64", "torch": "2.13", "threads": 2, "date": "2026-12-07"}}
+    md = gsm.markdown(payload)
+    assert "## Each init at its own best learning rate" in md
+    assert "## Every init at plain LoRA's best learning rate" in md and "incomplete" in md
+
+
+def test_bad_arguments_are_refused_before_the_model_loads():
+    with pytest.raises(SystemExit, match="--lrs"):
+        gsm.parse_args(["--lrs", "1e-3"])
+    with pytest.raises(SystemExit, match="rank"):
+        gsm.parse_args(["--sweep-ranks", "0,2"])
