@@ -9,11 +9,19 @@ dataloader (so batches come collated and on the trainer's device). The optimizer
 by then, but holds no state yet, and the adapters are written in place, so it trains the
 initialized values. Resuming from a checkpoint (``global_step > 0``) skips the initialization.
 
+TRL's ``SFTTrainer`` (docs/qlora-trl-accelerate.md): the same callback, also when TRL builds the
+PEFT model itself (``peft_config=``); its batches carry the completion-only / assistant-only masks
+as ``labels == -100`` (the loss is over the other tokens), and packed (padding-free) batches keep
+their sequences apart (``position_ids``; ``num_samples`` counts sequences). A 4-bit/8-bit
+(bitsandbytes) base works as well (:mod:`lorainit.quant`). With ``bf16=True`` (TRL's default)
+accelerate runs the model's forward under bf16 autocast, so the statistics are computed in it too.
+
 Multi-process runs: every rank initializes from its own train dataloader (``num_samples`` is the
-total over ranks). With the Trainer's FSDP2 (accelerate) the callback sees the sharded model and
-goes through lorainit's DTensor path, but that combination was not run here; the tested recipe is
-to call ``initialize_lora`` on the unsharded PEFT model on every rank first and shard afterwards
-(docs/distributed.md).
+total over ranks); ``accelerate launch`` with DDP is tested (examples/accelerate, equal to one
+process on the union of the data). With the Trainer's FSDP2 (accelerate, GPUs only) the callback
+sees the sharded model and goes through lorainit's DTensor path, but that combination was not run
+here (accelerate enables no FSDP on CPU processes); the tested recipe is to call ``initialize_lora``
+on the unsharded PEFT model on every rank first and shard afterwards (docs/distributed.md).
 """
 from __future__ import annotations
 
