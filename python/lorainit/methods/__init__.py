@@ -5,6 +5,10 @@
 * :mod:`~lorainit.methods.baselines`: ``lora``, ``gaussian``, ``orthogonal``, ``pissa``, ``milora``,
   ``lora_ga``, ``lora_one`` (``BaselineConfig``, ``PiSSAConfig``, ``MiLoRAConfig``,
   ``LoRAGAConfig``, ``LoRAOneConfig``).
+* :mod:`~lorainit.methods.eva`, :mod:`~lorainit.methods.corda`, :mod:`~lorainit.methods.astra`: the
+  forward-only statistics inits PEFT users know (``EVAConfig``, ``CorDAConfig``, ``AstraConfig``), on
+  :mod:`~lorainit.methods.peft_common` (one statistics pass, per-layer solves spread over ranks).
+* :mod:`~lorainit.methods.data_free`: ``olora``, ``mica`` (``OLoRAConfig``, ``MiCAConfig``).
 * :mod:`~lorainit.methods.common`: what they share (``MethodSpec``, grouping layers by shape,
   device and dtype, kernel calls with named errors, casting factors); it imports no method.
 
