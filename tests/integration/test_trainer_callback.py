@@ -137,3 +137,49 @@ def test_callback_can_stay_quiet(tiny_lm_dir, tmp_path, capsys):
     Trainer(model=_model(tiny_lm_dir), args=args, train_dataset=rows,
             data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb]).train()
     assert cb.report is not None and "lorainit: method" not in capsys.readouterr().out
+
+
+class LRRecorder:
+    """The optimizer's learning rate at every step (after the scheduler)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def hook(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                rec.lrs.append(optimizer.param_groups[0]["lr"])
+
+        return _Cb()
+
+
+@pytest.mark.parametrize("scale_lr", [False, True])
+def test_callback_scales_the_learning_rate_on_request(tiny_lm_dir, tmp_path, capsys, scale_lr):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from lorainit import LoRAInitCallback
+
+    tok, rows = _dataset(8)
+    cb = LoRAInitCallback(method="pissa", progress=False, scale_lr=scale_lr)
+    rec = LRRecorder()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                             use_cpu=True, save_strategy="no", seed=0, learning_rate=1e-3, lr_scheduler_type="linear",
+                             warmup_steps=1)
+    Trainer(model=_model(tiny_lm_dir), args=args, train_dataset=rows,
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb, rec.hook()]).train()
+    scale = cb.report.lr_scale
+    assert scale is not None and scale > 0 and abs(scale - 1) > 0.05  # PiSSA moves W by another amount per step
+    out = capsys.readouterr().out
+    # the same schedule (warmup then linear decay), scaled as a whole: peak at step 2
+    peak = max(rec.lrs)
+    if scale_lr:
+        assert peak == pytest.approx(1e-3 * scale, rel=1e-6)
+        assert cb.report.info["lr_scale"]["applied"] == {"from": 1e-3, "to": pytest.approx(1e-3 * scale)}
+        assert "learning rate 0.001 ->" in out
+    else:
+        assert peak == pytest.approx(1e-3, rel=1e-6)
+        assert "applied" not in cb.report.info["lr_scale"] and "scale_lr=True" in out
