@@ -92,12 +92,21 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], object]) -> Optio
     return found[0] if found else None
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward names a ``use_cache`` argument."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        return "use_cache" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _no_cache(model: nn.Module, batch: Mapping) -> Mapping:
-    """``batch`` plus ``use_cache=False`` for a transformers model (one whose config has ``use_cache``) unless the
-    batch sets it: training forwards run without a KV cache (the Trainer and TRL pass ``use_cache=False``), and
-    with a cache transformers ignores the sequence boundaries of padding-free (packed) batches, which it reads
-    from ``position_ids`` only when there is no cache."""
-    if "use_cache" in batch or not hasattr(getattr(model, "config", None), "use_cache"):
+    """``batch`` plus ``use_cache=False`` for a model whose forward takes ``use_cache``, unless the batch sets it:
+    training forwards run without a KV cache (the Trainer and TRL pass ``use_cache=False``), and with a cache
+    transformers ignores the sequence boundaries of padding-free (packed) batches, which it reads from
+    ``position_ids`` only when there is no cache."""
+    if "use_cache" in batch or not _takes_use_cache(model):
         return batch
     return {**batch, "use_cache": False}
 
