@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -259,6 +260,8 @@ def cmd_init(args) -> int:
             raise UsageError(f"{name} must be a positive integer, got {value}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_lr is not None and not (math.isfinite(args.lora_lr) and args.lora_lr > 0):
+        raise UsageError(f"--lora-lr must be a finite number > 0, got {args.lora_lr}")
     layers = parse_layers(args.layers)
     if args.num_threads is not None:
         if args.num_threads < 1:
@@ -348,7 +351,19 @@ def cmd_init(args) -> int:
     if not args.quiet:
         print(report)
         print(closing_message(out, report, args.method))
+        print(lr_message(report, args.lora_lr))
     return 0
+
+
+def lr_message(report, lora_lr) -> str:
+    """The learning rate to train this init with (``report.lr_scale``; docs/learning-rate.md)."""
+    scale = report.lr_scale
+    if scale is None:
+        return f"no learning-rate scale for this init: {report.info.get('lr_scale', {}).get('reason', '')}"
+    if lora_lr is None:
+        return (f"learning rate: {scale:.3g} x the rate you would use with plain LoRA (lr_scale; pass --lora-lr "
+                f"to get the number)")
+    return f"learning rate: {report.suggest_lr(lora_lr):.3g} (lr_scale {scale:.3g} x plain LoRA's {lora_lr:g})"
 
 
 def closing_message(out: Path, report, method: str) -> str:
@@ -402,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default: %(default)s)")
     p.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha/sqrt(r)")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="the learning rate you would use with plain LoRA: the closing message gives this init's")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="lora_dropout written to the adapter config, used in training (default: %(default)s)")
     p.add_argument("--layers", metavar="I,J,K-L", default=None,

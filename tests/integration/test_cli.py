@@ -149,7 +149,8 @@ def test_layers_dropout_and_threads_reach_the_adapter(tiny_lm_dir, jsonl_file, t
 
 @pytest.mark.parametrize("flags, needle", [(["--layers", "5"], "--layers"), (["--layers", "a"], "--layers"),
                                            (["--lora-dropout", "1.5"], "--lora-dropout"),
-                                           (["--num-threads", "0"], "--num-threads")])
+                                           (["--num-threads", "0"], "--num-threads"),
+                                           (["--lora-lr", "-1e-3"], "--lora-lr"), (["--lora-lr", "nan"], "--lora-lr")])
 def test_bad_layers_dropout_threads_give_one_line(flags, needle, tiny_lm_dir, jsonl_file, tmp_path, capsys):
     assert main(["init", "--model", str(tiny_lm_dir), "--data", str(jsonl_file), "--target-modules", "q_proj",
                  "--out", str(tmp_path / "x"), *flags]) == 2
@@ -164,3 +165,12 @@ def test_smollm2_demo_help_explains_every_option(capsys):
         assert action.help and action.help.strip(), action.option_strings
     assert main(["demo", "--model", "smollm2", "--help"]) == 0
     assert "on which the loss after init is scored" in " ".join(capsys.readouterr().out.split())
+
+
+def test_init_tells_the_learning_rate_for_the_init(tiny_lm_dir, jsonl_file, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["init", "--model", str(tiny_lm_dir), "--data", str(jsonl_file), "--method", "pissa", "--rank", "2",
+                 "--target-modules", "q_proj,v_proj", "--out", str(out), "--lora-lr", "2e-4"]) == 0
+    text = capsys.readouterr().out
+    scale = json.loads((out / "lorainit_report.json").read_text())["info"]["lr_scale"]["value"]
+    assert f"learning rate: {2e-4 * scale:.3g} (lr_scale {scale:.3g} x plain LoRA's 0.0002)" in text
