@@ -52,36 +52,50 @@ def solve_from_stats(ctx: InitContext, method: str, config, solve: Callable[[str
     results: Dict[str, Solved] = {}
     working_set = (lambda n: memory.stats_solve_bytes(ctx.targets[n], method))
     extras = memory.STATS_SOLVES[method][0]
-    for part in ctx.iter_stats(ctx.names, max_memory=config.max_memory, backend=config.backend,
-                               token_mask=config.token_mask, extras=extras, grads=False, working_set=working_set):
-        with ctx.timed("solve"):
-            err = None
-            for name in [n for n in ctx.names if n in part]:
-                W = ctx.targets[name].read_weight() if needs_weight else None  # collective: every rank, in order
-                if owners[name] != ctx.rank or err is not None:
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    A, B, D = solve(name, part[name], W)
-                    results[name] = (A.float(), B.float(), None if D is None else D.float())
-                    ctx.record(name, time_s=time.perf_counter() - t0)
-                except LoRAInitError as e:
-                    err = e
-                except (ValueError, TypeError, RuntimeError) as e:
-                    err = LoRAInitError(f"{method}: module {name!r}: {e}")
-                    err.__cause__ = e
-                del W
-            if ctx.world > 1:
-                dist_utils.agree(err, f"{method}: the solves")
-                _broadcast(ctx, part, owners, results, with_delta)
-            elif err is not None:
-                raise err
-        del part
-        memory.release_freed_host_memory()
+    bar = None  # opened after the first statistics pass (which shows its own bar)
+    try:
+        for part in ctx.iter_stats(ctx.names, max_memory=config.max_memory, backend=config.backend,
+                                   token_mask=config.token_mask, extras=extras, grads=False, working_set=working_set):
+            if bar is None:
+                bar = ctx.progress_bar(len(ctx.names), f"lorainit {method} solves", unit="layer")
+            _solve_part(ctx, method, part, owners, results, solve, needs_weight, with_delta, bar)
+            del part
+            memory.release_freed_host_memory()
+    finally:
+        if bar is not None:
+            bar.close()
     missing = [n for n in ctx.names if n not in results]
     if missing:
         raise LoRAInitError(f"{method} produced no factors for {missing[:5]}")
     return {n: finalize(ctx.targets[n], *results[n]) for n in ctx.names}
+
+
+def _solve_part(ctx: InitContext, method: str, part, owners, results: Dict[str, Solved], solve, needs_weight: bool,
+                with_delta: bool, bar) -> None:
+    """The solves of one statistics pass's layers (each on its owner rank), then the agreed status and broadcast."""
+    with ctx.timed("solve"):
+        err = None
+        for name in [n for n in ctx.names if n in part]:
+            W = ctx.targets[name].read_weight() if needs_weight else None  # collective: every rank, in order
+            bar.update(1)
+            if owners[name] != ctx.rank or err is not None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                A, B, D = solve(name, part[name], W)
+                results[name] = (A.float(), B.float(), None if D is None else D.float())
+                ctx.record(name, time_s=time.perf_counter() - t0)
+            except LoRAInitError as e:
+                err = e
+            except (ValueError, TypeError, RuntimeError) as e:
+                err = LoRAInitError(f"{method}: module {name!r}: {e}")
+                err.__cause__ = e
+            del W
+        if ctx.world > 1:
+            dist_utils.agree(err, f"{method}: the solves")
+            _broadcast(ctx, part, owners, results, with_delta)
+        elif err is not None:
+            raise err
 
 
 def _broadcast(ctx: InitContext, part, owners, results: Dict[str, Solved], with_delta: bool) -> None:
