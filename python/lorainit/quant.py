@@ -58,7 +58,10 @@ def quant_kind(base: nn.Module) -> Optional[str]:
         return None
     if isinstance(base, bnb.nn.Linear4bit):
         qs = getattr(base.weight, "quant_state", None)
-        return str(getattr(qs, "quant_type", None) or getattr(base.weight, "quant_type", "fp4"))
+        kind = str(getattr(qs, "quant_type", None) or getattr(base.weight, "quant_type", "fp4"))
+        if kind not in ("nf4", "fp4"):
+            raise LoRAInitError(f"{type(base).__name__} has unknown 4-bit quant_type {kind!r}")
+        return kind
     if isinstance(base, bnb.nn.Linear8bitLt):
         return "int8"
     return None
@@ -86,8 +89,6 @@ def check_quantized(base: nn.Module, where: str) -> str:
             raise LoRAInitError(f"{where}: {name} was repacked by bitsandbytes for CPU inference (an eval-mode forward "
                                 f"without gradients on an AVX512-BF16 CPU); reload the model, or call lorainit before "
                                 f"any inference (lorainit.models.load_smollm2(quantize=...) turns the repacking off)")
-        if kind not in ("nf4", "fp4"):
-            raise LoRAInitError(f"{where}: {name} has unknown 4-bit quant_type {kind!r}")
         if tuple(qs.shape) != (base.out_features, base.in_features):
             raise LoRAInitError(f"{where}: {name} quant_state.shape {tuple(qs.shape)} is not (out_features, "
                                 f"in_features) = ({base.out_features}, {base.in_features})")
