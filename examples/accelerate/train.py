@@ -51,8 +51,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def main(argv=None):
     args = parse_args(argv)
-    import accelerate
-    from datasets import load_dataset
+    try:
+        import accelerate
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ImportError(f"this recipe needs accelerate and datasets: pip install 'lorainit[trl]' ({err})") from err
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
