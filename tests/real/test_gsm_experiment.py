@@ -90,3 +90,67 @@ def test_bad_arguments_are_refused_before_the_model_loads():
         gsm.parse_args(["--lrs", "1e-3"])
     with pytest.raises(SystemExit, match="rank"):
         gsm.parse_args(["--sweep-ranks", "0,2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the frozen-prefix cache and the tail forward against the whole model (real SmolLM2)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_tail():
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorainit.examples import arithmetic as ar
+    from lorainit.models import LLAMA_PROJECTIONS, load_smollm2
+
+    base, tok = load_smollm2(torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_PROJECTIONS,
+                                                           layers_to_transform=[28, 29]))
+    for name, p in model.named_parameters():  # a non-zero adapter, so the tail's LoRA path counts
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    problems, _ = ar.split_problems(24, 0, seed=11, max_ops=1, max_value=9)
+    return base, model, tok, problems
+
+
+def test_tail_on_cached_prefix_equals_the_whole_model(smollm2_tail):
+    import torch
+
+    from lorainit.examples import arithmetic as ar
+
+    base, model, tok, problems = smollm2_tail
+    cache = gsm.PrefixCache(base, tok, problems, 28)
+    lm = model.get_base_model()
+    idx = [3, 0, 7, 5]  # unequal lengths: right padding
+    logits, target, sel = gsm.tail_answer_logits(lm, 28, *cache.batch(idx))
+    batch = ar.Collator(tok)([ar.ArithmeticDataset([problems[i] for i in idx], tok)[k] for k in range(4)])
+    with torch.no_grad():
+        full = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert torch.equal(target, batch["labels"][:, 1:][sel])
+    torch.testing.assert_close(logits.detach(), full[sel], rtol=1e-4, atol=1e-4)
+    loss, _ = gsm.evaluate(lm, cache)
+    assert loss == pytest.approx(ar.answer_loss(lm, list(ar.make_loader(problems, tok, batch_size=8))), rel=1e-4)
+
+
+def test_exact_match_is_the_greedy_verdict(smollm2_tail):
+    """evaluate()'s exact match == generate() produces exactly the answer tokens and then EOS."""
+    import torch
+
+    from lorainit.examples import arithmetic as ar
+
+    base, _, tok, problems = smollm2_tail
+    cache = gsm.PrefixCache(base, tok, problems, 28)
+    ds = ar.ArithmeticDataset(problems, tok)
+    right = 0
+    for i, p in enumerate(problems):
+        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        want = ds[i]["input_ids"][len(prompt):]
+        with torch.no_grad():
+            got = base.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(want), do_sample=False,
+                                pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+        right += got.tolist() == want
+    _, acc = gsm.evaluate(base, cache, batch_size=5)
+    assert acc == right / len(problems)
