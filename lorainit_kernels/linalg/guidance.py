@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import defaults, ops
 from ._common import batch_index, chol_solve
 from .lobpcg import DENSE_BLOCKS, lobpcg, shift_invert_preconditioner
+from .operators import GuidanceOperator
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -410,20 +411,13 @@ class _Prepared:
             Om = ops.weighted_gram(V, w, backend=backend).to(self.dtype)
         return _symmetrize_(Om)
 
-    def operator(self) -> Callable[[Tensor], Tensor]:
-        """``X -> Omega X = c Z_d^-1 X - alpha dW^T (dW X)`` for X (..., n, p), without forming Omega."""
-        c = self.c[..., None, None]
-        dW, alpha, L, beta = self.dW, self.alpha, self.L, self.beta
-        if beta > 0 and L is None:
+    def operator(self) -> GuidanceOperator:
+        """``Omega = c Z_d^-1 - alpha dW^T dW`` as an operator, without forming it."""
+        if self.beta > 0 and self.L is None:
             raise ValueError(f"{self.op}: the operator form needs the factor, which was spent")
-
-        def apply(X: Tensor) -> Tensor:
-            out = -alpha * ((dW @ X).transpose(-1, -2) @ dW).transpose(-1, -2)   # dW^T (dW X), row-major dW
-            if beta > 0:
-                out = out + c * chol_solve(X, L)
-            return out
-
-        return apply
+        if self.beta > 0:
+            return GuidanceOperator(self.dW, self.alpha, self.c, self.L)
+        return GuidanceOperator(self.dW, self.alpha)
 
     def step_norm(self, start: Optional[Tensor] = None, maxiter: int = STEP_NORM_MAXITER) -> Tensor:
         """``sigma_max(dW)`` per matrix (fp64, batch shape), for the step normalization ``dW A A^T / sigma_max``.
@@ -655,8 +649,7 @@ def lora_da_factors(
                 info.update(shift=M.sigma, factorizations=M.tries)
             evals, A, linfo = lobpcg(Om, rank, M=M, **kw)
         else:
-            evals, A, linfo = lobpcg(prep.operator(), rank, n=n, batch_shape=prep.batch, dtype=prep.dtype,
-                                     device=prep.G.device, **kw)
+            evals, A, linfo = lobpcg(prep.operator(), rank, **kw)
         info.update(linfo)
         info["preconditioner"] = preconditioner
     del Om

@@ -8,7 +8,8 @@ direction, preconditioned residual). The iteration lives in ``_Solver`` as named
 (``initial_block``, ``residuals``, ``check`` with locking and verification, ``restart``,
 ``search_directions``, ``rayleigh_ritz`` with the basis update). This implementation:
 
-* works on a whole batch at once (``(..., n, n)`` tensors or a batched callable), with
+* works on a whole batch at once (a batched symmetric operator: ``linalg.operators``; tensors and
+  callables are wrapped), never asking which kind of operator it got, with
   per-matrix convergence (converged matrices leave the active batch at each check) and per-column
   soft locking (converged columns stop contributing residual directions);
 * stops a column when ``||A x - theta x|| <= tol (||A|| + |theta|) ||x||``, scale-invariant, with
@@ -49,8 +50,9 @@ from torch import Tensor
 
 from .. import backends, ops
 from ._common import batch_index, chol_solve
+from .operators import CallableOperator, CholeskyInverse, DenseOperator, SymmetricOperator
 
-Operator = Union[Tensor, Callable[[Tensor], Tensor]]
+Operator = Union[Tensor, SymmetricOperator, Callable[[Tensor], Tensor]]
 
 # smallest n for which lobpcg multiplies fp32 CPU matrices with the native symmetric kernel
 _SYMM_MIN_N = 256
@@ -81,85 +83,69 @@ def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
     return runs
 
 
-class _Op:
-    """A batch of symmetric operators on (b, n, p) blocks, applied to any sorted subset of the batch.
+def as_operator(A, name: str, batch: Tuple[int, ...], n: int, dtype, device, one_triangle: bool = True) -> SymmetricOperator:
+    """``A`` as a :class:`~lorainit_kernels.linalg.operators.SymmetricOperator`: a tensor becomes a
+    ``DenseOperator``, a callable a ``CallableOperator``; an operator is taken as it is."""
+    if isinstance(A, SymmetricOperator):
+        return A
+    if isinstance(A, Tensor):
+        return DenseOperator(A, batch, dtype, one_triangle=one_triangle, min_n=_SYMM_MIN_N)
+    return CallableOperator(A, batch, n, dtype, device, name)
 
-    Subsets of a stored batch of matrices are multiplied run by run on views (no copy of the
-    remaining matrices, no work for the converged ones).
+
+class _Op:
+    """A symmetric operator (times ``sign``) applied to any sorted subset of its flattened batch.
+
+    The subset is applied run by run (contiguous runs of the batch: views, no copy of the remaining
+    matrices, no work for the converged ones); a callable sees the whole batch once.
     """
 
-    def __init__(self, A: Operator, name: str, batch: Tuple[int, ...], n: int, dtype, device, sign: float = 1.0,
+    def __init__(self, A, name: str, batch: Tuple[int, ...], n: int, dtype, device, sign: float = 1.0,
                  one_triangle: bool = True):
+        self.A = as_operator(A, name, batch, n, dtype, device, one_triangle)
         self.name, self.batch, self.n, self.dtype, self.device, self.sign = name, batch, n, dtype, device, sign
         self.b = math.prod(batch)
-        self.si = A if isinstance(A, ShiftInvert) else None
-        self.callable = not isinstance(A, Tensor)
-        self.mat = None
-        self.matmul = torch.bmm
-        if self.si is not None:
-            self.L = self.si.L.to(dtype).reshape(self.b, n, n)
-        elif self.callable:
-            self.fn = A
-        else:
-            mat = A.to(dtype)
-            if mat.dim() == 2:
-                mat = mat.expand(*batch, n, n)
-            self.mat = mat.reshape(self.b, n, n)
-            # fp32 on the CPU: the native symmetric kernel reads one triangle (half the memory
-            # traffic of a bmm, which is what bounds these thin products)
-            if one_triangle and self.mat.dtype == torch.float32 and self.mat.device.type == "cpu" and n >= _SYMM_MIN_N:
-                sym_matmul = _native_kernel("sym_matmul", self.mat)
-                if sym_matmul is not None:
-                    if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
-                        self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
-                    self.matmul = sym_matmul
         self.active = None  # None = whole batch; else a sorted LongTensor of flat indices
         self.runs = None
+
+    @property
+    def probes_symmetry(self) -> bool:
+        """Whether the input can be checked for symmetry (``U^T A`` of a stored matrix)."""
+        return hasattr(self.A, "left_product")
 
     def restrict(self, idx: Tensor) -> None:
         self.active = idx
         self.runs = _runs(idx) if idx.numel() != self.b else None
 
-    def _by_runs(self, X: Tensor, runs, apply) -> Tensor:
-        if runs is None:
-            return apply(0, self.b, X)
-        if len(runs) == 1:
-            s, e, _ = runs[0]
-            return apply(s, e, X)
-        return torch.cat([apply(s, e, X[o:o + e - s]) for s, e, o in runs], dim=0)
-
     def left_product(self, Ut: Tensor) -> Tensor:
-        """``U^T A`` (b, q, n) for the whole batch of a tensor ``A`` (its transpose's action on ``U``)."""
-        out = torch.bmm(Ut, self.mat)
+        """``U^T A`` (b, q, n) for the whole batch of a stored ``A`` (its transpose's action on ``U``)."""
+        out = self.A.left_product(Ut)
         return out if self.sign == 1.0 else -out
 
     def __call__(self, X: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         """``A X`` for the matrices ``idx`` (flat indices, sorted; default: the active set)."""
         runs = self.runs if idx is None else (_runs(idx) if idx.numel() != self.b else None)
-        if self.si is not None:
-            out = self._by_runs(X, runs, lambda s, e, Xr: chol_solve(Xr, self.L[s:e]))
-        elif not self.callable:
-            out = self._by_runs(X, runs, lambda s, e, Xr: self.matmul(self.mat[s:e], Xr))
+        if runs is None:
+            out = self.A.apply(X, 0, self.b)
+        elif isinstance(self.A, CallableOperator):
+            out = self.A.apply_rows(X, idx if idx is not None else self.active)
+        elif len(runs) == 1:
+            s, e, _ = runs[0]
+            out = self.A.apply(X, s, e)
         else:
-            sub = idx if idx is not None else self.active
-            partial = sub is not None and sub.numel() != self.b
-            if partial:
-                full = X.new_zeros((self.b,) + tuple(X.shape[1:]))
-                full.index_copy_(0, sub, X)
-            else:
-                full = X
-            out = self.fn(full.reshape(*self.batch, self.n, X.shape[-1]))
-            if not isinstance(out, Tensor) or tuple(out.shape) != tuple(self.batch) + (self.n, X.shape[-1]):
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"lobpcg: callable {self.name} returned {got} for an input of shape "
-                                 f"{tuple(self.batch) + (self.n, X.shape[-1])}; it must return the same shape")
-            out = out.reshape(self.b, self.n, X.shape[-1]).to(X.dtype)
-            if partial:
-                out = out.index_select(0, sub)
+            out = torch.cat([self.A.apply(X[o:o + e - s], s, e) for s, e, o in runs], dim=0)
         return out if self.sign == 1.0 else -out
 
 
 def _check_operator(A, name: str, n, batch_shape, dtype, device, k: int) -> Tuple[Tuple[int, ...], int, torch.dtype, torch.device]:
+    if isinstance(A, SymmetricOperator):
+        if n is not None and int(n) != A.n:
+            raise ValueError(f"lobpcg: n={n} but {name} is {A!r}")
+        if batch_shape is not None and tuple(batch_shape) != A.batch:
+            raise ValueError(f"lobpcg: batch_shape={tuple(batch_shape)} but {name} is {A!r}")
+        if A.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"lobpcg: {name} must be a float32 or float64 operator, got {A!r}")
+        return A.batch, A.n, A.dtype, A.device
     if isinstance(A, Tensor):
         if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
             raise ValueError(f"lobpcg: {name} must be a square matrix (..., n, n) or a callable, got shape {tuple(A.shape)}")
@@ -171,7 +157,8 @@ def _check_operator(A, name: str, n, batch_shape, dtype, device, k: int) -> Tupl
         dt = A.dtype if A.dtype in (torch.float32, torch.float64) else torch.float32
         return tuple(A.shape[:-2]), An, dt, A.device
     if not callable(A):
-        raise TypeError(f"lobpcg: {name} must be a tensor (..., n, n) or a callable X -> A @ X, got {type(A).__name__}")
+        raise TypeError(f"lobpcg: {name} must be a tensor (..., n, n), a SymmetricOperator or a callable X -> A @ X, "
+                        f"got {type(A).__name__}")
     if n is None:
         raise ValueError(f"lobpcg: {name} is a callable, so n= (the matrix size) is required")
     batch = tuple(batch_shape) if batch_shape is not None else ()
@@ -206,7 +193,7 @@ def _check_input_products(AX: Tensor, shape: Optional[Tuple[int, ...]], batch, U
         bad = bad | ~torch.isfinite(UtA.sum(dim=-1)).all(dim=-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        what = f"A {shape}" if shape is not None else f"A @ X (callable output) {tuple(batch) + tuple(AX.shape[1:])}"
+        what = f"A {shape}" if shape is not None else f"A @ X (operator output) {tuple(batch) + tuple(AX.shape[1:])}"
         raise ValueError(f"lobpcg: {what} has NaN/Inf entries at batch index {batch_index(i, batch)}")
     if shape is None:
         return
@@ -281,12 +268,8 @@ def _svqb_eigh(V: Tensor, Gs: Tensor, good: Tensor, dinv: Tensor, drop: float) -
 
 
 def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Dense float64 solve for small n (the callable is applied to the identity): (vals, vecs, A in fp64)."""
-    if A.mat is not None:
-        M = A.mat.double()
-    else:
-        eye = torch.eye(A.n, dtype=A.dtype, device=A.device).expand(A.b, A.n, A.n)
-        M = A(eye.contiguous()).double() * A.sign  # undo the sign: we want A itself here
+    """Dense float64 solve for small n (an operator is applied to the identity): (vals, vecs, A in fp64)."""
+    M = A.A.to_dense().reshape(A.b, A.n, A.n).double()   # A itself, without the sign
     M = 0.5 * (M + M.transpose(-1, -2))
     vals, vecs = torch.linalg.eigh(M)
     if largest:
@@ -295,7 +278,7 @@ def _dense(A: _Op, k: int, largest: bool) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _default_chebyshev(op: "_Op", prec) -> int:
-    return CHEBYSHEV_DEFAULT if prec is None and op.mat is not None else 1
+    return CHEBYSHEV_DEFAULT if prec is None and op.A.cheap_products else 1
 
 
 def _default_seeds(b: int, seeds, batch) -> List[int]:
@@ -724,7 +707,7 @@ class _Solver:
 def _dense_result(op: _Op, k: int, largest: bool, batch) -> Tuple[Tensor, Tensor, Tensor]:
     """Dense fp64 solve with the explicit relative residuals of the returned pairs."""
     vals, vecs, M = _dense(op, k, largest)
-    if op.callable:
+    if not op.probes_symmetry:
         nonfinite = ~torch.isfinite(vals).all(-1)
         if bool(nonfinite.any()):
             i = int(nonfinite.nonzero()[0, 0])
@@ -762,9 +745,12 @@ def lobpcg(
     Solves ``A x_j = lambda_j x_j`` (Knyazev 2001; Duersch et al. 2018; see the module docstring).
 
     Args:
-        A: symmetric tensor (..., n, n) with any batch shape, or a callable ``X -> A @ X`` taking and
-            returning (*batch_shape, n, p) tensors; for a callable, ``n``, ``batch_shape``, ``dtype``
-            and ``device`` default to those of ``X`` (as in scipy), else ``n`` is required.
+        A: a :class:`~lorainit_kernels.linalg.operators.SymmetricOperator` (``DenseOperator``,
+            ``GuidanceOperator``, ``DiagonalMinusLowRank``, ``CholeskyInverse``: it carries its batch
+            shape, n, dtype and device), a symmetric tensor (..., n, n) with any batch shape (a
+            ``DenseOperator``), or a callable ``X -> A @ X`` taking and returning (*batch_shape, n, p)
+            tensors; for a callable, ``n``, ``batch_shape``, ``dtype`` and ``device`` default to those
+            of ``X`` (as in scipy), else ``n`` is required.
         k: number of eigenpairs, ``1 <= k <= n``.
         largest: False for the smallest eigenvalues (returned ascending), True for the largest
             (returned descending, as scipy does).
@@ -799,8 +785,9 @@ def lobpcg(
             ``q(x) (x - s) ~ 1`` on the unwanted part of the spectrum, estimated from the Ritz values,
             and ``q > 0`` everywhere; see ``_Solver.chebyshev_filter``). ``1``: plain LOBPCG. Default
             (None): ``3`` for a tensor ``A`` without ``M`` (the same products in about 2.5x fewer
-            iterations on realistic LoRA-DA spectra, bench/results/lobpcg.md), ``1`` for a callable
-            (whose products may cost more than an iteration's Rayleigh-Ritz) or with ``M``.
+            iterations on realistic LoRA-DA spectra, bench/results/lobpcg.md), ``1`` for any other
+            operator (``cheap_products`` False: its products may cost more than an iteration's
+            Rayleigh-Ritz) or with ``M``.
 
     Returns:
         ``vals`` (..., k) and ``vecs`` (..., n, k) with orthonormal columns, in A's dtype (fp32 or
@@ -821,12 +808,12 @@ def lobpcg(
             if M.dim() < 2 or M.shape[-2:] != (n, n) or (M.dim() > 2 and tuple(M.shape[:-2]) != batch):
                 raise ValueError(f"lobpcg: M must have shape (n, n) or (*batch, n, n) = {batch + (n, n)}, got {tuple(M.shape)}")
             _check_finite(M.expand(*batch, n, n) if M.dim() == 2 else M, "M", batch)
-        elif isinstance(M, ShiftInvert):
-            if tuple(M.L.shape) != batch + (n, n):
-                raise ValueError(f"lobpcg: the ShiftInvert preconditioner M was built for shape {tuple(M.L.shape)}, "
+        elif isinstance(M, SymmetricOperator):
+            if M.shape != batch + (n, n):
+                raise ValueError(f"lobpcg: the preconditioner M {M!r} was built for shape {M.shape}, "
                                  f"expected {batch + (n, n)}")
         elif not callable(M):
-            raise TypeError(f"lobpcg: M must be a tensor, a callable or None, got {type(M).__name__}")
+            raise TypeError(f"lobpcg: M must be a tensor, a SymmetricOperator, a callable or None, got {type(M).__name__}")
     if X is not None:
         if not isinstance(X, Tensor) or X.dim() < 2 or X.shape[-2] != n or tuple(X.shape[:-2]) != batch or X.shape[-1] < 1:
             raise ValueError(f"lobpcg: X (warm start) must have shape (*{batch}, {n}, p) with p >= 1, got "
@@ -856,8 +843,8 @@ def lobpcg(
     op = _Op(A, "A", batch, n, dt, dev, sign)
 
     if n < DENSE_BLOCKS * k or b == 0:
-        if isinstance(A, Tensor) and b:
-            _check_symmetric_finite(A, batch, n)
+        if op.probes_symmetry and b:
+            _check_symmetric_finite(op.A.to_dense(), batch, n)
         vals, vecs, rel = _dense_result(op, k, largest, batch)
         return _finish(vals, vecs, rel, torch.zeros(b, dtype=torch.float64, device=dev), tol, maxiter, batch,
                        n, k, return_info, fallback=True)
@@ -893,7 +880,7 @@ def lobpcg(
     # to X give A U (from the triangle the product kernel reads), compared with (U^T A)^T (both
     # triangles): an asymmetric A shows in their difference, NaN/Inf anywhere in A in one of them.
     Xc = solver.Xinit
-    if op.callable:
+    if not op.probes_symmetry:
         AX = op(Xc)
         _check_input_products(AX, None, batch)
     else:
@@ -902,7 +889,7 @@ def lobpcg(
         AXU = op(torch.cat([Xc, U], dim=-1))
         # U^T A streams A once more, row-major (a thin product: a few % of a solve)
         UtA = op.left_product(U.transpose(-1, -2))
-        _check_input_products(AXU, tuple(A.shape), batch, UtA)
+        _check_input_products(AXU, tuple(A.shape) if isinstance(A, Tensor) else op.A.shape, batch, UtA)
         AX = AXU[:, :, :nb]
     solver.start(AX)
     solver.run()
@@ -1054,16 +1041,17 @@ def shift_invert_preconditioner(
     return ShiftInvert(L.reshape(*batch, n, n), sig.reshape(batch), tries.reshape(batch))
 
 
-class ShiftInvert:
+class ShiftInvert(CholeskyInverse):
     """``R -> (A - sigma I)^-1 R`` from the lower Cholesky factor ``L`` (..., n, n) of ``A - sigma I``.
 
     Made by ``shift_invert_preconditioner``; ``sigma`` (fp64, batch shape) and ``tries`` (Cholesky
-    factorizations per matrix) say what was done. ``lobpcg`` restricts it to the matrices still
-    iterating, so converged matrices cost nothing.
+    factorizations per matrix) say what was done. A :class:`CholeskyInverse`: ``lobpcg`` applies it
+    to the matrices still iterating only, so converged matrices cost nothing.
     """
 
     def __init__(self, L: Tensor, sigma: Tensor, tries: Tensor):
-        self.L, self.sigma, self.tries = L, sigma, tries
+        super().__init__(L)
+        self.sigma, self.tries = sigma, tries
 
     def __call__(self, R: Tensor) -> Tensor:
         return chol_solve(R, self.L)

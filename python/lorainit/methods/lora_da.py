@@ -261,8 +261,8 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
     r smallest eigenpairs therefore come from that block, ``n_s x n_s`` (n_s = distinct tokens seen),
     completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) where
     ``lk.linalg.choose_solver(n_s, r, device)`` says so (or ``solver="eigh"``) and otherwise by
-    ``lk.lobpcg`` on the operator ``X -> (c / z_d) X - alpha dW_s^T (dW_s X)``. Same PEFT form as
-    ``lorainit_kernels.methods.lora_da`` at ``step_scale=1``: returns ``(lora_A (r, n), lora_B (m, r),
+    ``lk.lobpcg`` on the operator ``diag(c / z_d) - alpha dW_s^T dW_s`` (``linalg.DiagonalMinusLowRank``).
+    Same PEFT form as ``lorainit_kernels.methods.lora_da`` at ``step_scale=1``: returns ``(lora_A (r, n), lora_B (m, r),
     evals (r,), info)`` with ``scaling lora_B lora_A = dW A A^T / nu``.
     """
     import lorainit_kernels as lk
@@ -299,13 +299,8 @@ def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, dam
         info.update(solver="eigh", iterations=0, converged=True, residual=float(res.max()))
     else:
         op_dt = torch.float32 if G.dtype != torch.float64 else torch.float64
-        dWo, dso = dWs.to(op_dt), ds.to(op_dt)
-
-        def apply(X):
-            return dso[:, None] * X - bias_weight * (dWo.T @ (dWo @ X))
-
-        vals, vecs, linfo = lk.lobpcg(apply, k, n=ns, dtype=op_dt, device=G.device, tol=tol, maxiter=maxiter,
-                                      return_info=True)
+        Om = lkg.DiagonalMinusLowRank(ds.to(op_dt), dWs.to(op_dt).contiguous(), bias_weight)
+        vals, vecs, linfo = lk.lobpcg(Om, k, tol=tol, maxiter=maxiter, return_info=True)
         vals, vecs = vals.to(dt), vecs.to(dt)
         info.update(solver="lobpcg", iterations=int(torch.as_tensor(linfo["iterations"]).reshape(-1)[0]),
                     converged=bool(torch.as_tensor(linfo["converged"]).all()),
