@@ -28,10 +28,11 @@ RR_MAX_PARTS = 4
 def _kfac_slower_here() -> Optional[str]:
     best = _native.isa_levels()[-1]
     if best == "portable":
-        # bench/results/kfac.md, baseline-x86-64 table: the plain-C++ kernel against torch with its BLAS
-        # held to SSE4.2 measured 0.91x (T=2048, n=m=512); every SIMD level wins (AVX2 1.3-1.4x)
-        return ("this CPU has no AVX2 (native level 'portable'), where the native kernel is slower than "
-                "plain torch's BLAS matmuls (0.91x, bench/results/kfac.md); running torch")
+        # bench/results/kfac.md, the no-AVX2 table: against torch with MKL held to SSE4.2, the plain-C++
+        # kernel is no faster on one thread (0.93x CPU time at T=2048, n=m=512, 2026-12-07); every SIMD
+        # level is faster than torch
+        return ("this CPU has no AVX2 (native level 'portable'), where the native kernel is no faster than "
+                "plain torch's BLAS matmuls on one thread (bench/results/kfac.md); running torch")
     return None
 
 
