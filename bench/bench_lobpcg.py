@@ -390,7 +390,7 @@ def _smollm2_stats(layers=(0, 15), samples: int = 64, seq: int = 64):
     from bench.bench_init_overhead_smollm2 import _batches
     from lorainit import LoRADAConfig, initialize_lora
     from lorainit.models import LLAMA_PROJECTIONS, load_smollm2
-    from lorainit.passes.cache import META_KEY
+    from lorainit.cache import META_KEY
 
     base, tok = load_smollm2(torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0,

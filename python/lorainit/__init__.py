@@ -6,7 +6,7 @@
 ``lorainit.methods()`` lists every registered method (LoRA-DA, HRP and the baselines) with what it
 needs (``lorainit.methods`` is the package of the methods; calling it lists them). Layout: ``init`` (``initialize_lora``), ``methods/`` (one module per method family with its
 config), ``registry`` (name -> method), ``context`` (what a method sees), ``passes/`` (statistics,
-loss/eval and weight-gradient passes), ``adapters`` (transactional writes), ``targets``,
+loss/eval and weight-gradient passes), ``cache/`` (the statistics cache), ``adapters`` (transactional writes), ``targets``,
 ``report``, ``distributed``, ``integrations/``, ``cli``, ``examples/``. The numerical core lives
 in ``lorainit_kernels``.
 """

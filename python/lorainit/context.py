@@ -10,7 +10,7 @@ A method ``fn(ctx, config) -> {layer name: LoRAFactors}`` uses these names, all 
 * the passes (:mod:`lorainit.passes`), bound to this model and data:
   :meth:`~InitContext.iter_stats` / :meth:`~InitContext.collect_stats` (K-FAC statistics
   ``Z, G, s`` per layer, docs/math.md, under an optional memory budget; read from / saved
-  to ``stats_cache`` when the call has one, :mod:`lorainit.passes.cache`),
+  to ``stats_cache`` when the call has one, :mod:`lorainit.cache`),
   :meth:`~InitContext.collect_weight_grads` (full weight gradients, for LoRA-GA / LoRA-One),
   :meth:`~InitContext.eval_loss` (mean loss with the adapters as written, forward only); for a
   method that trains (HRP) :meth:`~InitContext.runner`, :meth:`~InitContext.pass_state` and
@@ -41,7 +41,7 @@ from .passes.batches import has_loss_tokens, leading_size, slice_examples, take_
 from .passes.grads import weight_grads
 from .passes.loss import LossRunner, eval_loss
 from .passes.state import pass_state, progress_bar
-from .passes import cache as _cache
+from . import cache as _cache
 from .passes.stats import LayerStats, StatsPass, check_extras, plan_groups, probe_shared_inputs, stats_bytes, stats_pass
 from .targets import LoRAInitError, LoRAInitWarning, TargetLayer
 
@@ -60,7 +60,7 @@ class InitContext:
                  snapshot: Optional[ModelSnapshot] = None, loss_reduction: Optional[str] = None,
                  stats_cache: Optional[Union[str, "os.PathLike[str]"]] = None):
         self.model = model
-        # the statistics cache (lorainit.passes.cache): its path, and whether a statistics request used it
+        # the statistics cache (lorainit.cache): its path, and whether a statistics request used it
         self.stats_cache: Optional[Path] = None if stats_cache is None else _cache.check_path(stats_cache)
         self.stats_cache_used = False
         self._sources: List[Iterator] = []  # statistics generators, closed by close()
@@ -234,7 +234,7 @@ class InitContext:
         ``grads=False``: a forward-only pass (no backward, ``G`` and ``s`` None), for methods that need no
         gradient statistics; a cache it writes holds none either (a gradient method then needs its own).
 
-        With ``stats_cache`` (:mod:`lorainit.passes.cache`) a matching cache file replaces the passes
+        With ``stats_cache`` (:mod:`lorainit.cache`) a matching cache file replaces the passes
         (the groups of the current budget are read one at a time), a missing one is written from the
         passes' means before each group is yielded, and a cache that does not match raises.
         """

@@ -4,7 +4,7 @@ One transaction: find the targets, snapshot the model, run the method (data pass
 :class:`~lorainit.context.InitContext`), write every factor, apply ``freeze_A``; on any error the
 snapshot restores weights, ``requires_grad``, ``.grad``, train/eval modes and hooks, so the model
 is exactly as before. With ``stats_cache`` the K-FAC statistics are read from, or saved to, a file
-(:mod:`lorainit.passes.cache`); a cache write fails before the model changes, and a call that fails
+(:mod:`lorainit.cache`); a cache write fails before the model changes, and a call that fails
 before its cache is complete leaves no cache file behind.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .adapters import ModelSnapshot
 from .configs import InitConfig
 from .context import InitContext
 from .lr import lr_scale_info
-from .passes.cache import check_path
+from .cache import check_path
 from .registry import get_method
 from .report import InitReport, thread_hint
 from .targets import LoRAInitError, LoRAInitWarning, find_targets, target_fingerprint
@@ -75,7 +75,7 @@ def initialize_lora(
             and warns once (``LossReductionWarning``) when the first batch's value looks like a mean.
         stats_cache: a file path (e.g. ``"stats.safetensors"``) for the K-FAC statistics, so that a sweep
             over ranks, step sizes or ablations pays the statistics pass once
-            (:mod:`lorainit.passes.cache`). A missing file is written after the statistics pass (under
+            (:mod:`lorainit.cache`). A missing file is written after the statistics pass (under
             a memory budget with several passes, one ``<stem>.pass-<i>-of-<k>.safetensors`` file per
             pass beside it); an existing file is reused without a statistics pass when it matches this
             call (targets and their shapes, a fingerprint of the model's weights, the statistics

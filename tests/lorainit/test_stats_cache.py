@@ -8,7 +8,7 @@ import torch
 from helpers import assert_same_state, lm_batches, model_state, tiny_llama
 
 from lorainit import LoRADAConfig, LoRAInitError, LoRAInitWarning, initialize_lora
-from lorainit.passes import cache
+from lorainit.cache import store as cache
 from lorainit.targets import find_targets
 
 pytestmark = [pytest.mark.filterwarnings("ignore:lora_da. n_train fell back:lorainit.LoRAInitWarning"),

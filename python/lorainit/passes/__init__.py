@@ -10,10 +10,8 @@
 * :mod:`~lorainit.passes.stats`: the statistics pass (hooks -> ``KFACStats``), shared-input
   detection and the grouping of layers under a memory budget.
 * :mod:`~lorainit.passes.grads`: the weight-gradient pass.
-* :mod:`~lorainit.passes.cache`: the statistics cache (``stats_cache=PATH``): the statistics saved
-  to safetensors files with a key (targets, shapes, model fingerprint, samples, ...) and reused,
-  or refused, on the next call.
 
 Methods reach them through :class:`lorainit.context.InitContext`, which binds them to one model,
-its targets and its data.
+its targets and its data (and reads or saves the statistics through :mod:`lorainit.cache` when the
+call has a ``stats_cache``).
 """
