@@ -394,7 +394,6 @@ def section_kfac(run: Run) -> Dict[str, object]:
                          "speedup_of_triton": st["median"] / times["triton"]["median"]})
             print(f"  kfac_update T={T} n={n} m={m} {pname}: {1e3 * st['median']:.3f} ms, {tflops:.1f} TFLOP/s",
                   flush=True)
-        del x, g, Z, G, s
     return {"rows": rows, "peak_bf16_tflops": peak, "device_name": name,
             "peak_source": "--peak-tflops" if run.peak_override else "PEAK_BF16_TFLOPS (NVIDIA datasheets, dense)"}
 
@@ -495,7 +494,6 @@ def section_lobpcg(run: Run) -> Dict[str, object]:
             rows.append(row)
             print(f"  n={n} {pname}: {st['median']:.4f} s, {row['speedup_vs_eigh']:.2f}x eigh, "
                   f"objective err {errs[pname]:.2e}", flush=True)
-        del Om
     crossover = _crossover(speed)
     return {"rows": rows, "crossover_n": crossover, "swept_n": sorted(speed),
             "cupy": "used" if cupy is not None else f"not importable ({cupy_reason}): its column is missing",
@@ -577,7 +575,6 @@ def section_init(run: Run) -> Dict[str, object]:
                      "solvers": ", ".join(f"{k} {v}" for k, v in sorted(solvers.items()))})
         print(f"  {label}: {st['median']:.2f} s vs forward+backward {base:.3f} s ({st['median'] / base:.2f}x)",
               flush=True)
-    del model
     if dev == "cuda":
         torch.cuda.empty_cache()
     return {"rows": rows, "model": "tiny random Llama (--cpu-smoke)" if run.smoke else "SmolLM2-135M, LoRA r=8",
