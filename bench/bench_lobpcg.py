@@ -106,7 +106,7 @@ def _providers(Om, k):
     def p_lorainit():
         return lk.lobpcg(Om, k)[1]
 
-    def p_lorainit_plain():  # no Chebyshev preconditioner: the solver of the robustness work as committed
+    def p_lorainit_plain():  # the same solver without the Chebyshev preconditioner (chebyshev=1)
         return lk.lobpcg(Om, k, chebyshev=1)[1]
 
     legacy = pre_robustness_lobpcg()

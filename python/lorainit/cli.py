@@ -380,13 +380,6 @@ def closing_message(out: Path, report, method: str) -> str:
             f"the original model (PEFT's path_initial_model_for_weight_conversion; docs/saving.md)")
 
 
-def residual_base_state_dict(peft_model) -> dict:
-    """Moved to :func:`lorainit.adapters.residual_base_state_dict` (kept importable from here)."""
-    from .adapters import residual_base_state_dict as impl
-
-    return impl(peft_model)
-
-
 def cmd_demo(args) -> int:
     from .examples import digits_demo
 

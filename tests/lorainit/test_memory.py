@@ -62,7 +62,7 @@ def test_snapshot_of_base_weights_is_on_the_cpu_and_restores():
 
 
 def test_residual_base_state_dict_has_plain_names_and_no_copies():
-    from lorainit.cli import residual_base_state_dict
+    from lorainit.adapters import residual_base_state_dict
 
     model = tiny_llama(seed=1)
     sd = residual_base_state_dict(model)

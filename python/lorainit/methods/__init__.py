@@ -21,7 +21,13 @@ import types
 
 
 class _MethodsPackage(types.ModuleType):
-    """``lorainit.methods`` is this package and, called, :func:`lorainit.registry.methods` (the public listing)."""
+    """``lorainit.methods`` is this package and, called, :func:`lorainit.registry.methods` (the public listing).
+
+    The listing lives in the registry; this call only forwards to it. A module subclass is Python's own
+    way to give a module behaviour (the data model's "customizing module attribute access"); a function
+    ``lorainit.methods`` would hide the package, breaking ``import lorainit.methods.lora_da as m`` and
+    ``lorainit.methods.eva``.
+    """
 
     def __call__(self):
         from ..registry import methods

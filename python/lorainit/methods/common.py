@@ -144,7 +144,7 @@ def solve_spread(ctx: Any, method: str, groups: List[Tuple[tuple, List[str]]],
 
     ``solve(key, names, inputs)`` computes the factors of ``names`` (one batched kernel call);
     ``inputs[name] = read(name)`` when ``read`` is given (e.g. the full base weight). One process: one
-    call per group, as it always was. With a process group each group's layers are cut into
+    call per group. With a process group each group's layers are cut into
     ``world`` contiguous chunks and rank ``k`` solves chunk ``k``: every rank calls ``read`` for every
     layer of the group in order (an all-gather for an FSDP2 weight, one layer at a time) and keeps
     only its own chunk's; the solve's outcome is agreed (an error on any rank raises on all, naming
