@@ -598,8 +598,7 @@ def lora_da_factors(
     * ``converged`` (..., rank) bool;
     * ``residual`` (..., rank) fp64: ``||Omega a - lambda a|| / (||Omega||_2 + |lambda|)`` of the
       returned pairs, from an explicit product (``||Omega||_2``: exact for ``eigh``, the largest Ritz
-      value magnitude seen for ``lobpcg``, which estimates it from below); ``residual_norms`` is the
-      same tensor under its former name;
+      value magnitude seen for ``lobpcg``, which estimates it from below);
     * ``step_norm`` (batch shape, fp64) = ``sigma_max(dW)`` (computed when ``step_norm`` is True, or
       None and ``return_info`` is True, else None);
     * for ``lobpcg`` also ``fallback``, ``restarts``, ``replaced``, ``ortho_error``, ``preconditioner``,
@@ -692,4 +691,4 @@ def _eigh_info(Om: Tensor, A: Tensor, evals: Tensor, evals_all: Tensor, tol: Opt
     rel = res / (norm + ev.abs()).clamp_min(torch.finfo(torch.float64).tiny)
     t = float(torch.finfo(Om.dtype).eps) ** 0.5 if tol is None else tol
     return {"iterations": torch.zeros(batch, dtype=torch.long, device=Om.device), "converged": rel <= t,
-            "residual": rel, "residual_norms": rel}
+            "residual": rel}

@@ -766,7 +766,7 @@ def lobpcg(
         return_info: also return a dict: ``iterations`` (...,) int; ``residual`` (..., k), the relative
             residuals ``||A x - theta x|| / (||A|| + |theta|)`` of the returned pairs from an explicit
             product (``||A||``: the largest Ritz value magnitude seen, a lower estimate of the 2-norm;
-            the exact 2-norm on the dense path), also under its former name ``residual_norms``;
+            the exact 2-norm on the dense path);
             ``converged`` (..., k) bool: residual <= tol AND the returned columns orthonormal to
             ``10 sqrt(n) eps``; ``ortho_error`` (...,) ``max |V^T V - I|``; ``fallback`` (dense
             solve used); ``restarts`` (...,) int; ``replaced`` (...,) int, how often degenerate
@@ -922,7 +922,6 @@ def _finish(vals: Tensor, vecs: Tensor, rel: Tensor, ortho: Tensor, tol: float, 
     info = {"iterations": (iters if iters is not None else zeros).reshape(batch), "residual": rel.reshape(*batch, k),
             "converged": converged.reshape(*batch, k), "ortho_error": ortho.reshape(batch), "fallback": fallback,
             "restarts": zeros.reshape(batch), "replaced": zeros.reshape(batch)}
-    info["residual_norms"] = info["residual"]
     if extra:
         info.update(extra)
     return vals_o, vecs_o, info

@@ -280,7 +280,7 @@ def test_factors_solver_modes_and_info(mode, dtype):
     fp64 = dtype == torch.float64
     _check_factors(A, P, evals, Om_r, dW_r, rank, sin_tol=1e-5 if fp64 else 1e-2, obj_tol=1e-9 if fp64 else 1e-4)
     assert info["converged"].all() and info["iterations"].shape == (2,) and not info["fallback"]
-    assert info["residual_norms"].shape == (2, rank) and info["restarts"].shape == (2,)
+    assert info["residual"].shape == (2, rank) and info["restarts"].shape == (2,)
     nu_ref = torch.linalg.matrix_norm(dW_r, ord=2)
     assert ((info["step_norm"] - nu_ref).abs() <= (1e-9 if fp64 else 1e-5) * nu_ref).all()
     if mode == "shift_invert":
