@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import backends
 from .ops import check_kfac_inputs, kfac_accumulate_
 
 
@@ -43,8 +44,10 @@ class KFACStats:
             :meth:`update` (``output_cov()``); needs ``out_features``; off by default.
         device, dtype: of the accumulators (fp32 by default; fp64 keeps the cross-batch sums in fp64,
             each batch is still reduced in fp32 unless its inputs are fp64).
-        backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch), ``"native"``, ``"triton"`` or ``"torch"``;
-            a forced backend that cannot take an update's inputs raises ``backends.BackendNotSupported``.
+        backend: ``"auto"`` (C++ on CPU, Triton on GPU, else torch; an enclosing ``backends.use`` block
+            applies), ``"native"``, ``"triton"`` or ``"torch"``: the updates run inside
+            ``backends.use(backend)``; a forced backend that cannot take an update's inputs raises
+            ``backends.BackendNotSupported``.
 
     An update whose inputs are invalid (wrong shapes, dtypes or devices, NaN/Inf in a valid token)
     raises and leaves the accumulator exactly as it was. Updates add into the accumulators in place
@@ -89,6 +92,9 @@ class KFACStats:
         self.mu_sum = torch.zeros(n, **kw) if track_input_mean else None
         self.y_sum = torch.zeros(m, m, **kw) if track_output_cov else None
         self.count = 0
+
+    def _backend(self):
+        return backends.use_configured(self.backend)
 
     def __repr__(self) -> str:
         return (f"KFACStats(in_features={self.in_features}, out_features={self.out_features}, "
@@ -137,7 +143,8 @@ class KFACStats:
         if self.z_sum is None and self.g_sum is None:  # nothing for the fused op: count the valid tokens
             count = x[..., 0].numel() if mask is None else int(mask.sum())
         else:
-            count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask, backend=self.backend)
+            with self._backend():
+                count = kfac_accumulate_(self.z_sum, self.g_sum, self.s_sum, x, grad_output, mask)
         if count == 0:
             return 0
         if self.mu_sum is not None:
@@ -146,7 +153,8 @@ class KFACStats:
                 rows = rows[mask.reshape(-1)]
             self.mu_sum += rows.sum(0, dtype=self.dtype)
         if self.y_sum is not None:  # the same fused op as Z, on the outputs
-            kfac_accumulate_(self.y_sum, None, None, output, None, mask, backend=self.backend)
+            with self._backend():
+                kfac_accumulate_(self.y_sum, None, None, output, None, mask)
         # finite inputs whose squares overflow fp32 (|x| ~ 1e19): the sums are no longer finite
         if (self.z_sum is not None and not bool(torch.isfinite(self.z_sum.diagonal()).all())) or \
                 (self.s_sum is not None and not bool(torch.isfinite(self.s_sum).all())) or \

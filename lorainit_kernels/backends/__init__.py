@@ -1,6 +1,6 @@
 """The backends of the ops in ``lorainit_kernels.ops``: what exists here, what can run a call, and why not.
 
-Backends, in the order ``backend="auto"`` tries them:
+Backends, in the order the automatic choice tries them:
 
 * ``"native"``: the C++ extension ``lorainit_kernels._C`` (CPU tensors), registered in ``backends.native``;
 * ``"triton"``: the Triton kernels of ``lorainit_kernels.triton`` (CUDA tensors; CPU tensors under
@@ -8,20 +8,29 @@ Backends, in the order ``backend="auto"`` tries them:
 * ``"torch"``: the plain-torch reference (``lorainit_kernels.reference``), every device and float
   dtype, ``backends.default``.
 
-A backend module registers one :class:`Kernel` per op it implements with :func:`register_kernel`,
+A backend module registers one :class:`Kernel` per op it implements with :func:`implements`,
 stating the dtypes it takes and any further condition on the inputs. :func:`not_supported_reasons`
 gives, for one call, every backend's reason to decline (None when it can run); :func:`select`
 turns a requested backend into the one that runs, or raises :class:`BackendNotSupported` listing
 those reasons (xformers' ``not_supported_reasons``). A forced backend never falls back.
+
+The ops' per-device kernels (``torch.library.register_kernel`` for ``"cpu"`` and ``"cuda"``, in
+``lorainit_kernels.ops``) call :func:`dispatch`, which runs the backend :func:`select` picks. The one
+switch that forces a backend, for benchmarks and tests, is :func:`use`::
+
+    with lorainit_kernels.backends.use("torch"):
+        Zs, Gs, ss, n = lorainit_kernels.kfac_update(x, g)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -98,7 +107,7 @@ def device_reason(backend: str, device: torch.device) -> Optional[str]:
 def _auto_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``"auto"`` skips a backend that could run (the Triton interpreter is only used when forced)."""
     if backend == "triton" and device.type == "cpu":
-        return "the Triton interpreter on CPU tensors runs only when forced (backend='triton')"
+        return "the Triton interpreter on CPU tensors runs only when forced (backends.use('triton'))"
     return None
 
 
@@ -128,16 +137,15 @@ class Kernel:
 _KERNELS: Dict[Tuple[str, str], Kernel] = {}
 
 
-def register_kernel(op: str, backend: str, *, dtypes=None, check=None, symbol: Optional[str] = None,
-                    slower=None):
+def implements(op: str, backend: str, *, dtypes=None, check=None, symbol: Optional[str] = None, slower=None):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op`` (see :class:`Kernel`)."""
     if backend not in BACKENDS:
-        raise ValueError(f"register_kernel: backend {backend!r} is not one of {BACKENDS}")
+        raise ValueError(f"implements: backend {backend!r} is not one of {BACKENDS}")
 
     def deco(fn: Callable) -> Callable:
         key = (op, backend)
         if key in _KERNELS:
-            raise ValueError(f"register_kernel: {backend!r} already implements {op!r}")
+            raise ValueError(f"implements: {backend!r} already implements {op!r}")
         _KERNELS[key] = Kernel(op, backend, fn, None if dtypes is None else frozenset(dtypes), check, symbol,
                                slower)
         return fn
@@ -213,7 +221,7 @@ def _slower_reason(op: str, backend: str, tensors: list) -> Optional[str]:
     reason = None if kernel is None or kernel.slower is None else kernel.slower(*tensors)
     if reason is not None and (op, backend) not in _WARNED_SLOWER:
         _WARNED_SLOWER.add((op, backend))
-        warnings.warn(f"{op}: backend='auto' passes over the {_LABELS[backend]} kernel: {reason}", stacklevel=4)
+        warnings.warn(f"{op}: the automatic choice passes over the {_LABELS[backend]} kernel: {reason}", stacklevel=4)
     return reason
 
 
@@ -235,13 +243,16 @@ def _refuse(op: str, backend: str, reason: str, tensors: list, args: tuple, full
 
 
 def select(op: str, backend: Optional[str], *args, full: bool = True) -> str:
-    """The backend that runs ``op(*args)``: the first of ``BACKENDS`` that can for ``"auto"``/None, else ``backend``.
+    """The backend that runs ``op(*args)``: the first of ``BACKENDS`` that can for ``"auto"``, else ``backend``.
 
-    A forced backend that cannot run raises :class:`BackendNotSupported` naming every backend and its
-    reason. ``full=False``: ``args`` are only representative tensors (device and dtype), as in
+    ``backend=None``: the one :func:`use` forces, ``"auto"`` outside it. A forced backend that cannot
+    run raises :class:`BackendNotSupported` naming every backend and its reason. ``full=False``:
+    ``args`` are only representative tensors (device and dtype), as in
     :func:`lorainit_kernels.ops.backend_for`.
     """
     tensors = _tensors_of(op, args)
+    if backend is None:
+        backend = forced()
     if backend is None or backend == AUTO:
         device = tensors[0].device
         reasons = {}
@@ -261,6 +272,12 @@ def select(op: str, backend: Optional[str], *args, full: bool = True) -> str:
     return backend
 
 
+def dispatch(op: str, *args):
+    """Run ``op(*args)`` (the op's arguments, checked by ``lorainit_kernels.ops``) on the backend :func:`select`
+    picks under the current :func:`use`: the body of the ops' ``"cpu"`` and ``"cuda"`` kernels."""
+    return _KERNELS[(op, select(op, None, *args))].fn(*args)
+
+
 def kernel(op: str, backend: str, *args) -> Callable:
     """The implementation ``backend`` registered for ``op``, after checking it can run ``op(*args)``."""
     tensors = _tensors_of(op, args)
@@ -268,3 +285,41 @@ def kernel(op: str, backend: str, *args) -> Callable:
     if reason is not None:
         raise _refuse(op, backend, reason, tensors, args, True)
     return _KERNELS[(op, backend)].fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The switch
+# ----------------------------------------------------------------------------------------------
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("lorainit_kernels_backend", default=None)
+
+
+def forced() -> Optional[str]:
+    """The backend :func:`use` forces in this context (thread, task), or None (automatic choice)."""
+    return _FORCED.get()
+
+
+@contextlib.contextmanager
+def use(backend: Optional[str]) -> Iterator[None]:
+    """Force every op called inside the block onto ``backend`` (``"native"``, ``"triton"`` or ``"torch"``).
+
+    ``"auto"`` or None restore the automatic choice (first of native, triton, torch that can run
+    the inputs and is not slower here; :func:`auto_reasons`). A forced backend that cannot run a
+    call raises :class:`BackendNotSupported` (every backend and why it declined); it never falls
+    back. Blocks nest; the setting is a context variable, so threads and asyncio tasks do not see
+    each other's. Also a decorator (``@backends.use("torch")``).
+    """
+    if backend is not None and backend != AUTO and backend not in BACKENDS:
+        raise ValueError(f"backends.use: backend={backend!r} is not one of {BACKENDS + (AUTO,)}")
+    token = _FORCED.set(None if backend == AUTO else backend)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def use_configured(backend: Optional[str]):
+    """:func:`use` for a backend named in a configuration (``KFACStats(backend=)``, a method's config): ``"auto"``
+    and None leave the current choice (an enclosing :func:`use` block, else automatic) as it is."""
+    if backend is None or backend == AUTO:
+        return contextlib.nullcontext()
+    return use(backend)

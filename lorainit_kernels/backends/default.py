@@ -11,29 +11,29 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor
 
 from .. import reference
-from . import register_kernel
+from . import implements
 
 
-@register_kernel("kfac_update", "torch")
+@implements("kfac_update", "torch")
 def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens: ``reference.kfac_update``."""
     return reference.kfac_update(x, g, mask, with_input_cov, dtype=reference.accumulation_dtype(x))
 
 
-@register_kernel("weighted_gram", "torch")
+@implements("weighted_gram", "torch")
 def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
     """``sum_t w_t v_t v_t^T``, mirrored from its upper triangle: ``reference.weighted_gram``."""
     return reference.mirror_upper(reference.weighted_gram(v, weights, dtype=reference.accumulation_dtype(v)))
 
 
-@register_kernel("sym_matmul", "torch")
+@implements("sym_matmul", "torch")
 def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     """``A @ W`` (batched GEMM; reads all of ``A``): ``reference.sym_matmul``."""
     return reference.sym_matmul(A, W)
 
 
-@register_kernel("rr_grams", "torch")
+@implements("rr_grams", "torch")
 def rr_grams(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(S^T S, S^T AS)`` in fp64 of the concatenated parts: ``reference.rr_grams``."""
     return reference.rr_grams(S_parts, AS_parts)

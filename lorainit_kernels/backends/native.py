@@ -5,7 +5,7 @@ fp32 operands (fp32 accumulation), and can add into existing fp32 accumulators i
 (``ops.kfac_accumulate_``, ``ops.weighted_gram(..., out=)``: no per-call temporary); ``sym_matmul`` and ``rr_grams`` take fp32 (``rr_grams``
 accumulates in fp64). fp64 inputs are declined: the ``"torch"`` backend computes them.
 
-``backend="auto"`` passes over the native ``kfac_update`` where it is slower than plain torch: on CPUs
+The automatic choice passes over the native ``kfac_update`` where it is slower than plain torch: on CPUs
 without AVX2, whose only native level is the plain-C++ ``portable`` kernel (``backends.auto_reasons``
 says so; docs/kernels.md has the measurements per ISA).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from . import HALF_OR_FP32, register_kernel
+from . import HALF_OR_FP32, implements
 
 _FP32 = (torch.float32,)
 RR_MAX_PARTS = 4
@@ -37,13 +37,13 @@ def _kfac_slower_here() -> Optional[str]:
 
 
 def _kfac_slower(*tensors: Tensor) -> Optional[str]:
-    """Why ``backend="auto"`` runs torch rather than the native kfac_update here (None: native is faster)."""
+    """Why the automatic choice runs torch rather than the native kfac_update here (None: native is faster)."""
     if not tensors or tensors[0].device.type != "cpu":
         return None
     return _kfac_slower_here()
 
 
-@register_kernel("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update", slower=_kfac_slower)
+@implements("kfac_update", "native", dtypes=HALF_OR_FP32, symbol="kfac_update", slower=_kfac_slower)
 def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``
@@ -51,13 +51,13 @@ def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_inp
     return _native.kfac_update(x, g, mask, with_input_cov, out)
 
 
-@register_kernel("weighted_gram", "native", dtypes=HALF_OR_FP32, symbol="weighted_gram")
+@implements("weighted_gram", "native", dtypes=HALF_OR_FP32, symbol="weighted_gram")
 def weighted_gram(v: Tensor, weights: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """``sum_t w_t v_t v_t^T``, fp32, exactly symmetric: ``_native.weighted_gram`` (``out``: added to in place)."""
     return _native.weighted_gram(v, weights, out)
 
 
-@register_kernel("sym_matmul", "native", dtypes=_FP32, symbol="sym_matmul")
+@implements("sym_matmul", "native", dtypes=_FP32, symbol="sym_matmul")
 def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     """``A @ W`` reading only the upper triangle of each symmetric ``A``: ``_native.sym_matmul``."""
     return _native.sym_matmul(A, W).contiguous()
@@ -70,7 +70,7 @@ def _rr_parts(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor]) -> Optional
     return None
 
 
-@register_kernel("rr_grams", "native", dtypes=_FP32, check=_rr_parts, symbol="rr_grams")
+@implements("rr_grams", "native", dtypes=_FP32, check=_rr_parts, symbol="rr_grams")
 def rr_grams(S_parts: Sequence[Tensor], AS_parts: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(S^T S, S^T AS)`` in fp64 from fp32 parts, never forming ``S`` or ``AS``: ``_native.rr_grams``."""
     return _native.rr_grams(S_parts, AS_parts)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from . import HALF_OR_FP32, register_kernel
+from . import HALF_OR_FP32, implements
 
 
 
@@ -21,14 +21,14 @@ def _kernels():
     return kfac
 
 
-@register_kernel("kfac_update", "triton", dtypes=HALF_OR_FP32)
+@implements("kfac_update", "triton", dtypes=HALF_OR_FP32)
 def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``triton.kfac.kfac_update``."""
     return _kernels().kfac_update(x, g, mask, with_input_cov)
 
 
-@register_kernel("weighted_gram", "triton", dtypes=HALF_OR_FP32)
+@implements("weighted_gram", "triton", dtypes=HALF_OR_FP32)
 def weighted_gram(v: Tensor, weights: Optional[Tensor]) -> Tensor:
     """``sum_t w_t v_t v_t^T``, fp32, exactly symmetric: ``triton.kfac.weighted_gram``."""
     return _kernels().weighted_gram(v, weights)

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import defaults, ops
+from .. import backends, defaults, ops
 from ._common import batch_index, chol_solve
 from .lobpcg import DENSE_BLOCKS, lobpcg, shift_invert_preconditioner
 from .operators import GuidanceOperator
@@ -405,10 +405,12 @@ class _Prepared:
                 torch.mul(inv, self.c[..., None, None], out=Om)
             del inv
             self.L = self.factor.L
-            ops.weighted_gram(V, w, backend=backend, out=Om) if Om.dtype == _acc(V) else \
-                Om.add_(ops.weighted_gram(V, w, backend=backend).to(self.dtype))
+            with backends.use_configured(backend):
+                ops.weighted_gram(V, w, out=Om) if Om.dtype == _acc(V) else \
+                    Om.add_(ops.weighted_gram(V, w).to(self.dtype))
         else:
-            Om = ops.weighted_gram(V, w, backend=backend).to(self.dtype)
+            with backends.use_configured(backend):
+                Om = ops.weighted_gram(V, w).to(self.dtype)
         return _symmetrize_(Om)
 
     def operator(self) -> GuidanceOperator:
@@ -522,7 +524,8 @@ def guidance_matrix(
     default neither is modified.
 
     Returns ``(Omega, dW)``: (..., n, n) symmetric and (..., m, n), in the inputs' promoted dtype
-    (fp32 for half inputs). ``backend`` selects the ``weighted_gram`` implementation.
+    (fp32 for half inputs). ``backend``: the ``weighted_gram`` backend (``backends.use`` around the
+    product; ``"auto"`` keeps an enclosing ``backends.use``).
     Raises ValueError naming the argument, shapes and batch index for invalid input or a ``Z_d``
     that is not positive definite even in fp64.
     """

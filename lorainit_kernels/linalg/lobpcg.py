@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backends, ops
+from .. import ops
 from ._common import batch_index, chol_solve
 from .operators import CallableOperator, CholeskyInverse, DenseOperator, SymmetricOperator
 
@@ -64,12 +64,13 @@ CHEBYSHEV_DEFAULT = 3
 DENSE_BLOCKS = 5
 
 
-def _native_kernel(op: str, *sample: Tensor):
-    """The native implementation registered for ``op`` when auto dispatch picks it for inputs like
-    ``sample``, else None. Resolved once per solve: the products and Grams run every iteration."""
+def _native_op(op: str, *sample: Tensor):
+    """The op ``torch.ops.lorainit.<op>`` where it runs the native kernel for inputs like ``sample`` (under the
+    current ``backends.use``), else None: the solver's own torch code is then as fast and skips the dispatch.
+    Resolved once per solve: the products and Grams run every iteration."""
     if ops.backend_for(op, *sample) != "native":
         return None
-    return backends.kernels(op)["native"].fn
+    return getattr(torch.ops.lorainit, op)
 
 
 def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:
@@ -314,7 +315,7 @@ class _Solver:
         # in fp64 a Gram eigenvalue is only known to ~1e-15, so an exactly dependent column shows as ~1e-16
         self.drop = max((100 * torch.finfo(self.dt).eps) ** 2, 1e-12)
         self.ortho_tol = 10 * math.sqrt(self.n) * float(torch.finfo(self.dt).eps)
-        self.rr_grams = _native_kernel("rr_grams", torch.empty(0, dtype=self.dt, device=self.dev))
+        self.rr_grams = _native_op("rr_grams", torch.empty(0, dtype=self.dt, device=self.dev))
         b, dev = self.b, self.dev
         self.out_vals = torch.zeros((b, k), dtype=torch.float64, device=dev)
         self.out_vecs = torch.zeros((b, self.n, k), dtype=self.dt, device=dev)
@@ -606,7 +607,7 @@ class _Solver:
         XP, AXP, pmask = self.XP, self.AXP, self.pmask
         if self.rr_grams is not None:
             # native: fp64 accumulation straight from the fp32 parts, one triangle each
-            Bs, Hs = self.rr_grams((XP, W), (AXP, AW))
+            Bs, Hs = self.rr_grams([XP, W], [AXP, AW])
         else:
             SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
             G = SASd[:, :, :q].transpose(-1, -2) @ SASd

@@ -1,6 +1,7 @@
-"""KFACStats, kfac_update and weighted_gram through the public API, for the CPU backends "torch" and
-"native" (the Triton backend has its own file). Every result is checked against the float64
-reference on fresh random inputs."""
+"""KFACStats, kfac_update and weighted_gram through the public API, for the reference ("torch") and the
+device's fused kernel ("fused": native on the CPU, Triton on CUDA; the Triton interpreter on CPU has its
+own file), on every device of the ``device`` fixture (tests/conftest.py). Every result is checked
+against the float64 reference on fresh random inputs."""
 from __future__ import annotations
 
 import math
@@ -10,14 +11,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorainit_kernels import KFACStats, has_native, kfac_update, reference, weighted_gram
+from lorainit_kernels import KFACStats, backends, kfac_update, reference, weighted_gram
 
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not has_native(), reason="lorainit_kernels._C is not built")),
-]
-# (dtype, tolerance) per docs/math.md, tolerances (the fp32 bound grows like sqrt(T / 1e3))
-DTYPE_TOL = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
+# "fused": the device's own kernel (native on the CPU, Triton on CUDA), "torch": the reference
+BACKENDS = ["torch", "fused"]
+FUSED = {"cpu": "native", "cuda": "triton"}
+# the dtypes of the statistics' inputs; tolerances (rtol) from tests/conftest.py per docs/math.md (the fp32
+# bound grows like sqrt(T / 1e3))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def on(backend: str, device: str) -> str:
+    """The backend's name on ``device``, or skip where this machine lacks it (extension not built, no Triton)."""
+    name = FUSED[device] if backend == "fused" else backend
+    reason = backends.device_reason(name, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"{name} cannot run on {device} here: {reason}")
+    return name
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,14 +41,19 @@ def fp32_tol(base: float, dtype: torch.dtype, T: int) -> float:
     return base * math.sqrt(max(T, 1000) / 1e3) if dtype == torch.float32 else base
 
 
-def rand(*shape, seed, dtype=torch.float32, scale=1.0, shift=0.0):
+def rand(*shape, seed, dtype=torch.float32, scale=1.0, shift=0.0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype)
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(dtype).to(device)
+
+
+def bools(*shape, seed, keep, device="cpu"):
+    """A random mask with about ``keep`` of its entries True."""
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < keep).to(device)
 
 
 def assert_symmetric(a: torch.Tensor, backend: str):
-    # native computes one triangle and mirrors it; plain torch's matmul is symmetric up to rounding
-    if backend == "native":
+    # the fused kernels compute one triangle and mirror it; plain torch's matmul is symmetric up to rounding
+    if backend != "torch":
         assert torch.equal(a, a.T)
     else:
         assert (a - a.T).abs().max() <= 1e-5 * a.abs().max()
@@ -57,16 +72,18 @@ def assert_unchanged(stats: KFACStats, snap):
 
 # ------------------------------------------------------------------------------------ kfac_update
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,base_tol", DTYPE_TOL, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,n,m,pad", [(1, 37, 129, 0.0), (257, 37, 129, 0.3), (400, 64, 48, 0.0)])
-def test_kfac_update_vs_float64(backend, dtype, base_tol, T, n, m, pad):
-    x = rand(T, n, seed=T + 1, dtype=dtype, shift=0.3)
-    g = rand(T, m, seed=T + 2, dtype=dtype, scale=1e-2)
-    mask = rand(T, seed=T + 3) > -10 if pad == 0 else torch.rand(T, generator=torch.Generator().manual_seed(T)) >= pad
-    Zs, Gs, ss, count = kfac_update(x, g, mask, backend=backend)
+def test_kfac_update_vs_float64(backend, device, dtype, rtol, T, n, m, pad):
+    backend = on(backend, device)
+    x = rand(T, n, seed=T + 1, dtype=dtype, shift=0.3, device=device)
+    g = rand(T, m, seed=T + 2, dtype=dtype, scale=1e-2, device=device)
+    mask = (rand(T, seed=T + 3) > -10).to(device) if pad == 0 else bools(T, seed=T, keep=1 - pad, device=device)
+    with backends.use(backend):
+        Zs, Gs, ss, count = kfac_update(x, g, mask)
     Zr, Gr, sr = reference.kfac_update(x, g, mask, dtype=torch.float64)
     assert count == int(mask.sum())
-    tol = fp32_tol(base_tol, dtype, T)
+    tol = fp32_tol(rtol, dtype, T)
     for out, ref in ((Zs, Zr), (Gs, Gr), (ss, sr)):
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert rel_err(out, ref) <= tol
@@ -74,21 +91,25 @@ def test_kfac_update_vs_float64(backend, dtype, base_tol, T, n, m, pad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kfac_update_zero_valid_tokens(backend):
-    x, g = rand(5, 7, 37, seed=1, dtype=torch.bfloat16), rand(5, 7, 129, seed=2, dtype=torch.bfloat16)
-    Zs, Gs, ss, count = kfac_update(x, g, torch.zeros(5, 7, dtype=torch.bool), backend=backend)
+def test_kfac_update_zero_valid_tokens(backend, device):
+    backend = on(backend, device)
+    x, g = (rand(5, 7, d, seed=i, dtype=torch.bfloat16, device=device) for i, d in ((1, 37), (2, 129)))
+    with backends.use(backend):
+        Zs, Gs, ss, count = kfac_update(x, g, torch.zeros(5, 7, dtype=torch.bool, device=device))
     assert count == 0
     assert Zs.shape == (37, 37) and Gs.shape == (129, 37) and ss.shape == (129,)
     assert not Zs.any() and not Gs.any() and not ss.any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kfac_update_4d_noncontiguous(backend):
-    base = rand(3, 2, 11, 40, seed=3, dtype=torch.bfloat16)
+def test_kfac_update_4d_noncontiguous(backend, device):
+    backend = on(backend, device)
+    base = rand(3, 2, 11, 40, seed=3, dtype=torch.bfloat16, device=device)
     x = base.transpose(1, 2)[..., 1:38]  # (3, 11, 2, 37): permuted and sliced
-    g = rand(3, 2, 11, 129, seed=4, dtype=torch.float16).transpose(1, 2)
-    mask = torch.rand(3, 11, 2, generator=torch.Generator().manual_seed(5)) > 0.3
-    Zs, Gs, ss, count = kfac_update(x, g, mask, backend=backend)
+    g = rand(3, 2, 11, 129, seed=4, dtype=torch.float16, device=device).transpose(1, 2)
+    mask = bools(3, 11, 2, seed=5, keep=0.7, device=device)
+    with backends.use(backend):
+        Zs, Gs, ss, count = kfac_update(x, g, mask)
     xr, gr, mr = x.reshape(-1, 37), g.reshape(-1, 129), mask.reshape(-1)
     for out, ref in zip((Zs, Gs, ss), reference.kfac_update(xr, gr, mr, dtype=torch.float64)):
         assert rel_err(out, ref) < 1e-5
@@ -97,28 +118,30 @@ def test_kfac_update_4d_noncontiguous(backend):
 
 # ---------------------------------------------------------------------------------- weighted_gram
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,base_tol", DTYPE_TOL, ids=lambda v: str(v))
-def test_weighted_gram_negative_weights(backend, dtype, base_tol):
-    v = rand(2, 129, 37, seed=7, dtype=dtype)  # batch of 2
-    w = rand(2, 129, seed=8, scale=2.0)  # both signs
-    out = weighted_gram(v, w, backend=backend)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weighted_gram_negative_weights(backend, device, dtype, rtol):
+    backend = on(backend, device)
+    v = rand(2, 129, 37, seed=7, dtype=dtype, device=device)  # batch of 2
+    w = rand(2, 129, seed=8, scale=2.0, device=device)  # both signs
+    with backends.use(backend):
+        out = weighted_gram(v, w)
+        plain = weighted_gram(v[0])
     assert out.shape == (2, 37, 37) and out.dtype == torch.float32
     for i in range(2):
-        assert rel_err(out[i], reference.weighted_gram(v[i], w[i], dtype=torch.float64)) <= fp32_tol(base_tol, dtype, 129)
+        assert rel_err(out[i], reference.weighted_gram(v[i], w[i], dtype=torch.float64)) <= fp32_tol(rtol, dtype, 129)
         assert_symmetric(out[i], backend)
-    plain = weighted_gram(v[0], backend=backend)
-    assert rel_err(plain, reference.weighted_gram(v[0], None, dtype=torch.float64)) <= fp32_tol(base_tol, dtype, 129)
+    assert rel_err(plain, reference.weighted_gram(v[0], None, dtype=torch.float64)) <= fp32_tol(rtol, dtype, 129)
 
 
 # ------------------------------------------------------------------------------------- KFACStats
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_means_over_batches(backend):
-    st_ = KFACStats(37, 129, backend=backend)
+def test_stats_means_over_batches(backend, device):
+    st_ = KFACStats(37, 129, backend=on(backend, device), device=device)
     xs, gs, ms = [], [], []
     for b in range(3):
-        x = rand(4, 9, 37, seed=10 + b, dtype=torch.bfloat16)
-        g = rand(4, 9, 129, seed=20 + b, dtype=torch.bfloat16, scale=3.0)
-        mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(30 + b)) > 0.3
+        x = rand(4, 9, 37, seed=10 + b, dtype=torch.bfloat16, device=device)
+        g = rand(4, 9, 129, seed=20 + b, dtype=torch.bfloat16, scale=3.0, device=device)
+        mask = bools(4, 9, seed=30 + b, keep=0.7, device=device)
         st_.update(x, g, mask)
         xs.append(x.reshape(-1, 37)), gs.append(g.reshape(-1, 129)), ms.append(mask.reshape(-1))
     Zr, Gr, sr = reference.kfac_update(torch.cat(xs), torch.cat(gs), torch.cat(ms), dtype=torch.float64)
@@ -130,11 +153,12 @@ def test_stats_means_over_batches(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_shared_input_and_grad_only(backend):
-    x = rand(50, 37, seed=1)
-    g = rand(50, 20, seed=2)
-    z_only = KFACStats(37, backend=backend)
-    g_only = KFACStats(37, 20, track_input_cov=False, backend=backend)
+def test_stats_shared_input_and_grad_only(backend, device):
+    backend = on(backend, device)
+    x = rand(50, 37, seed=1, device=device)
+    g = rand(50, 20, seed=2, device=device)
+    z_only = KFACStats(37, backend=backend, device=device)
+    g_only = KFACStats(37, 20, track_input_cov=False, backend=backend, device=device)
     z_only.update(x)
     g_only.update(x, g)
     Zr, Gr, sr = reference.kfac_update(x, g, None, dtype=torch.float64)
@@ -144,11 +168,12 @@ def test_stats_shared_input_and_grad_only(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_padding_batch_is_noop(backend):
-    st_ = KFACStats(37, 129, backend=backend)
-    st_.update(rand(30, 37, seed=1), rand(30, 129, seed=2))
+def test_all_padding_batch_is_noop(backend, device):
+    st_ = KFACStats(37, 129, backend=on(backend, device), device=device)
+    st_.update(rand(30, 37, seed=1, device=device), rand(30, 129, seed=2, device=device))
     snap = snapshot(st_)
-    assert st_.update(rand(2, 5, 37, seed=3), rand(2, 5, 129, seed=4), torch.zeros(2, 5, dtype=torch.bool)) == 0
+    assert st_.update(rand(2, 5, 37, seed=3, device=device), rand(2, 5, 129, seed=4, device=device),
+                      torch.zeros(2, 5, dtype=torch.bool, device=device)) == 0
     assert_unchanged(st_, snap)
 
 
@@ -156,12 +181,13 @@ def test_all_padding_batch_is_noop(backend):
 @pytest.mark.parametrize("track_input_cov", [True, False])
 @pytest.mark.parametrize("where,value", [("x", float("nan")), ("x", float("inf")), ("g", float("nan")),
                                          ("g", float("-inf"))])
-def test_nonfinite_valid_token_raises_and_leaves_state(backend, track_input_cov, where, value):
-    st_ = KFACStats(37, 129, track_input_cov=track_input_cov, backend=backend)
-    st_.update(rand(3, 8, 37, seed=1, dtype=torch.bfloat16), rand(3, 8, 129, seed=2, dtype=torch.bfloat16))
+def test_nonfinite_valid_token_raises_and_leaves_state(backend, device, track_input_cov, where, value):
+    st_ = KFACStats(37, 129, track_input_cov=track_input_cov, backend=on(backend, device), device=device)
+    st_.update(rand(3, 8, 37, seed=1, dtype=torch.bfloat16, device=device),
+               rand(3, 8, 129, seed=2, dtype=torch.bfloat16, device=device))
     snap = snapshot(st_)
-    x, g = rand(3, 8, 37, seed=3, dtype=torch.bfloat16), rand(3, 8, 129, seed=4, dtype=torch.bfloat16)
-    mask = torch.ones(3, 8, dtype=torch.bool)
+    x, g = (rand(3, 8, d, seed=i, dtype=torch.bfloat16, device=device) for i, d in ((3, 37), (4, 129)))
+    mask = torch.ones(3, 8, dtype=torch.bool, device=device)
     mask[0, :4] = False
     (x if where == "x" else g)[1, 2, 5] = value
     with pytest.raises(ValueError, match="non-finite"):
@@ -175,7 +201,7 @@ def test_nonfinite_valid_token_raises_and_leaves_state(backend, track_input_cov,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs_raise_and_leave_state(backend):
-    st_ = KFACStats(37, 129, backend=backend)
+    st_ = KFACStats(37, 129, backend=on(backend, "cpu"))
     st_.update(rand(10, 37, seed=1), rand(10, 129, seed=2))
     snap = snapshot(st_)
     x, g = rand(4, 6, 37, seed=3), rand(4, 6, 129, seed=4)
@@ -208,7 +234,7 @@ def batches(draw):
 
 
 def _backends_available():
-    return ["torch", "native"] if has_native() else ["torch"]
+    return ["torch", "native"] if backends.has_native() else ["torch"]
 
 
 @settings(max_examples=12, deadline=None)
@@ -236,8 +262,9 @@ def test_token_order_does_not_matter(spec, backend):
     x, g = rand(T, n, seed=seed, dtype=dtype), rand(T, m, seed=seed + 1, dtype=dtype)
     mask = torch.rand(T, generator=torch.Generator().manual_seed(seed)) > 0.25
     perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed + 2))
-    out = kfac_update(x, g, mask, backend=backend)
-    outp = kfac_update(x[perm], g[perm], mask[perm], backend=backend)
+    with backends.use(backend):
+        out = kfac_update(x, g, mask)
+        outp = kfac_update(x[perm], g[perm], mask[perm])
     assert out[3] == outp[3]
     for s1, s2 in zip(out[:3], outp[:3]):
         scale = max(s2.abs().max().item(), 1e-30)

@@ -90,14 +90,16 @@ def test_shared_matrix_strided_slices_and_threads():
 def test_empty_and_transposed_inputs(backend):
     for A, W in [(torch.randn(0, 0), torch.randn(0, 3)), (torch.randn(2, 4, 4), torch.randn(2, 4, 0)),
                  (torch.randn(0, 5, 5), torch.randn(0, 5, 2))]:
-        out = lk.sym_matmul(A, W, backend=backend)
+        with _backends.use(backend):
+            out = lk.sym_matmul(A, W)
         assert out.shape == W.shape and out.dtype == W.dtype
     gen = torch.Generator().manual_seed(8)
     S = sym((3,), 40, gen, torch.float32)
     W = torch.randn(3, 40, 6, generator=gen)
     # a column-major view (A.mT of a symmetric A) and an expanded (stride-0) batch of one matrix
-    assert rel_err(lk.sym_matmul(S.mT, W, backend=backend), S.double() @ W.double()) < 1e-5
-    assert rel_err(lk.sym_matmul(S[0].expand(3, 40, 40), W, backend=backend), S[0].double() @ W.double()) < 1e-5
+    with _backends.use(backend):
+        assert rel_err(lk.sym_matmul(S.mT, W), S.double() @ W.double()) < 1e-5
+        assert rel_err(lk.sym_matmul(S[0].expand(3, 40, 40), W), S[0].double() @ W.double()) < 1e-5
 
 
 def test_backends_agree_and_auto_choice():
@@ -106,14 +108,15 @@ def test_backends_agree_and_auto_choice():
     W = torch.randn(2, 70, 5, generator=gen, dtype=torch.float64)
     # fp64 goes to torch under auto; native refuses it by name
     assert torch.equal(lk.sym_matmul(A, W), A @ W)
-    with pytest.raises(TypeError, match="native kernel takes float32"):
-        lk.sym_matmul(A, W, backend="native")
+    with pytest.raises(TypeError, match="native kernel takes float32"), _backends.use("native"):
+        lk.sym_matmul(A, W)
     a32, w32 = A.float(), W.float()
-    assert rel_err(lk.sym_matmul(a32, w32, backend="torch"), A @ W) < 1e-5
-    assert rel_err(lk.sym_matmul(a32, w32, backend="native"), A @ W) < 1e-5
+    for backend in ("torch", "native"):
+        with _backends.use(backend):
+            assert rel_err(lk.sym_matmul(a32, w32), A @ W) < 1e-5
     # no Triton kernel for this op (or no Triton here at all): a clear error either way
-    with pytest.raises(ValueError, match="no Triton kernel|cannot run here"):
-        lk.sym_matmul(a32, w32, backend="triton")
+    with pytest.raises(ValueError, match="no Triton kernel|cannot run here"), _backends.use("triton"):
+        lk.sym_matmul(a32, w32)
 
 
 @pytest.mark.parametrize("args, err, match", [
@@ -146,8 +149,10 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(6)
     A = sym((2,), 19, gen, torch.float32)
     W = torch.randn(2, 19, 3, generator=gen)
-    torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "native"))
-    torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W, "torch"))
+    with _backends.use("native"):
+        torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W))
+    with _backends.use("torch"):
+        torch.library.opcheck(torch.ops.lorainit.sym_matmul, (A, W))
 
 
 # --------------------------------------------------------------------------------------------

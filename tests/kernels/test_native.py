@@ -296,11 +296,15 @@ def test_opcheck_native():
     x = torch.randn(23, 13, generator=gen).bfloat16()
     g = torch.randn(23, 9, generator=gen).bfloat16()
     mask = torch.rand(23, generator=gen) > 0.3
-    torch.library.opcheck(torch.ops.lorainit.kfac_update, (x, g, mask, True, "native"))
-    torch.library.opcheck(torch.ops.lorainit.kfac_update, (x.float(), None, None, False, "native"))
+    with backends.use("native"):
+        torch.library.opcheck(torch.ops.lorainit.kfac_update, (x, g, mask, True))
+    with backends.use("native"):
+        torch.library.opcheck(torch.ops.lorainit.kfac_update, (x.float(), None, None, False))
     v = torch.randn(31, 11, generator=gen)
-    torch.library.opcheck(torch.ops.lorainit.weighted_gram, (v, -torch.rand(31, generator=gen), "native"))
-    torch.library.opcheck(torch.ops.lorainit.weighted_gram, (v.half(), None, "native"))
+    with backends.use("native"):
+        torch.library.opcheck(torch.ops.lorainit.weighted_gram, (v, -torch.rand(31, generator=gen)))
+    with backends.use("native"):
+        torch.library.opcheck(torch.ops.lorainit.weighted_gram, (v.half(), None))
 
 
 def test_auto_falls_back_with_one_warning_when_C_missing(monkeypatch):
@@ -312,14 +316,15 @@ def test_auto_falls_back_with_one_warning_when_C_missing(monkeypatch):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 x = torch.randn(6, 5)
-                Zs, _, _, count = lorainit_kernels.kfac_update(x, backend="auto")
-                lorainit_kernels.kfac_update(x, backend="auto")
+                Zs, _, _, count = lorainit_kernels.kfac_update(x)
+                lorainit_kernels.kfac_update(x)
                 assert not backends.has_native()
             msgs = [str(w.message) for w in caught if "lorainit_kernels._C" in str(w.message)]
             assert len(msgs) == 1 and "plain-torch" in msgs[0], msgs
             assert count == 6 and rel_err(Zs, x.double().T @ x.double()) < 1e-6
-            with pytest.raises(ValueError, match="backend='native' cannot run here.*not built"):
-                lorainit_kernels.kfac_update(x, backend="native")
+            with pytest.raises(ValueError, match="backend='native' cannot run here.*not built"), \
+                    backends.use("native"):
+                lorainit_kernels.kfac_update(x)
         finally:
             backends._load_native.cache_clear()
     assert backends.has_native()
@@ -337,7 +342,7 @@ def test_package_imports_without_native_build(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             import lorainit_kernels as lk
             x = torch.randn(7, 3)
-            out = lk.kfac_update(x, backend="auto")
+            out = lk.kfac_update(x)
             lk.KFACStats(3).update(x)
         assert not lk.has_native()
         assert torch.allclose(out[0], x.T @ x, rtol=1e-5, atol=1e-5)
@@ -352,7 +357,7 @@ def test_package_imports_without_native_build(tmp_path):
 
 def test_auto_passes_over_native_kfac_without_simd(monkeypatch):
     """Where the native kfac_update is slower than torch (the portable level only), "auto" runs torch,
-    says why (auto_reasons, one warning) and a forced backend="native" still runs native."""
+    says why (auto_reasons, one warning) and a forced backends.use("native") still runs native."""
     from lorainit_kernels import ops
     from lorainit_kernels.backends import native as native_backend
 
@@ -371,6 +376,8 @@ def test_auto_passes_over_native_kfac_without_simd(monkeypatch):
         assert len([w for w in rec if "passes over" in str(w.message)]) == 1
         assert "no AVX2" in backends.auto_reasons("kfac_update", x, full=False)["native"]
         assert ops.backend_for("kfac_update", x, backend="native") == "native"
+        with backends.use("native"):
+            assert ops.backend_for("kfac_update", x) == "native"
         assert ops.backend_for("rr_grams", torch.randn(2, 4, 3)) == "native"  # other ops unaffected
     finally:
         monkeypatch.undo()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lorainit_kernels as lk
-from lorainit_kernels import reference
+from lorainit_kernels import backends, reference
 
 if not lk.has_triton():
     pytest.skip("triton is not installed: the Triton backend cannot run", allow_module_level=True)
@@ -222,7 +222,8 @@ def test_public_kfac_update_and_stats(dtype):
     x = (torch.randn(B, S, n, generator=gen)).to(dtype=dtype, device=DEVICE)
     g = (torch.randn(B, S, m, generator=gen) * 0.3).to(dtype=dtype, device=DEVICE)
     mask = (torch.rand(B, S, generator=gen) >= 0.3).to(DEVICE)
-    Zs, Gs, ss, count = lk.kfac_update(x, g, mask, backend="triton")
+    with backends.use("triton"):
+        Zs, Gs, ss, count = lk.kfac_update(x, g, mask)
     Zr, Gr, sr = reference.kfac_update(x.reshape(-1, n).cpu(), g.reshape(-1, m).cpu(), mask.reshape(-1).cpu(),
                                        True, dtype=torch.float64)
     assert count == int(mask.sum())
@@ -247,7 +248,8 @@ def test_public_kfac_update_and_stats(dtype):
 def test_public_zero_valid_tokens():
     x = torch.randn(2, 5, 12, device=DEVICE, dtype=torch.bfloat16)
     g = torch.randn(2, 5, 7, device=DEVICE, dtype=torch.bfloat16)
-    Zs, Gs, ss, count = lk.kfac_update(x, g, torch.zeros(2, 5, dtype=torch.bool, device=DEVICE), backend="triton")
+    with backends.use("triton"):
+        Zs, Gs, ss, count = lk.kfac_update(x, g, torch.zeros(2, 5, dtype=torch.bool, device=DEVICE))
     assert count == 0 and not Zs.any() and not Gs.any() and not ss.any()
 
 
@@ -256,7 +258,8 @@ def test_public_weighted_gram_batched(dtype, wtol):
     gen = torch.Generator().manual_seed(31)
     v = torch.randn(2, 33, 45, generator=gen).to(dtype=dtype, device=DEVICE)
     w = (-torch.rand(2, 33, generator=gen) * 10).to(DEVICE)  # all negative, like -alpha / s^2
-    out = lk.weighted_gram(v, w, backend="triton")
+    with backends.use("triton"):
+        out = lk.weighted_gram(v, w)
     assert out.shape == (2, 45, 45)
     for i in range(2):
         ref = reference.weighted_gram(v[i].cpu(), w[i].cpu(), dtype=torch.float64)
@@ -268,10 +271,13 @@ def test_opcheck():
     x = torch.randn(13, 17, generator=gen).to(dtype=torch.bfloat16, device=DEVICE)
     g = torch.randn(13, 9, generator=gen).to(dtype=torch.bfloat16, device=DEVICE)
     mask = torch.tensor([True, False] * 6 + [True], device=DEVICE)
-    torch.library.opcheck(torch.ops.lorainit.kfac_update.default, (x, g, mask, True, "triton"))
-    torch.library.opcheck(torch.ops.lorainit.kfac_update.default, (x, None, None, True, "triton"))
+    with backends.use("triton"):
+        torch.library.opcheck(torch.ops.lorainit.kfac_update.default, (x, g, mask, True))
+    with backends.use("triton"):
+        torch.library.opcheck(torch.ops.lorainit.kfac_update.default, (x, None, None, True))
     w = torch.randn(13, generator=gen).to(DEVICE)
-    torch.library.opcheck(torch.ops.lorainit.weighted_gram.default, (x.float(), w, "triton"))
+    with backends.use("triton"):
+        torch.library.opcheck(torch.ops.lorainit.weighted_gram.default, (x.float(), w))
 
 
 def test_upper_triangle_tile_enumeration():

@@ -60,9 +60,9 @@ def test_guidance_uses_weighted_gram(monkeypatch):
     calls = []
     real = ops.weighted_gram
 
-    def spy(v, weights=None, *, backend="auto", out=None):
+    def spy(v, weights=None, *, out=None):
         calls.append((tuple(v.shape), None if weights is None else weights.clone()))
-        return real(v, weights, backend=backend, out=out)
+        return real(v, weights, out=out)
 
     monkeypatch.setattr(ops, "weighted_gram", spy)
     Z, G, s = kfac_stats((2,), 6, 10, seed=3)
