@@ -1,7 +1,7 @@
-"""Fused K-FAC statistics on CPU: ``kfac_update(x, g, mask, backend="native")`` against plain torch, per ISA.
+"""Fused K-FAC statistics on CPU: ``kfac_update(x, g, mask)`` under ``backends.use("native")`` against plain torch, per ISA.
 
 Providers, all on the same random bf16 batch with ~30% padding tokens (random mask):
-- ``native``: ``lorainit_kernels.kfac_update(..., backend="native")`` (one pass: compaction, packing,
+- ``native``: ``lorainit_kernels.kfac_update(...)`` under ``backends.use("native")`` (one pass: compaction, packing,
   Z upper triangle + G + s, fp32 accumulation), the kernel the automatic choice runs on this CPU
   unless a row says it was forced (``LORAINIT_NATIVE_ISA``).
 - ``torch``: the plain composition ``xv = x[mask].float(); gv = g[mask].float();
@@ -136,9 +136,13 @@ def _with_isa(isa, fn):
 
 def _native_call(x, g, mask, isa):
     """The public op; ``isa`` (e.g. "avx512") forces a kernel level through the env variable."""
-    from lorainit_kernels import kfac_update
+    from lorainit_kernels import backends, kfac_update
 
-    return _with_isa(isa, lambda: kfac_update(x, g, mask, backend="native"))
+    def run():
+        with backends.use("native"):
+            return kfac_update(x, g, mask)
+
+    return _with_isa(isa, run)
 
 
 def isa_label() -> str:

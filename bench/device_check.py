@@ -187,7 +187,7 @@ def section_correctness(run: Run) -> Dict[str, object]:
     import torch
 
     import lorainit_kernels as lk
-    from lorainit_kernels import ops, reference
+    from lorainit_kernels import backends, ops, reference
     from lorainit_kernels.triton import kfac as tk
 
     dev = run.device
@@ -246,7 +246,8 @@ def section_correctness(run: Run) -> Dict[str, object]:
                     rows[-1]["result"] = "FAIL"
                 record("triton.kfac_update G", dname, shape, _rel(Gs, Gr), tol)
                 record("triton.kfac_update s", dname, shape, _rel(ss, sr), tol)
-                Z2, G2, s2, cnt = lk.kfac_update(x, g, mask, backend=kernel_backend)
+                with backends.use(kernel_backend):
+                    Z2, G2, s2, cnt = lk.kfac_update(x, g, mask)
                 record("op kfac_update (Z, G, s)", dname, shape,
                        max(_rel(Z2, Zr), _rel(G2, Gr), _rel(s2, sr)), tol,
                        f"count {cnt} of {valid}" + ("" if cnt == valid else " WRONG"))
@@ -276,8 +277,9 @@ def section_correctness(run: Run) -> Dict[str, object]:
                     rows[-1]["result"] = "FAIL"
                 record("triton.weighted_gram (no weights)", dname, shape, _rel(tk.weighted_gram(v, None), ref_1),
                        _tol32(T))
-                record("op weighted_gram", dname, shape, _rel(lk.weighted_gram(v, w, backend=kernel_backend), ref_w),
-                       wtol)
+                with backends.use(kernel_backend):
+                    out_op = lk.weighted_gram(v, w)
+                record("op weighted_gram", dname, shape, _rel(out_op, ref_w), wtol)
 
             guarded(f"weighted_gram {dname} {shape}", gram_case)
 
@@ -377,10 +379,16 @@ def section_kfac(run: Run) -> Dict[str, object]:
             G.add_(g.mT @ x)
             s.add_(g.float().square().sum(0))
 
+        def forced(backend):
+            def call():
+                with lk.backends.use(backend):
+                    return lk.kfac_update(x, g, None)
+            return call
+
         providers = {
-            "triton": lambda: lk.kfac_update(x, g, None, backend="triton"),
+            "triton": forced("triton"),
             "cublas_bf16": cublas_bf16,
-            "torch backend (fp32 GEMMs)": lambda: lk.kfac_update(x, g, None, backend="torch"),
+            "torch backend (fp32 GEMMs)": forced("torch"),
         }
         useful = T * n * n + 2 * T * m * n
         times = {}
