@@ -70,7 +70,7 @@ def _native_op(op: str, *sample: Tensor):
     Resolved once per solve: the products and Grams run every iteration."""
     if ops.backend_for(op, *sample) != "native":
         return None
-    return getattr(torch.ops.lorainit, op)
+    return getattr(torch.ops.lorainit, op).default
 
 
 def _runs(idx: Tensor) -> List[Tuple[int, int, int]]:

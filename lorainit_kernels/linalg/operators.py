@@ -109,7 +109,7 @@ class DenseOperator(SymmetricOperator):
             if ops.backend_for("sym_matmul", self.mat) == "native":
                 if self.mat.stride(-1) != 1:  # e.g. A.mT: for a symmetric A the transpose is A itself
                     self.mat = self.mat.mT if self.mat.mT.stride(-1) == 1 else self.mat.contiguous()
-                self.matmul_fn = torch.ops.lorainit.sym_matmul
+                self.matmul_fn = torch.ops.lorainit.sym_matmul.default
 
     def apply(self, X: Tensor, start: int, stop: int) -> Tensor:
         return self.matmul_fn(self.mat[start:stop], X)
