@@ -585,6 +585,9 @@ def parse_args(argv=None):
     p.add_argument("--max-ops", type=int, default=1)
     p.add_argument("--max-value", type=int, default=20)
     p.add_argument("--no-suggested", action="store_true", help="skip the runs at the suggested rates")
+    p.add_argument("--merge", default="",
+                   help="comma-separated result JSONs of other processes running the same protocol: their "
+                        "finished runs count here (run several one-thread processes side by side)")
     p.add_argument("--prefix-cache", default=None,
                    help="a directory keeping the frozen-prefix states between invocations (default: recompute)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
@@ -597,6 +600,7 @@ def parse_args(argv=None):
         args.train, args.val, args.test, args.init_samples = 64, 8, 8, 16
         args.sweep_ranks, args.no_suggested, args.max_extend, args.layers = "", True, 0, "28-29"
     args.method_list = [m for m in args.methods.split(",") if m]
+    args.merge_list = [x for x in args.merge.split(",") if x]
     args.lr_grid = sorted(float(x) for x in args.lrs.split(","))
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     args.sweep_ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
@@ -608,6 +612,30 @@ def parse_args(argv=None):
     if any(r < 1 for r in args.sweep_ranks + [args.rank]):
         raise SystemExit(f"--sweep-ranks/--rank: every rank must be >= 1")
     return args
+
+
+def run_key(r: Dict) -> Tuple:
+    return r["method"], r["rank"], r["lr"], r["seed"], r.get("phase", "grid") == "suggested"
+
+
+def merge_runs(runs: List[Dict], args) -> None:
+    """Add the finished runs of the ``--merge`` JSON files (same settings) that ``runs`` lacks, so that
+    several processes (one thread each) can share the protocol's plan."""
+    have = {run_key(r) for r in runs}
+    for other in args.merge_list:
+        if not Path(other).exists():
+            continue
+        try:
+            data = json.loads(Path(other).read_text())
+        except json.JSONDecodeError:  # being written right now: next time
+            continue
+        diff = [k for k in SETTINGS if data["args"].get(k) != getattr(args, k)]
+        if diff:
+            raise SystemExit(f"--merge: {other} was made with other settings ({diff})")
+        for r in data["runs"]:
+            if run_key(r) not in have:
+                runs.append(r)
+                have.add(run_key(r))
 
 
 def main(argv=None) -> int:
@@ -657,6 +685,7 @@ def main(argv=None) -> int:
 
     new = 0
     while True:
+        merge_runs(runs, args)
         todo = plan(runs, args)
         if not todo or (args.max_runs is not None and new >= args.max_runs):
             write(len(todo))
