@@ -39,6 +39,7 @@ from torch import Tensor
 from . import defaults
 from .linalg import guidance as _guidance
 from .linalg._common import canonical_signs
+from .linalg.operators import DiagonalMinusLowRank
 from .linalg.products import svd_of_product
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "hrp",
     "hrp_preheat_factors",
     "lora_da",
+    "lora_da_embedding",
     "lora_default",
     "lora_ga",
     "lora_one",
@@ -742,3 +744,85 @@ def lora_da(
     lora_B = (step_scale * P / scaling).to(out_dtype)
     base_delta = _residual(lora_A, lora_B, scaling) if preserve_output else None
     return LoRAFactors(lora_A, lora_B, base_delta), info
+
+
+def lora_da_embedding(z: Tensor, G: Tensor, s: Tensor, rank: int, *, n_train: float, scaling: float,
+                      damping: float = defaults.DAMPING,
+                      bias_weight: float = defaults.BIAS_WEIGHT, variance_weight: float = defaults.VARIANCE_WEIGHT,
+                      fisher: bool = defaults.FISHER, normalize_step: bool = defaults.NORMALIZE_STEP,
+                      solver: str = "auto", tol: Optional[float] = None,
+                      maxiter: Optional[int] = None) -> Tuple[LoRAFactors, Dict[str, Any]]:
+    """LoRA-DA of an embedding target from its diagonal statistics, without any n x n matrix.
+
+    ``z`` (n,) token frequencies (``Z = diag(z)``), ``G`` (m, n), ``s`` (m,) as in docs/math.md.
+    With ``z_d = z + damping mean(z)``, ``s_d = s + damping mean(s)``,
+    ``dW = -diag(s_d)^-1 G diag(z_d)^-1`` (``-G`` without ``fisher``), ``c = beta sum(1/s_d) / N``:
+    ``Omega = diag(c / z_d) - alpha dW^T dW``. A token that never occurs has a zero column in ``G`` and
+    so in ``dW``: ``e_j`` is an eigenvector of ``Omega`` with the largest diagonal value ``c / z_d,j``,
+    above every eigenvalue of the block of the occurring tokens (a diagonal minus a PSD matrix). The
+    r smallest eigenpairs therefore come from that block, ``n_s x n_s`` (n_s = distinct tokens seen),
+    completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) where
+    ``linalg.choose_solver(n_s, r, device)`` says so (or ``solver="eigh"``) and otherwise by
+    ``linalg.lobpcg`` on the operator ``diag(c / z_d) - alpha dW_s^T dW_s`` (``linalg.DiagonalMinusLowRank``).
+    Same PEFT form as :func:`lora_da` at ``step_scale=1``: returns ``(LoRAFactors(lora_A (r, n),
+    lora_B (m, r)), info)`` with ``scaling lora_B lora_A = dW A A^T / nu`` and ``info``: ``evals``
+    (r,), ``solver``, ``iterations``, ``converged``, ``residual``, ``seen_tokens``, ``step_norm``
+    (with ``normalize_step``).
+    """
+    from .linalg import lobpcg
+
+    n, m = z.shape[0], G.shape[0]
+    dt = torch.float64
+    z, s = z.to(dt), s.to(dt)
+    zd = z + damping * z.mean()
+    sd = s + damping * s.mean()
+    seen = torch.nonzero(z > 0).flatten()
+    unseen = torch.nonzero(z <= 0).flatten()
+    if bool((zd <= 0).any()):
+        raise ValueError(f"damping={damping}: {int(unseen.numel())} of the {n} tokens never occur in the samples, so "
+                         f"Z = diag(token frequencies) is singular; use damping > 0")
+    if bool((sd <= 0).any()):
+        raise ValueError("the output-gradient second moment s is zero; the loss does not depend on this layer")
+    Gs = G[:, seen].to(dt)
+    dWs = -(Gs / sd[:, None]) / zd[seen][None, :] if fisher else -Gs
+    c = variance_weight * float((1.0 / sd).sum()) / float(n_train)
+    d = c / zd  # the diagonal of c Z_d^-1
+    ds = d[seen]
+    ns = int(seen.numel())
+    k = min(rank, ns)
+    info: Dict[str, Any] = {"seen_tokens": ns}
+    use_eigh = k > 0 and (solver == "eigh" or _guidance.choose_solver(ns, k, G.device) == "eigh")
+    if k == 0:
+        vals, vecs = torch.zeros(0, dtype=dt), torch.zeros(0, 0, dtype=dt)
+        info.update(solver="none", iterations=0, converged=True, residual=0.0)
+    elif use_eigh:
+        Om = torch.diag(ds) - bias_weight * (dWs.T @ dWs)
+        ev, V = torch.linalg.eigh(Om)
+        vals, vecs = ev[:k], V[:, :k]
+        res = (Om @ vecs - vecs * vals).norm(dim=0) / (ev.abs().max() + vals.abs())
+        info.update(solver="eigh", iterations=0, converged=True, residual=float(res.max()))
+    else:
+        op_dt = torch.float32 if G.dtype != torch.float64 else torch.float64
+        Om = DiagonalMinusLowRank(ds.to(op_dt), dWs.to(op_dt).contiguous(), bias_weight)
+        vals, vecs, linfo = lobpcg(Om, k, tol=tol, maxiter=maxiter, return_info=True)
+        vals, vecs = vals.to(dt), vecs.to(dt)
+        info.update(solver="lobpcg", iterations=int(torch.as_tensor(linfo["iterations"]).reshape(-1)[0]),
+                    converged=bool(torch.as_tensor(linfo["converged"]).all()),
+                    residual=float(torch.as_tensor(linfo["residual"]).max()))
+    A = torch.zeros(n, rank, dtype=dt, device=G.device)
+    A[seen, :k] = vecs
+    evals = torch.empty(rank, dtype=dt, device=G.device)
+    evals[:k] = vals
+    if k < rank:  # fewer distinct tokens than the rank: the unseen e_j (all at the largest eigenvalue)
+        fill = unseen[: rank - k]
+        A[fill, torch.arange(k, rank, device=G.device)] = 1.0
+        evals[k:] = d[fill]
+    P = dWs @ A[seen]  # dW A: unseen columns of dW are zero
+    nu = 1.0
+    if normalize_step:
+        nu = float(torch.linalg.matrix_norm(dWs, ord=2)) if ns else 0.0
+        if not nu > 0 or not math.isfinite(nu):
+            raise ValueError(f"the Fisher-gradient step has largest singular value {nu}; cannot normalize (is G zero?)")
+        info["step_norm"] = nu
+    info["evals"] = evals.float()
+    return LoRAFactors(A.T.contiguous().float(), (P / (scaling * nu)).float()), info

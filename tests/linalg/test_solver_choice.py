@@ -9,7 +9,7 @@ import lorainit_kernels as lk
 from lorainit_kernels import defaults
 from lorainit_kernels.linalg import choose_solver
 from lorainit.memory import solve_bytes
-from lorainit.methods.lora_da import embedding_factors
+from lorainit_kernels.methods import lora_da_embedding
 
 from linalg_helpers import kfac_stats
 
@@ -40,8 +40,8 @@ def test_all_three_paths_follow_the_crossover(monkeypatch, cross):
     # the embedding variant (n tokens, all seen)
     g = torch.Generator().manual_seed(1)
     z = torch.rand(n, generator=g) + 0.05
-    _, _, _, einfo = embedding_factors(z / z.sum(), torch.randn(m, n, generator=g), torch.rand(m, generator=g) + 0.1,
-                                       r, n_train=1e3, scaling=1.0)
+    _, einfo = lora_da_embedding(z / z.sum(), torch.randn(m, n, generator=g), torch.rand(m, generator=g) + 0.1,
+                                 r, n_train=1e3, scaling=1.0)
     assert einfo["solver"] == want
     # the memory plan prices the same solver: eigh's 5 n^2 words vs LOBPCG's 80 n r
     t = types.SimpleNamespace(m=m, n=n, r=r, device=torch.device("cpu"))
@@ -55,6 +55,6 @@ def test_embedding_uses_lobpcgs_dense_rule(monkeypatch):
     n, m, r = 40, 12, 10
     g = torch.Generator().manual_seed(2)
     z = torch.rand(n, generator=g) + 0.05
-    _, _, _, info = embedding_factors(z / z.sum(), torch.randn(m, n, generator=g), torch.rand(m, generator=g) + 0.1,
-                                      r, n_train=1e3, scaling=1.0)
+    _, info = lora_da_embedding(z / z.sum(), torch.randn(m, n, generator=g), torch.rand(m, generator=g) + 0.1,
+                                r, n_train=1e3, scaling=1.0)
     assert info["solver"] == "eigh" == choose_solver(n, r, "cpu")

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import lorainit_kernels.methods as lkm
 from lorainit import initialize_lora
 from lorainit.methods.hrp import HRPConfig
-from lorainit.methods.lora_da import LoRADAConfig, embedding_factors
+from lorainit.methods.lora_da import LoRADAConfig
+from lorainit_kernels.methods import lora_da_embedding
 from lorainit.methods.baselines import LoRAGAConfig
 from lorainit.passes.loss import LossReductionWarning
 from lorainit.targets import LoRAInitError, LoRAInitWarning, find_targets
@@ -182,8 +183,9 @@ def test_embedding_lora_da_equals_the_dense_kernel_on_diag_z():
     ref, info = lkm.lora_da(torch.diag(z).double(), G.double(), s.double(), r, n_train=1e3, scaling=2.0,
                             solver="eigh")
     for solver in ("eigh", "lobpcg"):
-        A, B, evals, _ = embedding_factors(z, G, s, r, n_train=1e3, scaling=2.0, solver=solver,
-                                           **({"tol": 1e-7} if solver == "lobpcg" else {}))
+        got, ginfo = lora_da_embedding(z, G, s, r, n_train=1e3, scaling=2.0, solver=solver,
+                                       **({"tol": 1e-7} if solver == "lobpcg" else {}))
+        A, B, evals = got.lora_A, got.lora_B, ginfo["evals"]
         assert torch.allclose(evals.double(), info["evals"], rtol=1e-4, atol=1e-6), solver
         # same subspace: the projections agree
         P, Pr = A.double().T @ A.double(), ref.lora_A.T @ ref.lora_A

@@ -11,7 +11,8 @@ Asymptotic Analysis", arXiv 2510.24561). Per target ``W`` (m, n), from the K-FAC
 
 Embedding targets (``nn.Embedding``, the linear map ``W = weight^T`` (d, vocab) on one-hot
 inputs) have a diagonal ``Z = diag(token frequencies)``, so ``Omega = c Z_d^-1 - alpha dW^T dW`` is
-diagonal minus rank <= d and is never formed (vocab n can be 50k): :func:`embedding_factors`.
+diagonal minus rank <= d and is never formed (vocab n can be 50k):
+``lorainit_kernels.methods.lora_da_embedding``.
 
 The per-layer math is ``lorainit_kernels.methods.lora_da``; this module gathers the statistics,
 solves layer by layer with one in-place factorization per input (a ``Z`` shared by q/k/v or
@@ -27,14 +28,13 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 import lorainit_kernels.linalg as lkg
 import lorainit_kernels.methods as lkm
 from lorainit_kernels import defaults
-from lorainit_kernels.linalg import choose_solver
 
 from .. import distributed as dist_utils
 from .. import memory
@@ -45,7 +45,7 @@ from ..passes.batches import packed_sequences
 from ..targets import LoRAInitError, LoRAInitWarning, check_rank
 from .common import MethodSpec, finalize, kernel_call
 
-__all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "embedding_factors", "LORA_DA"]
+__all__ = ["LoRADAConfig", "lora_da_init", "search_step_grid", "LORA_DA"]
 
 PAPER = ("Zhang et al. 2025, LoRA-DA: Data-Aware Initialization for Low-Rank Adaptation via Asymptotic "
          "Analysis, arXiv 2510.24561")
@@ -246,103 +246,24 @@ def layer_seed(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def embedding_factors(z, G, s, rank: int, *, n_train: float, scaling: float, damping: float = defaults.DAMPING,
-                      bias_weight: float = defaults.BIAS_WEIGHT, variance_weight: float = defaults.VARIANCE_WEIGHT,
-                      fisher: bool = defaults.FISHER, normalize_step: bool = defaults.NORMALIZE_STEP,
-                      solver: str = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None):
-    """LoRA-DA of an embedding target from its diagonal statistics, without any n x n matrix.
-
-    ``z`` (n,) token frequencies (``Z = diag(z)``), ``G`` (m, n), ``s`` (m,) as in docs/math.md.
-    With ``z_d = z + damping mean(z)``, ``s_d = s + damping mean(s)``,
-    ``dW = -diag(s_d)^-1 G diag(z_d)^-1`` (``-G`` without ``fisher``), ``c = beta sum(1/s_d) / N``:
-    ``Omega = diag(c / z_d) - alpha dW^T dW``. A token that never occurs has a zero column in ``G`` and
-    so in ``dW``: ``e_j`` is an eigenvector of ``Omega`` with the largest diagonal value ``c / z_d,j``,
-    above every eigenvalue of the block of the occurring tokens (a diagonal minus a PSD matrix). The
-    r smallest eigenpairs therefore come from that block, ``n_s x n_s`` (n_s = distinct tokens seen),
-    completed with unseen ``e_j`` when ``n_s < r``; the block is solved densely (``eigh``) where
-    ``lk.linalg.choose_solver(n_s, r, device)`` says so (or ``solver="eigh"``) and otherwise by
-    ``lk.lobpcg`` on the operator ``diag(c / z_d) - alpha dW_s^T dW_s`` (``linalg.DiagonalMinusLowRank``).
-    Same PEFT form as ``lorainit_kernels.methods.lora_da`` at ``step_scale=1``: returns ``(lora_A (r, n), lora_B (m, r),
-    evals (r,), info)`` with ``scaling lora_B lora_A = dW A A^T / nu``.
-    """
-    import lorainit_kernels as lk
-
-    n, m = z.shape[0], G.shape[0]
-    dt = torch.float64
-    z, s = z.to(dt), s.to(dt)
-    zd = z + damping * z.mean()
-    sd = s + damping * s.mean()
-    seen = torch.nonzero(z > 0).flatten()
-    unseen = torch.nonzero(z <= 0).flatten()
-    if bool((zd <= 0).any()):
-        raise ValueError(f"damping={damping}: {int(unseen.numel())} of the {n} tokens never occur in the samples, so "
-                         f"Z = diag(token frequencies) is singular; use damping > 0")
-    if bool((sd <= 0).any()):
-        raise ValueError("the output-gradient second moment s is zero; the loss does not depend on this layer")
-    Gs = G[:, seen].to(dt)
-    dWs = -(Gs / sd[:, None]) / zd[seen][None, :] if fisher else -Gs
-    c = variance_weight * float((1.0 / sd).sum()) / float(n_train)
-    d = c / zd  # the diagonal of c Z_d^-1
-    ds = d[seen]
-    ns = int(seen.numel())
-    k = min(rank, ns)
-    info: Dict[str, Any] = {"seen_tokens": ns}
-    use_eigh = k > 0 and (solver == "eigh" or choose_solver(ns, k, G.device) == "eigh")
-    if k == 0:
-        vals, vecs = torch.zeros(0, dtype=dt), torch.zeros(0, 0, dtype=dt)
-        info.update(solver="none", iterations=0, converged=True, residual=0.0)
-    elif use_eigh:
-        Om = torch.diag(ds) - bias_weight * (dWs.T @ dWs)
-        ev, V = torch.linalg.eigh(Om)
-        vals, vecs = ev[:k], V[:, :k]
-        res = (Om @ vecs - vecs * vals).norm(dim=0) / (ev.abs().max() + vals.abs())
-        info.update(solver="eigh", iterations=0, converged=True, residual=float(res.max()))
-    else:
-        op_dt = torch.float32 if G.dtype != torch.float64 else torch.float64
-        Om = lkg.DiagonalMinusLowRank(ds.to(op_dt), dWs.to(op_dt).contiguous(), bias_weight)
-        vals, vecs, linfo = lk.lobpcg(Om, k, tol=tol, maxiter=maxiter, return_info=True)
-        vals, vecs = vals.to(dt), vecs.to(dt)
-        info.update(solver="lobpcg", iterations=int(torch.as_tensor(linfo["iterations"]).reshape(-1)[0]),
-                    converged=bool(torch.as_tensor(linfo["converged"]).all()),
-                    residual=float(torch.as_tensor(linfo["residual"]).max()))
-    A = torch.zeros(n, rank, dtype=dt, device=G.device)
-    A[seen, :k] = vecs
-    evals = torch.empty(rank, dtype=dt, device=G.device)
-    evals[:k] = vals
-    if k < rank:  # fewer distinct tokens than the rank: the unseen e_j (all at the largest eigenvalue)
-        fill = unseen[: rank - k]
-        A[fill, torch.arange(k, rank, device=G.device)] = 1.0
-        evals[k:] = d[fill]
-    P = dWs @ A[seen]  # dW A: unseen columns of dW are zero
-    nu = 1.0
-    if normalize_step:
-        nu = float(torch.linalg.matrix_norm(dWs, ord=2)) if ns else 0.0
-        if not nu > 0 or not math.isfinite(nu):
-            raise ValueError(f"the Fisher-gradient step has largest singular value {nu}; cannot normalize (is G zero?)")
-        info["step_norm"] = nu
-    lora_A = A.T.contiguous().float()
-    lora_B = (P / (scaling * nu)).float()
-    return lora_A, lora_B, evals.float(), info
-
-
 def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_train, results, bar) -> None:
     for name in names:
         t, st = ctx.targets[name], part[name]
         t0 = time.perf_counter()
         try:
-            lora_A, lora_B, evals, info = embedding_factors(
+            factors, info = lkm.lora_da_embedding(
                 st.Z, st.G, st.s, t.r, n_train=n_train[name], scaling=t.scaling, damping=config.damping,
                 bias_weight=config.bias_weight, variance_weight=config.variance_weight, fisher=config.fisher,
                 normalize_step=config.normalize_step, solver=config.solver, **config.solver_options)
         except (ValueError, RuntimeError) as err:
             raise LoRAInitError(f"lora_da: embedding {name!r}: {err}") from err
-        row = {"eigenvalues": evals.tolist(), "time_s": time.perf_counter() - t0, "solver": info["solver"],
+        row = {"eigenvalues": info["evals"].tolist(), "time_s": time.perf_counter() - t0, "solver": info["solver"],
                "iters": info["iterations"], "converged": info["converged"], "residual": info["residual"],
                "seen_tokens": info["seen_tokens"]}
         if "step_norm" in info:
             row["step_norm"] = info["step_norm"]
         ctx.record(name, **row)
-        results[name] = (lora_A, lora_B, evals)
+        results[name] = UnitStep(factors.lora_A, factors.lora_B, info["evals"])
         _release(st)
         part[name] = _Solved(st.count)
         bar.update(1)
@@ -406,8 +327,8 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
                 if info.get("step_norm") is not None:
                     row["step_norm"] = float(info["step_norm"][0])
                 ctx.record(name, **row)
-                results[name] = (factors.lora_A[0].float().clone(), factors.lora_B[0].float().clone(),
-                                 info["evals"][0].float().clone())
+                results[name] = UnitStep(factors.lora_A[0].float().clone(), factors.lora_B[0].float().clone(),
+                                         info["evals"][0].float().clone())
                 del factors, info
                 bar.update(1)
                 bar.set_postfix(layer=".".join(name.split(".")[-3:]), refresh=False)
@@ -425,13 +346,13 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
         for name in sorted(part):
             t = ctx.targets[name]
             if owners[name] != ctx.rank:
-                results[name] = (torch.empty(t.r, t.n, device=t.device), torch.empty(t.m, t.r, device=t.device),
-                                 torch.empty(t.r, device=t.device))
+                results[name] = UnitStep(torch.empty(t.r, t.n, device=t.device), torch.empty(t.m, t.r, device=t.device),
+                                         torch.empty(t.r, device=t.device))
             per_rank[owners[name]].extend(results[name])
         dist_utils.broadcast_from(per_rank)  # one bucketed broadcast per owner rank
         for name in sorted(part):
             if owners[name] != ctx.rank:
-                ctx.record(name, eigenvalues=results[name][2].tolist())
+                ctx.record(name, eigenvalues=results[name].eigenvalues.tolist())
     elif err is not None:
         raise err
 
@@ -449,6 +370,14 @@ def _release_all(part) -> None:
             part[name] = _Solved(part[name].count)
 
 
+class UnitStep(NamedTuple):
+    """A solved layer at unit step (``eta = 1``) in PEFT form; the step search scales ``lora_B`` only."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    eigenvalues: torch.Tensor
+
+
 class _Solved:
     """What stays of a solved layer's statistics: its token count."""
 
@@ -458,8 +387,8 @@ class _Solved:
 
 def _factors(ctx: InitContext, results, eta: float, preserve: bool) -> Dict[str, LoRAFactors]:
     """PEFT factors at step ``eta`` (``preserve``: base_delta from the cast factors, in fp32)."""
-    return {name: finalize(ctx.targets[name], A, eta * B1, subtract_init=preserve)
-            for name, (A, B1, _) in results.items()}
+    return {name: finalize(ctx.targets[name], step.lora_A, eta * step.lora_B, subtract_init=preserve)
+            for name, step in results.items()}
 
 
 # ------------------------------------------------------------------------------------------ step size
