@@ -136,34 +136,27 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
         if c is not None and extension(runs, m, rank, grid, args.max_extend) is None:
             for s in args.seed_list[1:]:
                 need(m, rank, c, s)
-    base = chosen_lr(runs, "lora_da", rank)
-    for m in [m for m in args.method_list if m in ABLATIONS]:  # 4. ablations around LoRA-DA's rate
-        if base is None:
-            break
-        local = around(base)
-        for lr in local:
-            need(m, rank, lr, 0)
-        e = extension(runs, m, rank, local, 1)
+
+    def local(m, r, lrs):  # a narrow grid at seed 0, one extension, then the seeds at the chosen rate
+        for lr in lrs:
+            need(m, r, lr, 0)
+        e = extension(runs, m, r, lrs, 1)
         if e is not None:
-            need(m, rank, e, 0)
-        c = chosen_lr(runs, m, rank)
+            need(m, r, e, 0)
+        c = chosen_lr(runs, m, r)
         if c is not None and e is None:
             for s in args.seed_list[1:]:
-                need(m, rank, c, s)
+                need(m, r, c, s)
+
+    base = chosen_lr(runs, "lora_da", rank)
+    for m in [m for m in args.method_list if m in ABLATIONS]:  # 4. ablations around LoRA-DA's rate
+        if base is not None:
+            local(m, rank, around(base))
     for m in args.sweep_methods:  # 5. the rank sweep around each method's rate at r=rank
         c8 = chosen_lr(runs, m, rank)
-        if c8 is None:
-            continue
-        for r in args.sweep_ranks:
-            for lr in around(c8):
-                need(m, r, lr, 0)
-            e = extension(runs, m, r, around(c8), 1)
-            if e is not None:
-                need(m, r, e, 0)
-            c = chosen_lr(runs, m, r)
-            if c is not None and e is None:
-                for s in args.seed_list[1:]:
-                    need(m, r, c, s)
+        if c8 is not None:
+            for r in args.sweep_ranks:
+                local(m, r, around(c8))
     lora_best = chosen_lr(runs, "lora", rank)
     if lora_best is not None and not args.no_suggested:  # 6. each init at its suggested rate
         for m in main:

@@ -53,3 +53,22 @@ def jsonl_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps({"text": s}) for s in sentences(24)) + "\n")
     return path
+
+
+class Recorder:
+    """Records the LoRA weights the first optimizer step starts from (``Trainer(callbacks=[rec.callback()])``)."""
+
+    def __init__(self):
+        self.weights = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, **kw):
+                if rec.weights is None:
+                    rec.weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+        return _Cb()

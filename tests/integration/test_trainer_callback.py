@@ -2,26 +2,7 @@
 import pytest
 import torch
 
-from conftest import build_tokenizer, sentences
-
-
-class Recorder:
-    """Records the LoRA weights the first optimizer step starts from."""
-
-    def __init__(self):
-        self.weights = None
-
-    def hook(self):
-        from transformers import TrainerCallback
-
-        rec = self
-
-        class _Cb(TrainerCallback):
-            def on_step_begin(self, args, state, control, model=None, **kw):
-                if rec.weights is None:
-                    rec.weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-        return _Cb()
+from conftest import Recorder, build_tokenizer, sentences
 
 
 def _model(path):
@@ -58,7 +39,7 @@ def test_trainer_initializes_adapters_from_its_dataloader(tiny_lm_dir, tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
                              use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=1e-3, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                      callbacks=[init_cb, rec.hook()])
+                      callbacks=[init_cb, rec.callback()])
     trainer.train()
     assert init_cb.report is not None and init_cb.report.method == "lora_da"
 
@@ -145,7 +126,7 @@ class LRRecorder:
     def __init__(self):
         self.lrs = []
 
-    def hook(self):
+    def callback(self):
         from transformers import TrainerCallback
 
         rec = self
@@ -170,7 +151,7 @@ def test_callback_scales_the_learning_rate_on_request(tiny_lm_dir, tmp_path, cap
                              use_cpu=True, save_strategy="no", seed=0, learning_rate=1e-3, lr_scheduler_type="linear",
                              warmup_steps=1)
     Trainer(model=_model(tiny_lm_dir), args=args, train_dataset=rows,
-            data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb, rec.hook()]).train()
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb, rec.callback()]).train()
     scale = cb.report.lr_scale
     assert scale is not None and scale > 0 and abs(scale - 1) > 0.05  # PiSSA moves W by another amount per step
     out = capsys.readouterr().out

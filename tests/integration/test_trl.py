@@ -11,28 +11,9 @@ pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import build_tokenizer, sentences  # noqa: E402
+from conftest import Recorder, build_tokenizer, sentences  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
-
-
-class Recorder:
-    """The LoRA weights the first optimizer step starts from, and the keys of the first batch."""
-
-    def __init__(self):
-        self.weights = None
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        rec = self
-
-        class _Cb(TrainerCallback):
-            def on_step_begin(self, args, state, control, model=None, **kw):
-                if rec.weights is None:
-                    rec.weights = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-        return _Cb()
 
 
 def _base(tok, quantize=None):
