@@ -54,7 +54,8 @@ from lorainit.models import LLAMA_PROJECTIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOC_ASSETS = Path(__file__).resolve().parents[2] / "docs" / "assets"
-MAIN_METHODS = ["lora", "lora_da", "pissa", "lora_ga", "lora_one", "hrp", "milora", "orthogonal", "gaussian"]
+MAIN_METHODS = ["lora", "lora_da", "pissa", "lora_ga", "lora_one", "hrp", "milora", "orthogonal", "gaussian",
+                "eva", "corda", "olora", "astra", "mica"]  # every registry method, the papers' first
 ABLATIONS = ["lora_da:no_bias", "lora_da:no_variance", "lora_da:no_variance_fisher", "lora_da:step0"]
 SWEEP_RANKS = [1, 2, 4]
 SWEEP_METHODS = ["lora", "lora_da"]

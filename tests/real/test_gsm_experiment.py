@@ -154,3 +154,11 @@ def test_exact_match_is_the_greedy_verdict(smollm2_tail):
         right += got.tolist() == want
     _, acc = gsm.evaluate(base, cache, batch_size=5)
     assert acc == right / len(problems)
+
+
+def test_the_protocol_covers_every_registry_method():
+    import lorainit
+    from lorainit.registry import BUILTIN
+
+    assert set(gsm.MAIN_METHODS) == set(BUILTIN) and len(gsm.MAIN_METHODS) == len(set(gsm.MAIN_METHODS))
+    assert {m["name"] for m in lorainit.methods()} >= set(gsm.MAIN_METHODS)
