@@ -38,6 +38,9 @@ demo-llm: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
+	# each op's providers on pytest-benchmark -> bench/results/micro.{json,md} (same-run ratios)
+	OMP_NUM_THREADS=2 $(PY) -m pytest bench/micro -q --benchmark-only --benchmark-json bench/results/micro_raw.json
+	$(PY) -m bench.micro_tables
 	# the tables of README.md and docs/ from the new results
 	$(PY) -m bench.tables
 
