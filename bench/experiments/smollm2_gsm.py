@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -373,8 +373,18 @@ def _mean_std(xs: Sequence[float]) -> Tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def best_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int) -> List[Dict]:
-    """Each init at its own chosen rate: exact match mean/std over the seeds run there."""
+def rate_is_final(runs: Sequence[Dict], method: str, rank: int, grid: Sequence[float], max_extend: int) -> bool:
+    """Every rate of ``grid`` ran and no extension is pending: the chosen rate will not change."""
+    done = {r["lr"] for r in grid_runs(runs, method, rank)}
+    return set(grid) <= done and extension(runs, method, rank, grid, max_extend) is None
+
+
+def best_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int,
+                   grid_for: Optional[Callable[[str], Tuple[Sequence[float], int]]] = None) -> List[Dict]:
+    """Each init at its own chosen rate: exact match mean/std over the seeds run there.
+
+    With ``grid_for(method) -> (grid, max_extend)`` a ``rate`` column says whether the chosen rate is
+    final or provisional (the method's grid has not finished)."""
     lora_best = chosen_lr(runs, "lora", rank)
     rows = []
     for m in methods:
@@ -389,6 +399,8 @@ def best_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int) -> L
                      "val loss": statistics.mean(val_score(r) for r in rs),
                      "val loss@init": statistics.mean(r["val_loss_init"] for r in rs),
                      "grid": len(grid_runs(runs, m, rank))})
+        if grid_for is not None:
+            rows[-1]["rate"] = "final" if rate_is_final(runs, m, rank, *grid_for(m)) else "provisional"
     return rows
 
 
@@ -476,15 +488,19 @@ def markdown(payload: Dict) -> str:
              f"**Base model (floor): exact match {payload['base_accuracy']:.3f}, validation loss "
              f"{payload['base_val_loss']:.3f}.**", "",
              "## Each init at its own best learning rate", ""]
-    lines += md_table(best_rate_rows(runs, methods, rank))
+    main_grid = (args["lr_grid"], args["max_extend"])
+    lines += md_table(best_rate_rows(runs, methods, rank, lambda m: main_grid))
     lines += ["", "`lr / lora's`: the chosen rate relative to plain LoRA's; `lr_scale (report)`: what "
-              "`initialize_lora`'s report suggests for it.", "",
+              "`initialize_lora`'s report suggests for it; `grid`: rates run at seed 0; `rate`: provisional "
+              "while the method's grid has not finished.", "",
               "## Every init at plain LoRA's best learning rate (seed 0)", ""]
     lines += md_table(at_lora_rate_rows(runs, methods, rank))
     lines += ["", "## Is the suggested learning rate right? (`report.suggest_lr(lora's chosen rate)`)", ""]
     lines += md_table(suggestion_rows(runs, methods, rank))
     lines += ["", "## LoRA-DA ablations (Table 6) and step 0, around LoRA-DA's rate", ""]
-    lines += md_table(best_rate_rows(runs, ["lora_da"] + ablations, rank))
+    base = chosen_lr(runs, "lora_da", rank)
+    lines += md_table(best_rate_rows(runs, ["lora_da"] + ablations, rank,
+                                     lambda m: main_grid if m == "lora_da" else (around(base), 1)))
     lines += ["", "## Rank sweep (LoRA-DA Fig. 4), each at its own rate", ""]
     lines += md_table(rank_rows(runs, args["sweep_methods"], sorted(set(args["sweep_ranks"] + [rank]))))
     lines += ["", "## The grid (seed 0): validation loss / test exact match per learning rate", ""]

@@ -162,3 +162,13 @@ def test_the_protocol_covers_every_registry_method():
 
     assert set(gsm.MAIN_METHODS) == set(BUILTIN) and len(gsm.MAIN_METHODS) == len(set(gsm.MAIN_METHODS))
     assert {m["name"] for m in lorainit.methods()} >= set(gsm.MAIN_METHODS)
+
+
+def test_a_rate_is_provisional_until_its_grid_is_done():
+    args = _args()
+    runs = [_run("lora", 1e-4, 0.9), _run("lora", 1e-3, 0.5)]
+    rows = gsm.best_rate_rows(runs, ["lora"], 8, lambda m: (args.lr_grid, 1))
+    assert rows[0]["rate"] == "provisional"  # 1e-3 is the best at the grid's end: its extension is pending
+    runs.append(_run("lora", 3e-3, 0.7))
+    rows = gsm.best_rate_rows(runs, ["lora"], 8, lambda m: (args.lr_grid, 1))
+    assert rows[0]["rate"] == "final"
