@@ -70,7 +70,7 @@ def one_process(tiny_lm_dir, tmp_path_factory):
     """The reference: one process on all 24 samples."""
     tmp = tmp_path_factory.mktemp("one")
     data = tmp / "train.jsonl"
-    from conftest import sentences
+    from integration_helpers import sentences
 
     data.write_text("\n".join(json.dumps({"text": s}) for s in sentences(24)) + "\n")
     rc, out = _train(tmp, tiny_lm_dir, data, tmp / "one.safetensors")

@@ -6,7 +6,7 @@ import torch
 
 from lorainit.cli import main
 
-from conftest import build_tokenizer, sentences
+from integration_helpers import build_tokenizer, sentences
 
 
 def test_cli_init_eva_and_corda(tiny_lm_dir, jsonl_file, tmp_path):

@@ -69,7 +69,7 @@ def test_api_save_adapter_reloads_the_initialized_model(method, tiny_lm_dir, jso
 
     from lorainit import initialize_lora, save_adapter
 
-    from conftest import build_tokenizer, sentences
+    from integration_helpers import build_tokenizer, sentences
 
     tok = build_tokenizer()
     batches = []

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import Recorder, build_tokenizer, sentences
+from integration_helpers import Recorder, build_tokenizer, sentences
 
 
 def _model(path):

@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from conftest import Recorder, build_tokenizer, sentences  # noqa: E402
+from integration_helpers import Recorder, build_tokenizer, sentences  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
 
