@@ -23,10 +23,10 @@ init tolerates a rate tuned for another, not which init is better (arXiv 2602.04
 * Learning rate per method: a grid (``--lrs``, 4 values over 30x) at seed 0, extended by 3x beyond an
   end while the best sits at it (at most ``--max-extend`` times); the rate with the lowest validation
   loss is chosen (never the test set), then seeds 1 and 2 at it. Mean and standard deviation.
-* Also under the same protocol: LoRA-DA's Table 6 ablations and LoRA-DA with step 0 (its A, B = 0),
-  on a narrow grid around LoRA-DA's chosen rate; the rank sweep r = 1, 2, 4 for plain LoRA and LoRA-DA
-  around each one's rate at r=8; and a run at each init's suggested rate
-  (``report.suggest_lr(lora's chosen rate)``) to validate ``lr_scale``.
+* Also under the same protocol: a run at each init's suggested rate
+  (``report.suggest_lr(lora's chosen rate)``) to validate ``lr_scale``; LoRA-DA's Table 6 ablations
+  and LoRA-DA with step 0 (its A, B = 0), on a narrow grid around LoRA-DA's chosen rate; the rank
+  sweep r = 1, 2, 4 for plain LoRA and LoRA-DA around each one's rate at r=8.
 
 Runs are scheduled in that order and written after each one: ``--resume`` (default on) keeps every
 finished run of an earlier JSON with the same settings, so the experiment completes in pieces.
@@ -138,6 +138,17 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
             for s in args.seed_list[1:]:
                 need(m, rank, c, s)
 
+    lora_best = chosen_lr(runs, "lora", rank) if rate_is_final(runs, "lora", rank, grid, args.max_extend) else None
+    if lora_best is not None and not args.no_suggested:  # 4. each init at its suggested rate
+        for m in main:
+            scale = suggested_scale(runs, m, rank)
+            if scale is None or m == "lora":
+                continue
+            sug = _round_lr(lora_best * scale)
+            if not any(r["method"] == m and r["rank"] == rank and r["seed"] == 0 and math.isclose(r["lr"], sug, rel_tol=1e-6)
+                       for r in runs):  # a grid run at that rate already answers
+                need(m, rank, sug, 0, "suggested")
+
     def local(m, r, lrs):  # a narrow grid at seed 0, one extension, then the seeds at the chosen rate
         for lr in lrs:
             need(m, r, lr, 0)
@@ -150,24 +161,14 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
                 need(m, r, c, s)
 
     base = chosen_lr(runs, "lora_da", rank)
-    for m in [m for m in args.method_list if m in ABLATIONS]:  # 4. ablations around LoRA-DA's rate
+    for m in [m for m in args.method_list if m in ABLATIONS]:  # 5. ablations around LoRA-DA's rate
         if base is not None:
             local(m, rank, around(base))
-    for m in args.sweep_methods:  # 5. the rank sweep around each method's rate at r=rank
+    for m in args.sweep_methods:  # 6. the rank sweep around each method's rate at r=rank
         c8 = chosen_lr(runs, m, rank)
         if c8 is not None:
             for r in args.sweep_ranks:
                 local(m, r, around(c8))
-    lora_best = chosen_lr(runs, "lora", rank)
-    if lora_best is not None and not args.no_suggested:  # 6. each init at its suggested rate
-        for m in main:
-            scale = suggested_scale(runs, m, rank)
-            if scale is None or m == "lora":
-                continue
-            sug = _round_lr(lora_best * scale)
-            if not any(r["method"] == m and r["rank"] == rank and r["seed"] == 0 and math.isclose(r["lr"], sug, rel_tol=1e-6)
-                       for r in runs):  # a grid run at that rate already answers
-                need(m, rank, sug, 0, "suggested")
     return out
 
 
