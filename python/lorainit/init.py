@@ -19,10 +19,10 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .adapters import ModelSnapshot
+from .cache import check_path
 from .configs import InitConfig
 from .context import InitContext
 from .lr import lr_scale_info
-from .cache import check_path
 from .registry import get_method
 from .report import InitReport, thread_hint
 from .targets import LoRAInitError, LoRAInitWarning, find_targets, target_fingerprint
@@ -142,6 +142,7 @@ def initialize_lora(
             warnings.warn(f"lorainit: stats_cache={str(cache_path)!r} is unused: method {method!r} computes no K-FAC "
                           f"statistics (the cache serves methods that do, such as lora_da)", LoRAInitWarning,
                           stacklevel=2)
+        lr_info = lr_scale_info(method, targets, factors, config)  # before the write: an error leaves the model as it was
         with ctx.timed("write"):
             ctx.write(factors)
         snapshot.restore_state()  # passes may have touched modes/flags/grad: back to the user's state
@@ -168,7 +169,7 @@ def initialize_lora(
     if ctx.n_examples:
         info.setdefault("num_samples", ctx.n_examples)
     info["base_modified"] = any(f.base_delta is not None for f in factors.values())
-    info["lr_scale"] = lr_scale_info(method, targets, factors, config)
+    info["lr_scale"] = lr_info
     if ctx.world > 1:
         info["world_size"] = ctx.world
     info["cpu_time_s"] = time.process_time() - cpu_start  # all of the process's threads, beside timings["total"]
