@@ -17,12 +17,15 @@ by ``kaiming_uniform_(a=sqrt(5))``, ``B = 0``) gives in expectation ``rho_ref^2 
 an embedding adapter (``A = 0``, ``B ~ N(0, 1)``) gives ``rho_ref^2 = s^2 n m r``.
 
 The learning-rate scale of an init is the factor that makes its first Adam step as large, over all
-target layers together, as plain LoRA's at the same rate:
+target layers together, as plain LoRA's at the same rate, and never above 1:
 
-    lr_scale = sqrt(sum_l rho_ref,l^2 / sum_l rho_l^2)
+    lr_scale = min(1, sqrt(sum_l rho_ref,l^2 / sum_l rho_l^2))
 
 so an init whose factors are large (PiSSA: ``||A||^2 = ||B||^2 = sum of the top r singular values / s``)
-gets a smaller rate. This is the weight-space step size argument of "Learning Rate Matters"
+gets a smaller rate. The cap: Adam moves every entry by about ``lr`` per step whatever the init, so
+after a few steps the factors of an init smaller than plain LoRA's (LoRA-One's) are as large as
+plain LoRA's, and its rate is plain LoRA's (measured: without the cap LoRA-One's suggested rate was
+about 10x its tuned one). This is the weight-space step size argument of "Learning Rate Matters"
 (arXiv 2602.04998: the spectral inits need rates several times smaller than LoRA's) reduced to the
 norms of the factors; the experiments (docs/learning-rate.md) measure how well it predicts each init's
 tuned rate.
@@ -74,7 +77,7 @@ def plain_lora_step_norm_sq(m: int, n: int, r: int, scaling: float, *, embedding
 
 
 def lr_scale_from_norms(pairs: Iterable[Tuple[float, float]]) -> float:
-    """``sqrt(sum rho_ref^2 / sum rho^2)`` over ``(rho_ref^2, rho^2)`` pairs, one per layer.
+    """``min(1, sqrt(sum rho_ref^2 / sum rho^2))`` over ``(rho_ref^2, rho^2)`` pairs, one per layer.
 
     Raises ``ValueError`` when the init's step is zero in every layer (no trainable factor moves the
     weight: e.g. ``A = 0`` and ``B = 0``), where no finite scale exists.
@@ -88,4 +91,4 @@ def lr_scale_from_norms(pairs: Iterable[Tuple[float, float]]) -> float:
     if got <= 0.0:
         raise ValueError("lr_scale_from_norms: the init's first Adam step does not move any weight "
                          "(every trained factor multiplies a zero factor); no learning-rate scale exists")
-    return math.sqrt(ref / got)
+    return min(1.0, math.sqrt(ref / got))

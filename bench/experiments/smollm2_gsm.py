@@ -173,9 +173,11 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
 
 
 def suggested_scale(runs: Sequence[Dict], method: str, rank: int) -> Optional[float]:
-    """The report's ``lr_scale`` of this method (median over its runs: the init is data- or seed-dependent)."""
+    """The report's ``lr_scale`` of this method (median over its runs: the init is data- or seed-dependent).
+
+    Capped at 1 as the report is now: runs recorded before the cap existed carry the uncapped value."""
     vals = [r["lr_scale"] for r in runs if r["method"] == method and r["rank"] == rank and r.get("lr_scale")]
-    return statistics.median(vals) if vals else None
+    return min(1.0, statistics.median(vals)) if vals else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ RULE = "adam-step-norm"
 def lr_scale_info(method: str, targets: Dict, factors: Dict, config) -> Dict[str, object]:
     """``{"value", "rule", "layer_min", "layer_max"}``: the learning-rate scale of the factors just written.
 
-    ``value`` is 1.0 for plain LoRA (the reference), else ``sqrt(sum rho_ref^2 / sum rho^2)`` over the
-    targets with the factors' trained parts (``freeze_A`` / ``freeze_B`` of the config); None with a
-    ``reason`` when no finite scale exists (the init's first step moves no weight).
+    ``value`` is 1.0 for plain LoRA (the reference), else ``min(1, sqrt(sum rho_ref^2 / sum rho^2))``
+    over the targets with the factors' trained parts (``freeze_A`` / ``freeze_B`` of the config); None
+    with a ``reason`` when no finite scale exists (the init's first step moves no weight).
     """
     train_A = not getattr(config, "freeze_A", False)
     train_B = not getattr(config, "freeze_B", False)
@@ -39,7 +39,7 @@ def lr_scale_info(method: str, targets: Dict, factors: Dict, config) -> Dict[str
         got = float(adam_step_norm_sq(f.lora_A, f.lora_B, t.scaling, train_A=train_A, train_B=train_B))
         pairs.append((ref, got))
         if got > 0:
-            per_layer.append(math.sqrt(ref / got))
+            per_layer.append(min(1.0, math.sqrt(ref / got)))
     out: Dict[str, object] = {"rule": RULE}
     if method == REFERENCE_METHOD:
         out["value"] = 1.0

@@ -90,7 +90,10 @@ def test_lr_scale_is_exact_where_the_answer_is_known():
 
 def test_lr_scale_pools_layers_by_their_squared_norms():
     assert lr_scale_from_norms([(1.0, 4.0), (3.0, 12.0)]) == pytest.approx(0.5)
-    assert lr_scale_from_norms([(1.0, 1.0), (1.0, 0.0)]) == pytest.approx(math.sqrt(2))  # a zero-step layer counts
+    assert lr_scale_from_norms([(1.0, 16.0), (3.0, 0.0)]) == pytest.approx(0.5)  # a zero-step layer counts
+    # an init whose step is smaller than plain LoRA's gets plain LoRA's rate: Adam's own steps dominate
+    assert lr_scale_from_norms([(1.0, 1.0), (1.0, 0.0)]) == 1.0
+    assert lr_scale_from_norms([(4.0, 1e-6)]) == 1.0
 
 
 def test_bad_input_is_refused():
