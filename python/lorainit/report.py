@@ -88,7 +88,9 @@ class InitReport:
         """The factor to apply to the learning rate you would use with plain LoRA (1.0 for ``"lora"``).
 
         From the weight-space size of one Adam step under this init against plain LoRA's
-        (:mod:`lorainit.lr`); validated against per-init learning-rate sweeps in docs/learning-rate.md.
+        (:mod:`lorainit.lr`). A hint, not a tuned rate: against the SmolLM2 learning-rate sweep it
+        points the right way for PiSSA but asks too low a rate for random-A inits (gaussian,
+        orthogonal); docs/learning-rate.md has the validation table.
         None when the init's first step moves no weight (``info["lr_scale"]["reason"]``).
         """
         value = (self.info.get("lr_scale") or {}).get("value")
