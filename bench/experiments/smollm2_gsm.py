@@ -376,6 +376,13 @@ def _mean_std(xs: Sequence[float]) -> Tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def chosen_runs(runs: Sequence[Dict], method: str, rank: int) -> Tuple[Optional[float], List[Dict]]:
+    """The chosen rate and every seed's run there (the suggested-rate runs left out)."""
+    c = chosen_lr(runs, method, rank)
+    return c, [r for r in runs if r["method"] == method and r["rank"] == rank and r["lr"] == c
+               and r.get("phase") != "suggested"]
+
+
 def rate_is_final(runs: Sequence[Dict], method: str, rank: int, grid: Sequence[float], max_extend: int) -> bool:
     """Every rate of ``grid`` ran and no extension is pending: the chosen rate will not change."""
     done = {r["lr"] for r in grid_runs(runs, method, rank)}
@@ -391,10 +398,9 @@ def best_rate_rows(runs: Sequence[Dict], methods: Sequence[str], rank: int,
     lora_best = chosen_lr(runs, "lora", rank)
     rows = []
     for m in methods:
-        c = chosen_lr(runs, m, rank)
+        c, rs = chosen_runs(runs, m, rank)
         if c is None:
             continue
-        rs = [r for r in runs if r["method"] == m and r["rank"] == rank and r["lr"] == c and r.get("phase") != "suggested"]
         acc, std = _mean_std([r["accuracy"] for r in rs])
         scale = suggested_scale(runs, m, rank)
         rows.append({"method": m, "chosen lr": c, "lr / lora's": c / lora_best if lora_best else None,
@@ -446,10 +452,9 @@ def rank_rows(runs: Sequence[Dict], methods: Sequence[str], ranks: Sequence[int]
     rows = []
     for m in methods:
         for r in ranks:
-            c = chosen_lr(runs, m, r)
+            c, rs = chosen_runs(runs, m, r)
             if c is None:
                 continue
-            rs = [x for x in runs if x["method"] == m and x["rank"] == r and x["lr"] == c and x.get("phase") != "suggested"]
             acc, std = _mean_std([x["accuracy"] for x in rs])
             rows.append({"method": m, "r": r, "chosen lr": c, "exact match": acc, "std": std, "seeds": len(rs)})
     return rows
@@ -551,9 +556,8 @@ def plot(payload: Dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for m in methods:
-        c = chosen_lr(runs, m, rank)
-        curves = [r["train_losses"] for r in runs if r["method"] == m and r["rank"] == rank and r["lr"] == c
-                  and r.get("phase") != "suggested" and r["train_losses"]]
+        c, rs = chosen_runs(runs, m, rank)
+        curves = [r["train_losses"] for r in rs if r["train_losses"]]
         if not curves:
             continue
         n = min(len(x) for x in curves)
