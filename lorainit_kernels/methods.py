@@ -771,7 +771,7 @@ def lora_da_embedding(z: Tensor, G: Tensor, s: Tensor, rank: int, *, n_train: fl
     """
     from .linalg import lobpcg
 
-    n, m = z.shape[0], G.shape[0]
+    n = z.shape[0]
     dt = torch.float64
     z, s = z.to(dt), s.to(dt)
     zd = z + damping * z.mean()

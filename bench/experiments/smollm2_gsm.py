@@ -482,7 +482,7 @@ def markdown(payload: Dict) -> str:
     methods = [m for m in args["method_list"] if m not in ABLATIONS]
     ablations = [m for m in args["method_list"] if m in ABLATIONS]
     env = payload["env"]
-    lines = [f"# SmolLM2-135M on arithmetic word problems: every init at its own learning rate", "",
+    lines = ["# SmolLM2-135M on arithmetic word problems: every init at its own learning rate", "",
              f"Machine: {env['machine']}, torch {env['torch']}, {env['threads']} threads; last written "
              f"{env['date']}; {len(runs)} runs, {sum(r['init_s'] + r['train_s'] + r['eval_s'] for r in runs) / 3600:.1f} h "
              f"of run time in all.", "",
@@ -627,7 +627,7 @@ def parse_args(argv=None):
     if len(args.lr_grid) < 2 or any(x <= 0 for x in args.lr_grid):
         raise SystemExit(f"--lrs: need at least two rates > 0, got {args.lrs}")
     if any(r < 1 for r in args.sweep_ranks + [args.rank]):
-        raise SystemExit(f"--sweep-ranks/--rank: every rank must be >= 1")
+        raise SystemExit("--sweep-ranks/--rank: every rank must be >= 1")
     return args
 
 

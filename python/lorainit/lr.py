@@ -11,7 +11,7 @@ docs/learning-rate.md.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 from lorainit_kernels.lr_scale import adam_step_norm_sq, lr_scale_from_norms, plain_lora_step_norm_sq
 
