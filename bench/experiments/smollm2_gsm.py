@@ -115,7 +115,7 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
 
     Later phases depend on rates chosen by earlier ones, so the plan grows as runs finish.
     """
-    done = {(r["method"], r["rank"], r["lr"], r["seed"], r.get("phase", "grid") == "suggested") for r in runs}
+    done = {run_key(r) for r in runs}
     out: List[Tuple[Key, str]] = []
 
     def need(m, rank, lr, seed, phase="grid"):

@@ -39,7 +39,7 @@ def lr_scale_info(method: str, targets: Dict, factors: Dict, config) -> Dict[str
         got = float(adam_step_norm_sq(f.lora_A, f.lora_B, t.scaling, train_A=train_A, train_B=train_B))
         pairs.append((ref, got))
         if got > 0:
-            per_layer.append(min(1.0, math.sqrt(ref / got)))
+            per_layer.append(lr_scale_from_norms([(ref, got)]))
     out: Dict[str, object] = {"rule": RULE}
     if method == REFERENCE_METHOD:
         out["value"] = 1.0
