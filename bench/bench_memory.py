@@ -289,7 +289,7 @@ def run(quick: bool = False) -> dict:
                       "the adapters are compared bitwise across budgets; with 256 tokens for n = 4096 and 11008 every "
                       "Z is rank deficient and Omega's smallest eigenvalues nearly degenerate, so the adapters here "
                       "are not comparable across code versions (on well-posed statistics the new and old solves agree "
-                      "to ~1e-6, tests/linalg, tests/lorainit)",
+                      "to ~1e-6, tests/lorainit_kernels/linalg, tests/lorainit)",
                       f"wall time of the whole benchmark: {wall:.0f} s, {THREADS} thread(s) per measured process "
                       f"(LORAINIT_BENCH_THREADS), on {os.cpu_count()} cores shared with other jobs (times are "
                       f"unreliable here; RSS is not)"]}

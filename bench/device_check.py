@@ -9,7 +9,7 @@ a. **correctness**: every Triton kernel (``lorainit_kernels.triton.kfac.kfac_upd
    plain-torch float64 reference (``lorainit_kernels.reference``) on fresh random awkward shapes
    (not multiples of any block size, strided rows, 30% padding masks, negative weights) in
    fp32/bf16/fp16: one pass/fail row per case with the error and its tolerance (the tolerance
-   classes of ``tests/kernels/test_triton.py``);
+   classes of ``tests/lorainit_kernels/triton/test_triton_kfac.py``);
 b. **kfac_update speed**: the Triton kernel against plain torch on cuBLAS at T=8192 tokens, n=m in
    {1024, 4096}, bf16: ``cublas_bf16`` (``x^T x`` and ``g^T x`` as bf16 tensor-core GEMMs with
    fp32 accumulation and bf16 outputs, added into fp32 sums: the fastest plain composition, one
@@ -168,7 +168,7 @@ def _rel(out, ref) -> float:
 
 
 def _tol32(T: int) -> float:
-    """Unweighted sums accumulated in fp32 (every product exact or rounded once): tests/kernels/test_triton.py."""
+    """Unweighted sums accumulated in fp32 (every product exact or rounded once): tests/lorainit_kernels/triton/test_triton_kfac.py."""
     return max(1e-5 * math.sqrt(T / 1e3), 1e-6)
 
 

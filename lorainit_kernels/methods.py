@@ -570,7 +570,7 @@ def hrp_preheat_factors(
     default ``row_norm = 1`` the frozen factor is a partial isometry (``|A x| <= |x|``), so
     the preheat learning rate does not depend on ``R``. On matrix sensing with a full-rank preheat a
     few hundred Adam steps recover the target's top-``r`` subspace to a few hundredths of a radian
-    (``tests/kernels/test_hrp_theory.py``). Requires ``R <= n`` (``side="A"``) or ``R <= m``
+    (``tests/lorainit_kernels/test_hrp_theory.py``). Requires ``R <= n`` (``side="A"``) or ``R <= m``
     (``side="B"``). ``base_delta = None``.
     """
     op = "hrp_preheat_factors"

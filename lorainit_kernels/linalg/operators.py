@@ -3,7 +3,7 @@
 ``lobpcg`` takes a :class:`SymmetricOperator` (or a tensor / callable, wrapped by :func:`as_operator`)
 and only ever calls :meth:`SymmetricOperator.apply` on a contiguous run of its flattened batch; it
 never asks which kind it got. Each class states its matrix and has a test against its dense form
-(``tests/linalg/test_operators.py``):
+(``tests/lorainit_kernels/linalg/test_operators.py``):
 
 * :class:`DenseOperator` ``A`` (..., n, n): fp32 CPU matrices are multiplied by the native one-triangle
   kernel (``lk.sym_matmul``), which reads half of ``A``;

@@ -21,9 +21,11 @@ import warnings
 import pytest
 import torch
 
-import lorainit_kernels.peft_inits as lkp
 from lorainit import CorDAConfig, EVAConfig, LoRAGAConfig, initialize_lora
 from lorainit.targets import find_targets
+
+from helpers import rel
+from linalg_helpers import sin_max
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -79,17 +81,6 @@ def _batches(n=16, bs=4, seed=1):
             for i in range(0, n, bs)]
 
 
-def _sin_max(U, V):
-    Qu, _ = torch.linalg.qr(U.double())
-    Qv, _ = torch.linalg.qr(V.double())
-    s = torch.linalg.svdvals(Qu.mT @ Qv).clamp(max=1)
-    return float((1 - s.min() ** 2).clamp_min(0).sqrt())
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def _short(name):
     return name.replace("base_model.model.", "")
 
@@ -131,14 +122,14 @@ def test_eva_spans_the_same_subspaces_as_peft():
         ev, vecs = torch.linalg.eigh(C)
         ref = vecs[:, -t.r:]
         A, Ap = t.lora_A.detach().double(), peft_sd[key].double()
-        assert _sin_max(A.T, ref) < 1e-3, name  # lorainit: the exact PCA of the statistics samples
+        assert sin_max(A.T, ref) < 1e-3, name  # lorainit: the exact PCA of the statistics samples
         # the objective both maximize, the variance captured: ours is the optimum, PEFT's within 5 %
         best = float(ev[-t.r:].sum())
         assert abs(float(torch.trace(A @ C @ A.T)) - best) <= 1e-4 * best, name
         assert float(torch.trace(Ap @ C @ Ap.T)) >= 0.95 * best, name
         if float(ev[-t.r]) > 2 * float(ev[-t.r - 1]):  # a clear gap: the subspaces themselves agree
             clear += 1
-            assert _sin_max(A.T, Ap.T) < 0.1, name
+            assert sin_max(A.T, Ap.T) < 0.1, name
     assert clear >= 4  # at least the first layer's q/k/v and gate/up inputs have the planted gap
 
 
@@ -170,16 +161,16 @@ def test_lora_ga_subspaces_match_peft_and_the_magnitudes_follow_peft_convention(
         r = t.r
         # the same subspaces: A from the top r right vectors, B from the next r left vectors
         # PEFT's randomized SVD (q = 4r, niter = 4) against lorainit's exact one (niter=None)
-        assert _sin_max(t.lora_A.detach().T, p.lora_A.detach().T) < 5e-2, name
-        assert _sin_max(t.lora_B.detach(), p.lora_B.detach()) < 5e-2, name
-        assert _sin_max(t.lora_A.detach().T, Vh[:r].T) < 1e-3, name
+        assert sin_max(t.lora_A.detach().T, p.lora_A.detach().T) < 5e-2, name
+        assert sin_max(t.lora_B.detach(), p.lora_B.detach()) < 5e-2, name
+        assert sin_max(t.lora_A.detach().T, Vh[:r].T) < 1e-3, name
         # PEFT's convention: B = U[:, r:2r] diag(S[r:2r]) m^(1/4)/sqrt(gamma), A unscaled (float64 reference)
         c = t.m ** 0.25 / 16 ** 0.5
-        assert _rel(p.lora_B.detach().norm(dim=0).sort().values, (S[r:2 * r] * c).sort().values) < 2e-2, name
-        assert _rel(p.lora_A.detach().norm(dim=1), torch.ones(r)) < 1e-4
+        assert rel(p.lora_B.detach().norm(dim=0).sort().values, (S[r:2 * r] * c).sort().values) < 2e-2, name
+        assert rel(p.lora_A.detach().norm(dim=1), torch.ones(r)) < 1e-4
         # lorainit's (the paper's reference code): orthonormal directions, both scaled by c
-        assert _rel(t.lora_B.detach().norm(dim=0), torch.full((r,), c)) < 1e-4
-        assert _rel(t.lora_A.detach().norm(dim=1), torch.full((r,), c)) < 1e-4
+        assert rel(t.lora_B.detach().norm(dim=0), torch.full((r,), c)) < 1e-4
+        assert rel(t.lora_A.detach().norm(dim=1), torch.full((r,), c)) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------ OLoRA, MiCA
@@ -191,9 +182,9 @@ def test_olora_factors_and_residual_equal_peft():
     peft_t = find_targets(peft_model)
     for name, t in find_targets(ours).items():
         p = peft_t[name]
-        assert _rel(t.lora_A.detach(), p.lora_A.detach()) < 1e-6, name
-        assert _rel(t.lora_B.detach(), p.lora_B.detach()) < 1e-6, name
-        assert _rel(t.read_weight(), p.read_weight()) < 1e-6, name
+        assert rel(t.lora_A.detach(), p.lora_A.detach()) < 1e-6, name
+        assert rel(t.lora_B.detach(), p.lora_B.detach()) < 1e-6, name
+        assert rel(t.read_weight(), p.read_weight()) < 1e-6, name
 
 
 def test_mica_factors_equal_peft_up_to_signs_and_b_is_frozen_in_both():
@@ -205,7 +196,7 @@ def test_mica_factors_equal_peft_up_to_signs_and_b_is_frozen_in_both():
         Ap, Bp, Wp, grad_Bp = peft_layers[name]
         B = t.lora_B.detach()
         signs = torch.sign((B * Bp).sum(0))
-        assert _rel(B * signs, Bp) < 1e-5, name
+        assert rel(B * signs, Bp) < 1e-5, name
         assert not bool(t.lora_A.any()) and not bool(Ap.any())
         assert not t.lora_B.requires_grad and not grad_Bp
         assert torch.equal(t.read_weight(), Wp)
@@ -245,8 +236,8 @@ def test_corda_equals_peft_on_one_sequence(mode):
         p = peft_t[name]
         mine = t.scaling * t.lora_B.detach().double() @ t.lora_A.detach().double()
         theirs = p.scaling * p.lora_B.detach().double() @ p.lora_A.detach().double()
-        assert _rel(mine, theirs) < 1e-3, name  # PEFT inverts C_d explicitly; lorainit solves by Cholesky
-        assert _rel(t.read_weight(), p.read_weight()) < 1e-4, name
+        assert rel(mine, theirs) < 1e-3, name  # PEFT inverts C_d explicitly; lorainit solves by Cholesky
+        assert rel(t.read_weight(), p.read_weight()) < 1e-4, name
 
 
 def test_peft_corda_fails_on_batches_of_several_sequences_lorainit_does_not():

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every shipped Triton kernel variant for sm_80 and sm_90 (no GPU needed).
 
-For each (kernel, dtype, block configuration) the launcher can use, ``tests/kernels/_aot.py`` compiles
+For each (kernel, dtype, block configuration) the launcher can use, ``tests/support/triton_aot_compile.py`` compiles
 ``_weighted_gram_kernel`` with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` in a
 subprocess with ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` cannot compile), and
 runs the PTX through the ptxas Triton uses. Here we assert: it compiles; ``tl.dot`` became tensor-core
@@ -19,11 +19,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import _aot  # noqa: E402  (imports nothing heavy; the compiling happens in the subprocess)
-
-sys.path.remove(str(HERE))
+import triton_aot_compile as _aot  # noqa: E402  (imports nothing heavy; the compiling happens in the subprocess)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: nothing to compile", allow_module_level=True)
@@ -39,7 +35,7 @@ MAX_REGISTERS = 255
 def aot_records():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, str(HERE / "_aot.py"), "--workers", "2"], env=env,
+    res = subprocess.run([sys.executable, str(Path(_aot.__file__)), "--workers", "2"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"AOT helper failed:\n{res.stderr[-4000:]}"
     recs = json.loads(res.stdout)

@@ -4,13 +4,14 @@ Fresh random inputs with awkward shapes (m != n, odd sizes, batches), never zero
 vectors compared as subspaces (principal angles) or through sign-invariant products; bad input
 raises naming the argument. The KFACStats extras (input mean, output second moment) against float64.
 """
-import math
 
 import pytest
 import torch
 
 import lorainit_kernels as lk
 import lorainit_kernels.peft_inits as lkp
+from helpers import rel
+from linalg_helpers import sin_max
 
 torch.set_num_threads(1)
 
@@ -26,18 +27,6 @@ def _spd_from_tokens(T, n, seed, shift=0.7, dtype=torch.float32):
     return X, (X.T @ X / T).to(dtype), X.mean(0).to(dtype)
 
 
-def _sin_max(U, V):
-    """Largest principal-angle sine between the column spans of U and V (float64)."""
-    Qu, _ = torch.linalg.qr(U.double())
-    Qv, _ = torch.linalg.qr(V.double())
-    s = torch.linalg.svdvals(Qu.mT @ Qv).clamp(max=1)
-    return float((1 - s.min() ** 2).clamp_min(0).sqrt())
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 # ------------------------------------------------------------------------------------------ EVA
 @pytest.mark.parametrize("solver", ["eigh", "lobpcg"])
 @pytest.mark.parametrize("n,k", [(37, 5), (64, 3)])
@@ -47,13 +36,13 @@ def test_eva_components_span_the_top_principal_directions_of_the_centered_inputs
     _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)  # float64 PCA of the centered data
     c = lkp.eva_components(Z, mu, k, solver=solver)
     assert c.components.shape == (k, n)
-    assert _sin_max(c.components.mT, Vh[:k].mT) < 2e-3
+    assert sin_max(c.components.mT, Vh[:k].mT) < 2e-3
     ev_ref = S[:k] ** 2 / X.shape[0]
-    assert _rel(c.explained_variance, ev_ref) < 1e-4
-    assert _rel(c.explained_variance_ratio, ev_ref / (S ** 2 / X.shape[0]).sum()) < 1e-4
+    assert rel(c.explained_variance, ev_ref) < 1e-4
+    assert rel(c.explained_variance_ratio, ev_ref / (S ** 2 / X.shape[0]).sum()) < 1e-4
     # the uncentered second moment gives another subspace here (the mean is large): centering matters
     _, _, Vh_u = torch.linalg.svd(X, full_matrices=False)
-    assert _sin_max(Vh_u[:k].mT, Vh[:k].mT) > 0.1
+    assert sin_max(Vh_u[:k].mT, Vh[:k].mT) > 0.1
 
 
 def test_eva_factors_and_whitening():
@@ -63,7 +52,7 @@ def test_eva_factors_and_whitening():
     _, S, Vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
     ref = Vh[:4] / S[:4].sqrt().unsqueeze(-1)  # PEFT: components_ / sqrt(singular_values_) over the T tokens
     signs = torch.sign((f.lora_A.double() * ref).sum(-1, keepdim=True))
-    assert _rel(f.lora_A.double() * signs, ref) < 1e-4
+    assert rel(f.lora_A.double() * signs, ref) < 1e-4
 
 
 def test_eva_batched_equals_per_layer():
@@ -71,7 +60,7 @@ def test_eva_batched_equals_per_layer():
     Z, mu = torch.stack(Zs), torch.stack(mus)
     f = lkp.eva(Z, mu, 3, out_features=7)
     for i in range(3):
-        assert _sin_max(f.lora_A[i].mT, lkp.eva(Z[i], mu[i], 3, out_features=7).lora_A.mT) < 1e-4
+        assert sin_max(f.lora_A[i].mT, lkp.eva(Z[i], mu[i], 3, out_features=7).lora_A.mT) < 1e-4
 
 
 def test_eva_rank_distribution_follows_peft():
@@ -126,10 +115,10 @@ def test_corda_matches_the_float64_reference_and_preserves_the_weight(m, n, mode
     r, sigma = 4, 1.7
     f = lkp.corda(W, C, r, scaling=sigma, mode=mode)
     A_ref, B_ref = _corda_ref(W, C, r, sigma, mode)
-    assert _rel(f.adapter_delta(sigma), sigma * B_ref @ A_ref) < 1e-4  # sign-invariant product
+    assert rel(f.adapter_delta(sigma), sigma * B_ref @ A_ref) < 1e-4  # sign-invariant product
     signs = torch.sign((f.lora_B.double() * B_ref).sum(0))
-    assert _rel(f.lora_B.double() * signs, B_ref) < 1e-3 and _rel(f.lora_A.double() * signs[:, None], A_ref) < 1e-3
-    assert _rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W) < 1e-6
+    assert rel(f.lora_B.double() * signs, B_ref) < 1e-3 and rel(f.lora_A.double() * signs[:, None], A_ref) < 1e-3
+    assert rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W) < 1e-6
 
 
 def test_corda_product_does_not_depend_on_the_scale_of_C_and_batches_broadcast():
@@ -138,8 +127,8 @@ def test_corda_product_does_not_depend_on_the_scale_of_C_and_batches_broadcast()
     _, C, _ = _spd_from_tokens(100, 9, seed=5, dtype=torch.float64)
     f1 = lkp.corda(W, C, 3, scaling=2.0)
     f2 = lkp.corda(W, 37.0 * C, 3, scaling=2.0)
-    assert _rel(f1.adapter_delta(2.0), f2.adapter_delta(2.0)) < 1e-10
-    assert _rel(f1.adapter_delta(2.0)[1], lkp.corda(W[1], C, 3, scaling=2.0).adapter_delta(2.0)) < 1e-12
+    assert rel(f1.adapter_delta(2.0), f2.adapter_delta(2.0)) < 1e-10
+    assert rel(f1.adapter_delta(2.0)[1], lkp.corda(W[1], C, 3, scaling=2.0).adapter_delta(2.0)) < 1e-12
 
 
 def test_corda_bad_input():
@@ -173,13 +162,13 @@ def test_astra_matches_the_reference_projection(mode, solver):
     # LOBPCG stops at a relative residual sqrt(eps) ~ 3.5e-4: its subspace is exact to residual / gap,
     # its objective tr(B^T Y B) to second order
     tol = 2e-3 if solver == "eigh" else 2e-2
-    assert _sin_max(f.lora_B, Vr) < tol
+    assert sin_max(f.lora_B, Vr) < tol
     obj = torch.trace(f.lora_B.double().T @ Y.double() @ f.lora_B.double())
     assert abs(float(obj) - float((evals[-r:] if mode == "ipm" else evals[:r]).sum())) < 1e-5 * float(evals.abs().max())
     P = Vr @ Vr.T
-    assert _rel(f.adapter_delta(sigma), sigma * P @ W.double()) < tol
-    assert _rel(f.lora_A, f.lora_B.double().T @ W.double()) < 1e-6
-    assert _rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W) < 1e-6
+    assert rel(f.adapter_delta(sigma), sigma * P @ W.double()) < tol
+    assert rel(f.lora_A, f.lora_B.double().T @ W.double()) < 1e-6
+    assert rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W) < 1e-6
 
 
 def test_astra_bad_input():
@@ -203,10 +192,10 @@ def test_olora_is_the_reduced_qr_and_preserves_the_weight(m, n, dtype):
     for i in range(3):  # Householder QR is unique up to column signs
         s = torch.sign(torch.diagonal(R[i])[:r]) * torch.sign(torch.diagonal(f.lora_A[i].double()[:, :r]))
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert _rel(f.lora_B[i].double() * s, Q[i][:, :r]) < tol
-        assert _rel(f.lora_A[i].double() * s[:, None], R[i][:r]) < tol
+        assert rel(f.lora_B[i].double() * s, Q[i][:, :r]) < tol
+        assert rel(f.lora_A[i].double() * s[:, None], R[i][:r]) < tol
     assert f.lora_A.dtype == dtype
-    assert _rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W.double()) < 1e-6
+    assert rel(W.double() + f.base_delta.double() + f.adapter_delta(sigma).double(), W.double()) < 1e-6
 
 
 @pytest.mark.parametrize("m,n", [(17, 10), (9, 25)])
@@ -214,7 +203,7 @@ def test_mica_takes_the_minor_left_singular_vectors(m, n):
     W = torch.randn(m, n, generator=_gen(m * 3 + n), dtype=torch.float64)
     f = lkp.mica(W.float(), 3)
     U, S, _ = torch.linalg.svd(W, full_matrices=False)
-    assert _sin_max(f.lora_B, U[:, -3:]) < 1e-4
+    assert sin_max(f.lora_B, U[:, -3:]) < 1e-4
     assert not bool(f.lora_A.any()) and f.base_delta is None and f.lora_A.shape == (3, n)
 
 
@@ -235,7 +224,7 @@ def test_symmetric_eigs_against_eigh():
             e, U = lkp.symmetric_eigs(C, 4, largest=largest, solver=solver)
             ref = ev[-4:].flip(0) if largest else ev[:4]
             assert float((e.double() - ref).abs().max()) < 1e-5 * float(ev.abs().max())
-            assert _sin_max(U, V[:, -4:] if largest else V[:, :4]) < (2e-3 if solver == "eigh" else 2e-2)
+            assert sin_max(U, V[:, -4:] if largest else V[:, :4]) < (2e-3 if solver == "eigh" else 2e-2)
             obj = torch.trace(U.double().T @ C.double() @ U.double())  # second-order accurate
             assert abs(float(obj - ref.sum())) < 1e-5 * float(ev.abs().max())
             assert float((U.double().T @ U.double() - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-5
@@ -249,7 +238,7 @@ def test_kfac_stats_input_mean_and_output_cov_against_float64(dtype, tol):
     g = _gen(9)
     n, m = 13, 7
     st = lk.KFACStats(n, m, track_input_mean=True, track_output_cov=True)
-    xs, ys, masks = [], [], []
+    xs, ys = [], []
     for b in range(3):
         x = (torch.randn(2, 11, n, generator=g) + 0.5).to(dtype)
         y = torch.randn(2, 11, m, generator=g).to(dtype)
@@ -260,8 +249,8 @@ def test_kfac_stats_input_mean_and_output_cov_against_float64(dtype, tol):
         ys.append(y.double()[mask])
     X, Y = torch.cat(xs), torch.cat(ys)
     assert st.count == X.shape[0]
-    assert _rel(st.input_mean(), X.mean(0)) < tol
-    assert _rel(st.output_cov(), Y.T @ Y / X.shape[0]) < tol
+    assert rel(st.input_mean(), X.mean(0)) < tol
+    assert rel(st.output_cov(), Y.T @ Y / X.shape[0]) < tol
     assert len(st.sums()) == 5  # all-reduced with the others
 
 
@@ -295,8 +284,8 @@ def test_kfac_stats_forward_only_keeps_z_mean_and_y_without_gradients():
     st = lk.KFACStats(6, 4, track_grad=False, track_input_mean=True, track_output_cov=True)
     assert st.update(x, None, mask, output=y) == int(mask.sum())
     X, Y = x.double()[mask], y.double()[mask]
-    assert _rel(st.input_cov(), X.T @ X / X.shape[0]) < 1e-6 and _rel(st.input_mean(), X.mean(0)) < 1e-6
-    assert _rel(st.output_cov(), Y.T @ Y / X.shape[0]) < 1e-6
+    assert rel(st.input_cov(), X.T @ X / X.shape[0]) < 1e-6 and rel(st.input_mean(), X.mean(0)) < 1e-6
+    assert rel(st.output_cov(), Y.T @ Y / X.shape[0]) < 1e-6
     assert st.g_sum is None and st.s_sum is None and len(st.sums()) == 3
     with pytest.raises(ValueError, match="keeps no gradient statistics"):
         st.update(x, torch.randn(3, 9, 4), mask, output=y)
@@ -319,9 +308,9 @@ def test_corda_doubles_the_damping_until_the_covariance_factors_accurately():
     A_ref, B_ref = _corda_ref(W, C, 2, 1.0, "ipm", damping=used)
     # as ill-conditioned as PEFT accepts: fp32 is as accurate as plain fp32 torch (PEFT's explicit inverse)
     A32, B32 = _corda_ref(W, C, 2, 1.0, "ipm", damping=used, dtype=torch.float32)
-    err_torch = _rel(B32 @ A32, B_ref @ A_ref)
-    assert _rel(f.adapter_delta(1.0), B_ref @ A_ref) <= 2 * err_torch + 1e-6
+    err_torch = rel(B32 @ A32, B_ref @ A_ref)
+    assert rel(f.adapter_delta(1.0), B_ref @ A_ref) <= 2 * err_torch + 1e-6
     f64 = lkp.corda(W.double(), C.double(), 2, scaling=1.0, damping=used)  # and exact in fp64
-    assert _rel(f64.adapter_delta(1.0), B_ref @ A_ref) < 1e-6
+    assert rel(f64.adapter_delta(1.0), B_ref @ A_ref) < 1e-6
     with pytest.raises(ValueError, match="not positive semi-definite"):
         lkp.corda(W, torch.diag(torch.tensor([1.0] * 11 + [-5.0])), 2, scaling=1.0)

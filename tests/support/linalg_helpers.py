@@ -100,6 +100,11 @@ def sin_theta(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(D, ord=2)
 
 
+def sin_max(U: torch.Tensor, V: torch.Tensor) -> float:
+    """:func:`sin_theta` of one pair of bases as a float (the subspace comparisons of the method tests)."""
+    return float(sin_theta(U, V))
+
+
 def objective(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``tr(V^T A V)`` in float64, (*batch)."""
     V = V.double()

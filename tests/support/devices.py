@@ -1,12 +1,13 @@
-"""The device fixture of the kernel and solver tests (Liger-Kernel's style); tests/linalg/conftest.py loads it.
+"""The device fixture of the kernel and solver tests (Liger-Kernel's style); tests/lorainit_kernels/conftest.py loads it.
 
 A test that takes ``device`` runs on the CPU always and on CUDA when one is present (``DEVICES``);
 one that also takes ``dtype`` (parametrized by the test) gets ``atol`` and ``rtol`` for that dtype
 (``TOLERANCES``), so ``def test_x(device, dtype, atol, rtol)`` with
 ``@pytest.mark.parametrize("dtype", [...])`` runs every ``(device, dtype, atol, rtol)``.
 
-It lives here rather than in tests/conftest.py: a conftest in tests/ would put tests/ on sys.path, where
-the directory tests/lorainit would then shadow the installed ``lorainit`` package as a namespace package.
+It lives in tests/support (on sys.path through pytest's ``pythonpath``) rather than in tests/conftest.py: a
+conftest in tests/ would put tests/ on sys.path, where the directory tests/lorainit would then shadow the
+installed ``lorainit`` package as a namespace package.
 """
 from __future__ import annotations
 

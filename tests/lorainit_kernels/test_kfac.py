@@ -1,6 +1,6 @@
 """KFACStats, kfac_update and weighted_gram through the public API, for the reference ("torch") and the
 device's fused kernel ("fused": native on the CPU, Triton on CUDA; the Triton interpreter on CPU has its
-own file), on every device of the ``device`` fixture (tests/conftest.py). Every result is checked
+own file), on every device of the ``device`` fixture (tests/support/devices.py). Every result is checked
 against the float64 reference on fresh random inputs."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lorainit_kernels import KFACStats, backends, kfac_update, reference, weight
 # "fused": the device's own kernel (native on the CPU, Triton on CUDA), "torch": the reference
 BACKENDS = ["torch", "fused"]
 FUSED = {"cpu": "native", "cuda": "triton"}
-# the dtypes of the statistics' inputs; tolerances (rtol) from tests/conftest.py per docs/math.md (the fp32
+# the dtypes of the statistics' inputs; tolerances (rtol) from tests/support/devices.py per docs/math.md (the fp32
 # bound grows like sqrt(T / 1e3))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,7 +1,7 @@
 """The op declarations of ``lorainit_kernels.ops``: opcheck of every op on every backend that runs here
 (forced with ``backends.use``), every backend against the float64 reference (within a small multiple
 of plain torch's error in the same dtype), the automatic choice, the switch, and what a forced backend
-that cannot run says. Numerical tests take the ``device`` fixture (tests/conftest.py): CPU, and CUDA
+that cannot run says. Numerical tests take the ``device`` fixture (tests/support/devices.py): CPU, and CUDA
 when present."""
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Ahead-of-time compile every shipped variant of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
-Run as a script (``python tests/kernels/_aot.py [--workers N]``) with ``TRITON_INTERPRET`` unset: under
+Run as a script (``python tests/support/triton_aot_compile.py [--workers N]``) with ``TRITON_INTERPRET`` unset: under
 the interpreter ``@triton.jit`` returns an interpreted function that cannot be compiled. Prints one
 JSON list with a record per (variant, compute capability): whether it compiled, the tensor-core
 instructions in its PTX (``mma.sync`` on sm_80, ``wgmma.mma_async`` on sm_90), and what the bundled
 ``ptxas -v`` reports (registers, spill stores/loads, stack) plus Triton's shared-memory size.
-``tests/kernels/test_triton_aot.py`` asserts on these records.
+``tests/lorainit_kernels/triton/test_triton_aot.py`` asserts on these records.
 """
 from __future__ import annotations
 

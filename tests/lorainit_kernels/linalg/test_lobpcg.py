@@ -190,7 +190,7 @@ def test_guidance_n2048_fp32():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from bench.spectra import fast_guidance
 
     Om = fast_guidance((1,), 2048, seed=3, target_rank=32)[0]

@@ -17,6 +17,7 @@ from lorainit import (AstraConfig, CorDAConfig, EVAConfig, LoRADAConfig, MiCACon
 from lorainit.targets import LoRAInitError, find_targets
 
 from helpers import assert_same_state, lm_batches, model_state, rel, tiny_llama
+from linalg_helpers import sin_max
 
 torch.set_num_threads(1)
 
@@ -68,13 +69,6 @@ def forward_stats64(model, batches):
     return out
 
 
-def _sin_max(U, V):
-    Qu, _ = torch.linalg.qr(U.double())
-    Qv, _ = torch.linalg.qr(V.double())
-    s = torch.linalg.svdvals(Qu.mT @ Qv).clamp(max=1)
-    return float((1 - s.min() ** 2).clamp_min(0).sqrt())
-
-
 # ------------------------------------------------------------------------------------------ against float64
 @pytest.mark.parametrize("method", list(DATA_AWARE))
 def test_data_aware_methods_match_the_kernels_on_float64_statistics(method):
@@ -88,7 +82,7 @@ def test_data_aware_methods_match_the_kernels_on_float64_statistics(method):
         A, B = t.lora_A.detach(), t.lora_B.detach()
         if method == "eva":
             comp = lkp.eva_components(S["Z"], S["mu"], t.r)
-            assert _sin_max(A.mT, comp.components.mT) < 1e-3, name
+            assert sin_max(A.mT, comp.components.mT) < 1e-3, name
             assert not bool(B.any()) and torch.equal(t.read_weight(), W0[name])
         elif method == "corda":
             f = lkp.corda(S["W"], S["Z"], t.r, scaling=t.scaling)
@@ -123,7 +117,7 @@ def test_olora_and_mica_write_the_kernel_factors_and_mica_freezes_B():
     model = tiny_llama(seed=7)
     initialize_lora(model, None, method="mica", progress=False)
     for name, t in find_targets(model).items():
-        assert _sin_max(t.lora_B.detach(), lkp.mica(W0[name], t.r).lora_B) < 1e-5
+        assert sin_max(t.lora_B.detach(), lkp.mica(W0[name], t.r).lora_B) < 1e-5
         assert not bool(t.lora_A.any()) and not t.lora_B.requires_grad and t.lora_A.requires_grad
     model = tiny_llama(seed=7)
     initialize_lora(model, None, method="mica", config=MiCAConfig(freeze_B=False), progress=False)
@@ -182,7 +176,7 @@ def test_embeddings_mica_as_peft_the_others_refuse_naming_the_layer():
     initialize_lora(model, None, method="mica", progress=False)
     t = find_targets(model)["base_model.model.model.embed_tokens"]
     W = t.base.weight.detach().T  # (embedding_dim, num_embeddings), as PEFT's mica_init for embeddings
-    assert _sin_max(t.lora_B.detach(), lkp.mica(W, t.r).lora_B) < 1e-5 and not bool(t.lora_A.any())
+    assert sin_max(t.lora_B.detach(), lkp.mica(W, t.r).lora_B) < 1e-5 and not bool(t.lora_A.any())
     assert not t.lora_B.requires_grad
 
 
