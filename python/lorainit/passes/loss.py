@@ -30,6 +30,11 @@ class LossReductionWarning(LoRAInitWarning):
     """A user ``loss_fn`` returned what looks like a mean, not the summed loss lorainit expects."""
 
 
+class _NoLossTokens(LoRAInitError):
+    """A batch without loss tokens. The model's mean loss over none is 0/0 = NaN, so this error must not be
+    re-diagnosed as a non-finite forward (that would blame the module computing the loss for an overflow)."""
+
+
 def _takes_labels(model: nn.Module) -> bool:
     """Whether ``model.forward`` (or the wrapped model's, for PEFT/DDP wrappers) has a ``labels`` argument."""
     seen = set()
@@ -219,6 +224,8 @@ class LossRunner:
         prepared = self.prepare(batch)
         try:
             loss, count = self.summed_loss(prepared, index)
+        except _NoLossTokens:
+            raise
         except LoRAInitError:  # e.g. NaN activations make the loss normalization undetectable: name the module
             if check_finite:
                 self._raise_nonfinite(prepared, index, culprit, None)
@@ -291,7 +298,7 @@ class LossRunner:
             "examples": int(labels.shape[0]),
         }
         if counts["unshifted"] == 0:  # the mode-specific count is checked below
-            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
+            raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
                                 f"attention_mask)")
         if self.mode is None:
             if not bool(torch.isfinite(loss)):  # no mode to detect from a NaN: the caller names the NaN
@@ -299,7 +306,7 @@ class LossRunner:
             self.mode = self._detect_mode(labels, logits, loss, index)
         count = counts[self.mode]
         if count <= 0:
-            raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100)")
+            raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100)")
         return count
 
     @staticmethod
@@ -375,7 +382,7 @@ class LossRunner:
             else:
                 count = int(labels.ne(-100).sum())
             if count <= 0:
-                raise LoRAInitError(f"batch {index} has no loss tokens (every label is -100)")
+                raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100)")
             return count
         n = leading_size(batch)
         return 1 if n is None else n
