@@ -45,7 +45,7 @@ from torch import nn
 
 from lorainit_kernels.linalg import choose_solver
 
-from .passes.stats import pack_passes, stats_bytes
+from .passes.stats import pack_passes, pack_passes_sized, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
 __all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "snapshot_bytes", "grad_bytes",
@@ -202,21 +202,9 @@ def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: 
     u_stats = [sum(stats_bytes(targets[n], dtype, with_z=(i == 0)) for i, n in enumerate(u)) for u in units]
     u_work = [max(solve_bytes(targets[n], solver, dtype, shares_input=len(u) > 1) for n in u) for u in units]
     smallest = max(s + w for s, w in zip(u_stats, u_work))
-    groups: List[List[str]] = []
-    per: List[Dict[str, int]] = []
-    cur: List[str] = []
-    used = work = 0
-    for u, s, w in zip(units, u_stats, u_work):
-        if budget is not None and cur and used + s + max(work, w) > budget:
-            groups.append(cur)
-            per.append({"stats": used, "peak": used + work})
-            cur, used, work = [], 0, 0
-        cur.extend(u)
-        used += s
-        work = max(work, w)
-    if cur:
-        groups.append(cur)
-        per.append({"stats": used, "peak": used + work})
+    packed = pack_passes_sized([(u, s, w) for u, s, w in zip(units, u_stats, u_work)], budget)
+    groups = [members for members, _, _ in packed]
+    per = [{"stats": used, "peak": used + work} for _, used, work in packed]
     peak = max(d["peak"] for d in per)
     return MemoryPlan("lora_da", budget, groups, sum(u_stats), peak, smallest, per_group=per)
 

@@ -40,7 +40,7 @@ from .loss import LossRunner
 from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
-__all__ = ["EXTRAS", "check_extras", "LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "probe_shared_inputs",
+__all__ = ["EXTRAS", "check_extras", "LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "pack_passes_sized", "probe_shared_inputs",
            "stats_pass"]
 
 
@@ -149,21 +149,30 @@ def plan_groups(names: Sequence[str], targets: Dict[str, TargetLayer], shared: D
                          max(work_of(n) for n in members)) for members in units.values()], max_memory)
 
 
-def pack_passes(units: Sequence[Tuple[List[str], int, int]], budget: int) -> List[List[str]]:
+def pack_passes(units: Sequence[Tuple[List[str], int, int]], budget: Optional[int]) -> List[List[str]]:
     """Units ``(names, held bytes, working bytes)`` in order, packed greedily into passes whose held
     bytes plus the largest working bytes of the pass fit in ``budget``; a unit that alone exceeds it
-    gets a pass of its own. The one packing rule of the statistics and weight-gradient plans."""
-    groups, cur, used, work = [], [], 0, 0
+    gets a pass of its own; ``budget=None``: one pass. The one packing rule of the statistics and
+    weight-gradient plans."""
+    return [members for members, _, _ in pack_passes_sized(units, budget)]
+
+
+def pack_passes_sized(units: Sequence[Tuple[List[str], int, int]],
+                      budget: Optional[int]) -> List[Tuple[List[str], int, int]]:
+    """:func:`pack_passes` with each pass's held bytes and largest working bytes: ``(names, held, work)``."""
+    out: List[Tuple[List[str], int, int]] = []
+    cur: List[str] = []
+    used = work = 0
     for members, need, w in units:
-        if cur and used + need + max(work, w) > budget:
-            groups.append(cur)
+        if budget is not None and cur and used + need + max(work, w) > budget:
+            out.append((cur, used, work))
             cur, used, work = [], 0, 0
         cur.extend(members)
         used += need
         work = max(work, w)
     if cur:
-        groups.append(cur)
-    return groups
+        out.append((cur, used, work))
+    return out
 
 
 def _input_key(x: Tensor):
