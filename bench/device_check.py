@@ -256,6 +256,16 @@ def section_correctness(run: Run) -> Dict[str, object]:
                     rows.append({"case": "op kfac_update auto dispatch", "dtype": dname, "shape": shape,
                                  "rel_err": 0.0, "tol": 0.0, "result": "pass" if picked == "triton" else "FAIL",
                                  "note": f"backend_for -> {picked}"})
+                # the accumulating form (statistics pass): added into non-zero fp32 sums
+                base = [torch.randn(*a.shape, generator=gen).to(dev) for a in (Zr, Gr, sr)]
+                base[0] = base[0] + base[0].T
+                acc = [b.clone() for b in base]
+                tk.kfac_update(x, g, mask, True, out=tuple(acc))
+                record("triton.kfac_update out= (accumulating)", dname, shape,
+                       max(_rel(a - b, r) for a, b, r in zip(acc, base, (Zr, Gr, sr))), tol,
+                       "" if torch.equal(acc[0], acc[0].T) else "Z NOT exactly symmetric")
+                if not torch.equal(acc[0], acc[0].T):
+                    rows[-1]["result"] = "FAIL"
                 # optional outputs: no Z, no g
                 _, Gn, _ = tk.kfac_update(x, g, mask, False)
                 record("triton.kfac_update without Z", dname, shape, _rel(Gn, Gr), tol)
@@ -356,6 +366,7 @@ def section_kfac(run: Run) -> Dict[str, object]:
     import torch
 
     import lorainit_kernels as lk
+    from lorainit_kernels import ops
 
     dev = run.device
     name = _device_name(run)
@@ -385,8 +396,16 @@ def section_kfac(run: Run) -> Dict[str, object]:
                     return lk.kfac_update(x, g, None)
             return call
 
+        Za, Ga, sa = (torch.zeros_like(a) for a in (Z, G, s))
+
+        def triton_in_place():
+            # the statistics pass's form: added into the fp32 sums by the kernel (no temporary)
+            with lk.backends.use("triton"):
+                return ops.kfac_accumulate_(Za, Ga, sa, x, g, None)
+
         providers = {
             "triton": forced("triton"),
+            "triton, in place (kfac_accumulate_)": triton_in_place,
             "cublas_bf16": cublas_bf16,
             "torch backend (fp32 GEMMs)": forced("torch"),
         }

@@ -276,9 +276,11 @@ def kfac_accumulate_(
 
     Inputs as :func:`kfac_update` (already accepted by :func:`check_kfac_inputs`); ``Z`` (n, n)
     symmetric or None (not tracked), ``G`` (m, n) and ``s`` (m,) or None (no ``grad_output``).
-    Returns the number of valid tokens. Where the native kernel runs and the accumulators are
-    contiguous fp32, the sums are added **in place** by the kernel (no (n, n) or (m, n) temporary:
-    the statistics of a 7B down_proj need 485 MiB for ``Z`` alone, and the temporary doubled it);
+    Returns the number of valid tokens. Where the accumulators are contiguous, on the inputs' device
+    and in the dtype the selected backend accumulates in (fp32; the torch backend: fp64 for fp64
+    inputs), the sums are added **in place** by every backend (no (n, n) or (m, n) temporary: the
+    statistics of a 7B down_proj need 485 MiB for ``Z`` alone, and a temporary doubled it; the Triton
+    kernel adds in place when one token split covers the batch, i.e. for every large output);
     otherwise the batch's sums are computed by :func:`kfac_update` and added (one temporary each).
     The caller checks the inputs for NaN/Inf before (the in-place path cannot undo an addition).
     ``backend``: deprecated, use :func:`lorainit_kernels.backends.use`.
@@ -298,10 +300,12 @@ def _kfac_accumulate(Z, G, s, x, grad_output, mask) -> int:
         m2 = None
     with_cov = Z is not None
     accs = [t for t in (Z, G, s) if t is not None]
-    # in place only where the op would run native anyway: the native kernel's accumulating form
-    if backends.select("kfac_update", None, x2, g2, m2, with_cov) == "native" and \
-            all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in accs):
-        backends.kernel("kfac_update", "native", x2, g2, m2, with_cov)(x2, g2, m2, with_cov, (Z, G, s))
+    # Every backend has an accumulating form (the native and Triton kernels add into the tiles they
+    # own, torch by addmm_ with beta = 1): used where the accumulators are what that form adds into.
+    name = backends.select("kfac_update", None, x2, g2, m2, with_cov)
+    acc_dtype = reference.accumulation_dtype(x2) if name == "torch" else torch.float32
+    if all(t.dtype == acc_dtype and t.is_contiguous() and t.device == x2.device for t in accs):
+        backends.kernel("kfac_update", name, x2, g2, m2, with_cov)(x2, g2, m2, with_cov, out=(Z, G, s))
         return count
     Zs, Gs, ss = torch.ops.lorainit.kfac_update(x2, g2, m2, with_cov)
     if Z is not None:

@@ -15,10 +15,25 @@ from . import implements
 
 
 @implements("kfac_update", "torch")
-def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens: ``reference.kfac_update``."""
-    return reference.kfac_update(x, g, mask, with_input_cov, dtype=reference.accumulation_dtype(x))
+    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens: ``reference.kfac_update``.
+
+    ``out``: accumulators ``(Z, G, s)`` (None where not tracked) in ``reference.accumulation_dtype(x)``,
+    added to in place by ``addmm_`` (one GEMM with beta = 1: no (n, n) or (m, n) temporary) and returned.
+    """
+    dtype = reference.accumulation_dtype(x)
+    if out is None:
+        return reference.kfac_update(x, g, mask, with_input_cov, dtype=dtype)
+    Z, G, s = out
+    xv = reference.compact(x, mask).to(dtype)
+    if Z is not None and with_input_cov:
+        Z.addmm_(xv.T, xv)
+    if G is not None and g is not None:
+        gv = reference.compact(g, mask).to(dtype)
+        G.addmm_(gv.T, xv)
+        s += (gv * gv).sum(0)
+    return Z, G, s
 
 
 @implements("weighted_gram", "torch")

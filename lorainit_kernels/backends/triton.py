@@ -22,10 +22,11 @@ def _kernels():
 
 
 @implements("kfac_update", "triton", dtypes=HALF_OR_FP32)
-def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool
+def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``triton.kfac.kfac_update``."""
-    return _kernels().kfac_update(x, g, mask, with_input_cov)
+    """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``triton.kfac.kfac_update``
+    (``out``: fp32 accumulators ``(Z, G, s)`` added to in place by the kernel)."""
+    return _kernels().kfac_update(x, g, mask, with_input_cov, out=out)
 
 
 @implements("weighted_gram", "triton", dtypes=HALF_OR_FP32)

@@ -76,11 +76,18 @@ CONFIGS: Dict[str, BlockConfig] = {
     # fp32 (tf32x3 holds hi and lo parts of both tiles) and widened paths. block_k = 16: with 32,
     # sm_80 needs 255 registers and spills in the G kernel and in the "ieee" variant.
     "fp32_64": BlockConfig(64, 64, 16, num_warps=4, num_stages=3),
+    # The accumulating form's fp32 tiles (the old values' loads in the epilogue): 8 warps, no spills.
+    # Its bf16/fp16 tiles are "tc16_64" (tc16_128 spills there).
+    "fp32_64_w8": BlockConfig(64, 64, 16, num_warps=8, num_stages=3),
 }
 
 
-def default_config(dtype: torch.dtype, rows: int, cols: int, upcast: bool = False) -> BlockConfig:
-    """The shipped configuration for operands of ``dtype`` and an output of ``rows x cols``."""
+def default_config(dtype: torch.dtype, rows: int, cols: int, upcast: bool = False, accumulate: bool = False
+                   ) -> BlockConfig:
+    """The shipped configuration for operands of ``dtype`` and an output of ``rows x cols`` (``accumulate``:
+    for adding into the caller's accumulators, whose loads in the epilogue need smaller tiles per warp)."""
+    if accumulate:
+        return CONFIGS["fp32_64_w8"] if (dtype == torch.float32 or upcast) else CONFIGS["tc16_64"]
     if dtype == torch.float32 or upcast:
         return CONFIGS["fp32_64"]
     return CONFIGS["tc16_128"] if min(rows, cols) >= 512 else CONFIGS["tc16_64"]
@@ -107,7 +114,7 @@ def _weighted_gram_kernel(
     stride_a, stride_b, stride_out,
     tokens_per_split,
     HAS_WEIGHTS: tl.constexpr, GATHER: tl.constexpr, SYMMETRIC: tl.constexpr, ROW_SQ: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[i, j] = sum_t w[t] * a[r_t, i] * b[r_t, j] over one tile and one token split, fp32 accumulate.
@@ -121,6 +128,8 @@ def _weighted_gram_kernel(
     ROW_SQ: the programs of tile column 0 also store ``sq[i] = sum_t w[t] * a[r_t, i]^2``.
     Split s covers tokens [s * tokens_per_split, (s+1) * tokens_per_split) and writes the partial
     sums of out (M x N) and sq (M) at offset s in the (splits, M, N) and (splits, M) buffers.
+    ACCUMULATE (one split only): out and sq are the caller's accumulators, and each element stored is
+    the one loaded plus the new sum (each element is owned by one program: no race, no temporary).
     Reference: ``lorainit_kernels.reference.kfac_update`` / ``weighted_gram``.
     """
     pid = tl.program_id(0)
@@ -176,16 +185,27 @@ def _weighted_gram_kernel(
 
     out_ptr += split.to(tl.int64) * M * N
     mask = in_m[:, None] & in_n[None, :]
+    direct = out_ptr + offs_m[:, None] * stride_out + offs_n[None, :]
     if SYMMETRIC:
-        # Store only i <= j and mirror it: Z[j, i] is bitwise Z[i, j], also inside diagonal tiles.
+        # Store only i <= j and mirror it: Z[j, i] is bitwise Z[i, j], also inside diagonal tiles
+        # (when accumulating: as long as the accumulator was symmetric bitwise, as every Z here is).
         upper = mask & (offs_m[:, None] <= offs_n[None, :])
-        tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc, mask=upper)
         strict = mask & (offs_m[:, None] < offs_n[None, :])
-        tl.store(out_ptr + offs_n[None, :] * stride_out + offs_m[:, None], acc, mask=strict)
+        mirrored = out_ptr + offs_n[None, :] * stride_out + offs_m[:, None]
+        if ACCUMULATE:
+            tl.store(mirrored, acc + tl.load(mirrored, mask=strict, other=0.0), mask=strict)
+            acc += tl.load(direct, mask=upper, other=0.0)
+        else:
+            tl.store(mirrored, acc, mask=strict)
+        tl.store(direct, acc, mask=upper)
     else:
-        tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc, mask=mask)
+        if ACCUMULATE:
+            acc += tl.load(direct, mask=mask, other=0.0)
+        tl.store(direct, acc, mask=mask)
     if ROW_SQ:
         if pid_n == 0:
+            if ACCUMULATE:
+                sq += tl.load(sq_ptr + offs_m, mask=in_m, other=0.0)
             tl.store(sq_ptr + split * M + offs_m, sq, mask=in_m)
 
 
@@ -231,7 +251,7 @@ def _upcast(a_dtype: torch.dtype, b_dtype: torch.dtype, weighted: bool) -> bool:
 
 def _kernel_constexprs(
     a_dtype: torch.dtype, b_dtype: torch.dtype, *, weighted: bool, gather: bool, symmetric: bool,
-    row_sq: bool, precision: str, config: BlockConfig, interpreting: bool,
+    row_sq: bool, precision: str, config: BlockConfig, interpreting: bool, accumulate: bool = False,
 ) -> dict:
     """The compile-time arguments of ``_weighted_gram_kernel`` for one call (also used by the AOT tests)."""
     upcast = _upcast(a_dtype, b_dtype, weighted)
@@ -240,7 +260,7 @@ def _kernel_constexprs(
         HAS_WEIGHTS=weighted, GATHER=gather, SYMMETRIC=symmetric, ROW_SQ=row_sq, UPCAST=upcast,
         # input_precision only matters for fp32 operands (and the interpreter's widened bf16: exact).
         PRECISION=precision if dot_dtype == torch.float32 else "ieee",
-        BF16_DOT_IN_FP32=interpreting and dot_dtype == torch.bfloat16,
+        BF16_DOT_IN_FP32=interpreting and dot_dtype == torch.bfloat16, ACCUMULATE=accumulate,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
     )
 
@@ -248,11 +268,19 @@ def _kernel_constexprs(
 def _outer(
     a: Tensor, b: Tensor, w: Optional[Tensor], idx: Optional[Tensor], T: int, *,
     symmetric: bool, row_sq: bool, config, split_k: Optional[int], precision: str,
+    acc: Optional[Tensor] = None, sq_acc: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Launch ``_weighted_gram_kernel``: (out (M, N), sq (M,) or None) for T (compacted) tokens, T >= 1."""
+    """Launch ``_weighted_gram_kernel``: (out (M, N), sq (M,) or None) for T (compacted) tokens, T >= 1.
+
+    ``acc`` (M, N) / ``sq_acc`` (M,), fp32 contiguous: add the sums to them and return them. With one
+    token split the kernel adds in place; with several (few output tiles: small outputs) the
+    partial sums are added after the launch.
+    """
     M, N = a.shape[1], b.shape[1]
     upcast = _upcast(a.dtype, b.dtype, w is not None)
-    if config is None:
+    if config is None and acc is not None:  # not autotuned: a timing run would add into the accumulators
+        cfg = default_config(a.dtype, M, N, upcast, accumulate=True)
+    elif config is None:
         cfg = _pick_config(a, b, w, idx, T, symmetric, row_sq, upcast, precision)
     else:
         cfg = _as_config(config)
@@ -268,11 +296,15 @@ def _outer(
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     per_split = triton.cdiv(triton.cdiv(T, int(splits)), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(T, per_split)  # no empty splits
-    out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32)
-    sq = torch.empty((splits, M), device=a.device, dtype=torch.float32) if row_sq else None
+    in_place = acc is not None and splits == 1
+    if in_place:
+        out, sq = acc, sq_acc
+    else:
+        out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32)
+        sq = torch.empty((splits, M), device=a.device, dtype=torch.float32) if row_sq else None
     meta = _kernel_constexprs(a.dtype, b.dtype, weighted=w is not None, gather=idx is not None,
                               symmetric=symmetric, row_sq=row_sq, precision=precision, config=cfg,
-                              interpreting=triton_interpreting())
+                              interpreting=triton_interpreting(), accumulate=in_place)
     _weighted_gram_kernel[(tiles, splits)](
         a, b, w, idx, out, sq,
         T, M, N,
@@ -280,10 +312,17 @@ def _outer(
         per_split,
         **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if in_place:
+        return acc, sq_acc
     # Partial sums of the splits are added in a fixed order: deterministic, unlike atomics.
     out = out[0] if splits == 1 else out.sum(0)
     if sq is not None:
         sq = sq[0] if splits == 1 else sq.sum(0)
+    if acc is not None:
+        acc += out
+        if sq is not None:
+            sq_acc += sq
+        return acc, sq_acc
     return out, sq
 
 
@@ -296,6 +335,7 @@ def kfac_update(
     config: Union[None, str, BlockConfig] = None,
     split_k: Optional[int] = None,
     fp32_precision: Optional[str] = None,
+    out: Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(Zs, Gs, ss) = (sum_t x_t x_t^T, sum_t g_t x_t^T, sum_t g_t * g_t)`` over the valid tokens, fp32.
 
@@ -304,7 +344,10 @@ def kfac_update(
     (0, 0) when ``with_input_cov`` is False; ``Gs`` (m, n) and ``ss`` (m,) are (0, n) and (0,) when
     ``g`` is None. ``config`` (a name in ``CONFIGS`` or a ``BlockConfig``), ``split_k`` (token splits,
     default: automatic on GPU, 1 otherwise) and ``fp32_precision`` (default ``FP32_DOT_PRECISION``)
-    are tuning knobs; the result does not depend on them beyond rounding.
+    are tuning knobs; the result does not depend on them beyond rounding. ``out``: accumulators
+    ``(Z, G, s)`` (fp32, contiguous, on ``x``'s device; None where not tracked) that the sums are added
+    to, in place by the kernel (no (n, n) or (m, n) temporary when one token split covers the batch),
+    and returned.
     """
     op = "kfac_update"
     _check_rows("x", x, op)
@@ -324,6 +367,15 @@ def kfac_update(
         T = idx.numel()
     m = 0 if g is None else g.shape[1]
     f32 = dict(device=x.device, dtype=torch.float32)
+    if out is not None:
+        Z, G, s = _check_accumulators(out, n, m, x.device, op)
+        if T > 0:
+            knobs = dict(config=config, split_k=split_k, precision=precision)
+            if Z is not None and with_input_cov:
+                _outer(x, x, None, idx, T, symmetric=True, row_sq=False, acc=Z, **knobs)
+            if G is not None and g is not None:
+                _outer(g, x, None, idx, T, symmetric=False, row_sq=True, acc=G, sq_acc=s, **knobs)
+        return Z, G, s
     if T == 0:  # no valid token: the sums are exactly zero
         Zs = torch.zeros((n, n) if with_input_cov else (0, 0), **f32)
         return Zs, torch.zeros((m, n), **f32), torch.zeros((m,), **f32)
@@ -364,6 +416,23 @@ def weighted_gram(
         return torch.zeros((d, d), device=v.device, dtype=torch.float32)
     out, _ = _outer(v, v, w, None, T, symmetric=True, row_sq=False,
                     config=config, split_k=split_k, precision=precision)
+    return out
+
+
+def _check_accumulators(out, n: int, m: int, device, op: str):
+    """``out = (Z, G, s)`` as accumulators of ``kfac_update``: fp32, contiguous, shaped (n, n), (m, n), (m,)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise ValueError(f"triton {op}: out must be a tuple (Z, G, s), got {type(out).__name__}")
+    want = {"Z": (n, n), "G": (m, n), "s": (m,)}
+    for name, t in zip(("Z", "G", "s"), out):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or tuple(t.shape) != want[name]:
+            raise ValueError(f"triton {op}: accumulator {name} must be a contiguous fp32 tensor of shape "
+                             f"{want[name]} on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if (out[1] is None) != (out[2] is None):
+        raise ValueError(f"triton {op}: accumulators G and s go together (got one of them None)")
     return out
 
 

@@ -42,11 +42,12 @@ def test_cpu_smoke_kernels_kfac_and_lobpcg_sections(tmp_path, monkeypatch):
     cases = {r["case"] for r in corr["rows"]}
     for name in ("triton.kfac_update Z", "triton.weighted_gram (negative weights)", "op kfac_update (Z, G, s)",
                  "op weighted_gram", "op sym_matmul", "op rr_grams", "lobpcg k smallest: objective",
-                 "guidance_matrix Omega"):
+                 "guidance_matrix Omega", "triton.kfac_update out= (accumulating)"):
         assert name in cases
     assert {r["dtype"] for r in corr["rows"]} >= {"float32", "bfloat16", "float16"}
     kfac = res["sections"]["kfac_update"]
-    assert {r["provider"] for r in kfac["rows"]} == {"triton", "cublas_bf16", "torch backend (fp32 GEMMs)"}
+    assert {r["provider"] for r in kfac["rows"]} == {"triton", "triton, in place (kfac_accumulate_)", "cublas_bf16",
+                                                   "torch backend (fp32 GEMMs)"}
     lob = res["sections"]["lobpcg"]
     assert lob["swept_n"] == [48, 96] and "not importable" in lob["cupy"]
     assert all(r["reaches_1e-5"] == "yes" for r in lob["rows"])

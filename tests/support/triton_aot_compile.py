@@ -26,13 +26,14 @@ _SCALARS = ("T", "M", "N", "stride_a", "stride_b", "stride_out", "tokens_per_spl
 
 
 def variants():
-    """(name, a_dtype, b_dtype, weighted, gather, symmetric, row_sq, precision, config) of every shipped launch.
+    """(name, a_dtype, b_dtype, weighted, gather, symmetric, row_sq, precision, config, accumulate) of every shipped launch.
 
     Z = sum x x^T over masked tokens (gather, upper-triangle tiles); G = sum g x^T with the fused
     row sums of g^2 (gather); WG = weighted Gram (weights, symmetric). bf16/fp16 use the tensor-core
     configurations; weighted fp16 and mixed dtypes are widened to fp32 and use the fp32 configuration,
     like the launcher. fp32 is compiled with the default tf32x3 and, once, with "ieee" (no tensor cores
-    by design: the exact-fp32 option).
+    by design: the exact-fp32 option). "+acc": the accumulating form (``kfac_update(..., out=...)``: the
+    statistics added into the caller's accumulators by the kernel).
     """
     out = []
     for dt in ("bf16", "fp16"):
@@ -48,6 +49,10 @@ def variants():
         out.append((f"{kind}/fp32/fp32_64", "fp32", "fp32", weighted, gather, sym, sq, "tf32x3", "fp32_64"))
     out.append(("Z/fp32-ieee/fp32_64", "fp32", "fp32", False, True, True, False, "ieee", "fp32_64"))
     out.append(("G/bf16xfp32/fp32_64", "bf16", "fp32", False, True, False, True, "tf32x3", "fp32_64"))
+    out = [v + (False,) for v in out]
+    for dt, cfg in (("bf16", "tc16_64"), ("fp16", "tc16_64"), ("fp32", "fp32_64_w8")):
+        out.append((f"Z+acc/{dt}/{cfg}", dt, dt, False, True, True, False, "tf32x3", cfg, True))
+        out.append((f"G+acc/{dt}/{cfg}", dt, dt, False, True, False, True, "tf32x3", cfg, True))
     return out
 
 
@@ -84,7 +89,7 @@ def _ptxas_report(ptx: str, cap: int) -> dict:
 
 
 def compile_one(args) -> dict:
-    (name, a_dt, b_dt, weighted, gather, symmetric, row_sq, precision, cfg_name), cap = args
+    (name, a_dt, b_dt, weighted, gather, symmetric, row_sq, precision, cfg_name, accumulate), cap = args
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -95,7 +100,7 @@ def compile_one(args) -> dict:
     cfg = K.CONFIGS[cfg_name]
     meta = K._kernel_constexprs(torch_dt[a_dt], torch_dt[b_dt], weighted=weighted, gather=gather,
                                 symmetric=symmetric, row_sq=row_sq, precision=precision, config=cfg,
-                                interpreting=False)
+                                interpreting=False, accumulate=accumulate)
     fn = K._weighted_gram_kernel
     sig = {"a_ptr": f"*{a_dt}", "b_ptr": f"*{b_dt}",
            "w_ptr": "*fp32" if weighted else "constexpr",

@@ -160,11 +160,62 @@ def test_block_configs_and_splits(config, split_k):
     assert rel(W.cpu(), reference.weighted_gram(x.cpu(), w.cpu(), dtype=torch.float64)) <= wtol
 
 
+@pytest.mark.parametrize("config,split_k", [("fp32_64", 1), ("fp32_64", 3), ("tc16_64", 1), ("tiny16", 1), ("tiny16", 2)])
+@pytest.mark.parametrize("track", ["all", "z_only", "g_only"])
+def test_kfac_update_adds_into_accumulators(config, split_k, track):
+    """``out=(Z, G, s)``: the sums are added to non-zero accumulators (in the kernel with one token split,
+    after it with several), the same tensors are returned, Z stays bitwise symmetric."""
+    cfg = _TINY if config == "tiny16" else tk.CONFIGS[config]
+    dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
+    gen = torch.Generator().manual_seed(zlib.crc32(f"acc-{config}-{split_k}-{track}".encode()))
+    n, m = 2 * cfg.block_n + 7, cfg.block_m + 5
+    T = 2 * cfg.block_k * split_k + 3
+    x, g = rows(T, n, dtype, gen, 3), rows(T, m, dtype, gen)
+    mask = make_mask(T, "pad30", gen)
+    x0, g0 = torch.randn(40, n, generator=gen, dtype=torch.float64), torch.randn(40, m, generator=gen, dtype=torch.float64)
+    Z0 = x0.T @ x0
+    Z0 = (Z0 + Z0.T) / 2  # bitwise symmetric, like every accumulator the statistics keep
+    G0, s0 = g0.T @ x0, (g0 * g0).sum(0)
+    Z = Z0.float().to(DEVICE) if track != "g_only" else None
+    G = G0.float().to(DEVICE) if track != "z_only" else None
+    s = s0.float().to(DEVICE) if track != "z_only" else None
+    ptrs = [None if a is None else a.data_ptr() for a in (Z, G, s)]
+    res = tk.kfac_update(x, g if G is not None else None, mask, Z is not None, config=cfg, split_k=split_k,
+                         out=(Z, G, s))
+    assert [None if a is None else a.data_ptr() for a in res] == ptrs
+    Zr, Gr, sr = reference.kfac_update(x.cpu(), g.cpu(), mask.cpu(), True, dtype=torch.float64)
+    tol = tol32(int(mask.sum()) + 40)
+    if Z is not None:
+        assert rel(Z.cpu(), Z0.float().double() + Zr) <= tol
+        assert torch.equal(Z, Z.T)
+    if G is not None:
+        assert rel(G.cpu(), G0.float().double() + Gr) <= tol and rel(s.cpu(), s0.float().double() + sr) <= tol
+
+
+def test_kfac_update_rejects_bad_accumulators():
+    gen = torch.Generator().manual_seed(5)
+    x, g = rows(9, 6, torch.float32, gen), rows(9, 4, torch.float32, gen)
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"accumulator Z must be a contiguous fp32 tensor of shape \(6, 6\)"):
+        tk.kfac_update(x, g, None, True, out=(torch.zeros(5, 5, **f32), torch.zeros(4, 6, **f32), torch.zeros(4, **f32)))
+    with pytest.raises(ValueError, match="accumulator G .*not contiguous"):
+        tk.kfac_update(x, g, None, True, out=(None, torch.zeros(6, 4, **f32).T, torch.zeros(4, **f32)))
+    with pytest.raises(ValueError, match="accumulator s must be a contiguous fp32"):
+        tk.kfac_update(x, g, None, True, out=(None, torch.zeros(4, 6, **f32), torch.zeros(4, dtype=torch.float64, device=DEVICE)))
+    with pytest.raises(ValueError, match="G and s go together"):
+        tk.kfac_update(x, g, None, True, out=(None, torch.zeros(4, 6, **f32), None))
+    with pytest.raises(ValueError, match="out must be a tuple"):
+        tk.kfac_update(x, g, None, True, out=torch.zeros(6, 6, **f32))
+
+
 def test_default_config_choice():
     assert tk.default_config(torch.float32, 4096, 4096) is tk.CONFIGS["fp32_64"]
     assert tk.default_config(torch.bfloat16, 4096, 4096) is tk.CONFIGS["tc16_128"]
     assert tk.default_config(torch.float16, 64, 4096) is tk.CONFIGS["tc16_64"]
     assert tk.default_config(torch.float16, 4096, 4096, upcast=True) is tk.CONFIGS["fp32_64"]
+    # the accumulating form: tiles whose epilogue (loading the old sums) compiles without spills
+    assert tk.default_config(torch.bfloat16, 4096, 4096, accumulate=True) is tk.CONFIGS["tc16_64"]
+    assert tk.default_config(torch.float32, 4096, 4096, accumulate=True) is tk.CONFIGS["fp32_64_w8"]
     for cfg in tk.CONFIGS.values():  # every shipped config can serve a symmetric output
         assert cfg.block_m == cfg.block_n
 
