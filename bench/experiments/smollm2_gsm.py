@@ -26,7 +26,8 @@ init tolerates a rate tuned for another, not which init is better (arXiv 2602.04
 * Also under the same protocol: a run at each init's suggested rate
   (``report.suggest_lr(lora's chosen rate)``) to validate ``lr_scale``; LoRA-DA's Table 6 ablations
   and LoRA-DA with step 0 (its A, B = 0), on a narrow grid around LoRA-DA's chosen rate; the rank
-  sweep r = 1, 2, 4 for plain LoRA and LoRA-DA around each one's rate at r=8.
+  sweep r = 1, 2, 4 for plain LoRA and LoRA-DA around each one's rate at r=8 (that rate and 3x either
+  side, chosen anew per rank on the validation split; ``--sweep-grid chosen``: the r=8 rate alone).
 
 Runs are scheduled in that order and written after each one: ``--resume`` (default on) keeps every
 finished run of an earlier JSON with the same settings, so the experiment completes in pieces.
@@ -164,11 +165,15 @@ def plan(runs: Sequence[Dict], args) -> List[Tuple[Key, str]]:
     for m in [m for m in args.method_list if m in ABLATIONS]:  # 5. ablations around LoRA-DA's rate
         if base is not None:
             local(m, rank, around(base))
-    for m in args.sweep_methods:  # 6. the rank sweep around each method's rate at r=rank
-        c8 = chosen_lr(runs, m, rank)
+    for m in args.sweep_methods:  # 6. the rank sweep at (or around) each method's rate at r=rank
+        c8 = chosen_lr(runs, m, rank) if rate_is_final(runs, m, rank, grid, args.max_extend) else None
         if c8 is not None:
             for r in args.sweep_ranks:
-                local(m, r, around(c8))
+                if args.sweep_grid == "around":
+                    local(m, r, around(c8))
+                else:
+                    for s in args.seed_list:
+                        need(m, r, c8, s)
     return out
 
 
@@ -509,7 +514,8 @@ def markdown(payload: Dict) -> str:
     base = chosen_lr(runs, "lora_da", rank)
     lines += md_table(best_rate_rows(runs, ["lora_da"] + ablations, rank,
                                      lambda m: main_grid if m == "lora_da" else (around(base), 1)))
-    lines += ["", "## Rank sweep (LoRA-DA Fig. 4), each at its own rate", ""]
+    lines += ["", "## Rank sweep (LoRA-DA Fig. 4), " + ("each at its own rate" if args.get("sweep_grid") == "around" else
+                                                      f"each method at its rate chosen at r={rank}"), ""]
     lines += md_table(rank_rows(runs, args["sweep_methods"], sorted(set(args["sweep_ranks"] + [rank]))))
     lines += ["", "## The grid (seed 0): validation loss / test exact match per learning rate", ""]
     grid_lrs = sorted({r["lr"] for r in runs if r["rank"] == rank and r["seed"] == 0 and r.get("phase") != "suggested"})
@@ -593,6 +599,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--sweep-ranks", default="1,2,4", help="the rank sweep's ranks besides --rank ('' for none)")
     p.add_argument("--sweep-methods", default=",".join(SWEEP_METHODS))
+    p.add_argument("--sweep-grid", choices=("around", "chosen"), default="around",
+                   help="the rank sweep's rates: each method's rate chosen at --rank and 3x either side, chosen anew "
+                        "per rank on the validation split (default), or that rate alone (cheaper)")
     p.add_argument("--layers", default="20-29", help="decoder layers with adapters, 'a-b' (SmolLM2 has 0-29)")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=96, help="validation problems (the learning-rate choice)")
