@@ -119,7 +119,8 @@ def _batches(samples: int):
 
 
 def child(mode: str, out: str, samples: int, quick: bool) -> None:
-    """One measured call in its own process: ``baseline`` or a budget fraction (``none``, ``0.5``, ...)."""
+    """One measured call in its own process: ``baseline``, ``none``, a fraction of all statistics (``0.5``)
+    or a multiple of the smallest workable budget (``s1.5``: 1.5x what ``estimate_memory`` names)."""
     from lorainit import LoRADAConfig, estimate_memory, initialize_lora
     from lorainit.targets import find_targets
 
@@ -144,7 +145,12 @@ def child(mode: str, out: str, samples: int, quick: bool) -> None:
         return
     cfg0 = LoRADAConfig(step_scale=0.1, n_train=N_TRAIN)
     full = estimate_memory(model, "lora_da", cfg0)
-    budget = None if mode == "none" else int(full.stats_bytes * float(mode))
+    if mode == "none":
+        budget = None
+    elif mode.startswith("s"):
+        budget = int(full.smallest_budget * float(mode[1:]))
+    else:
+        budget = int(full.stats_bytes * float(mode))
     cfg = cfg0.replace(max_memory=budget)
     plan = estimate_memory(model, "lora_da", cfg, strict=False)
     sampler = _Sampler()
@@ -246,11 +252,12 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         baseline = _run_child("baseline", tmp, samples, quick)["measured"]
-        rows.append({"row": "baseline: plain forward/backward", "max_memory": "-", "passes": "-",
+        rows.append({"row": "baseline: plain forward/backward", "max_memory": "-", "at least the smallest workable": "",
+                     "passes": "-",
                      "predicted peak MiB": "-", "extra peak MiB": round(baseline / MiB),
                      "above baseline MiB": 0, "above baseline / budget": "", "above baseline / predicted": "",
                      "peak: statistics pass / solve MiB": "", "adapters max abs diff": "", "init s": ""})
-        for frac in ("none", "0.5", "0.25"):
+        for frac in ("none", "s1.5", "s1.0", "0.5", "0.25"):
             res = _run_child(frac, tmp, samples, quick)
             ad = res.pop("adapters")
             if ref is None:
@@ -259,8 +266,10 @@ def run(quick: bool = False) -> dict:
             budget = res["budget"]
             above = res["measured"] - baseline
             ph = res.get("phases", {})
-            rows.append({"row": "initialize_lora", "max_memory":
-                         "none" if budget is None else f"{frac} x stats = {budget / MiB:.0f} MiB",
+            label = (f"{frac[1:]} x smallest = {budget / MiB:.0f} MiB" if frac.startswith("s") else
+                     f"{frac} x stats = {budget / MiB:.0f} MiB") if budget is not None else "none"
+            workable = "" if budget is None else ("yes" if budget >= res["smallest"] else "no (below)")
+            rows.append({"row": "initialize_lora", "max_memory": label, "at least the smallest workable": workable,
                          "passes": res["passes"], "predicted peak MiB": round(res["predicted"] / MiB),
                          "extra peak MiB": round(res["measured"] / MiB), "above baseline MiB": round(above / MiB),
                          "above baseline / budget": "" if budget is None else round(above / budget, 2),
