@@ -532,6 +532,14 @@ def markdown(payload: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _line_styles(methods: List[str]) -> Dict[str, Dict]:
+    """One colour per method (tab20 holds 20), the ablations dotted: 18 lines stay apart."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {m: dict(color=cmap(i % 20), ls=":" if ":" in m else "-", lw=1.3) for i, m in enumerate(methods)}
+
+
 def plot(payload: Dict, out: Path) -> None:
     import matplotlib
 
@@ -541,42 +549,48 @@ def plot(payload: Dict, out: Path) -> None:
     args, runs = payload["args"], payload["runs"]
     rank = args["rank"]
     methods = [m for m in args["method_list"] if grid_runs(runs, m, rank)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    style = _line_styles(methods)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.4), dpi=110)
     for m in methods:
         g = sorted(grid_runs(runs, m, rank), key=lambda r: r["lr"])
-        ax1.plot([r["lr"] for r in g], [min(val_score(r), 10.0) for r in g], marker="o", label=m, lw=1.2)
-        ax2.plot([r["lr"] for r in g], [r["accuracy"] for r in g], marker="o", label=m, lw=1.2)
-    ax1.axhline(payload["base_val_loss"], color="gray", ls=":", label="base model")
-    ax2.axhline(payload["base_accuracy"], color="gray", ls=":", label="base model")
+        ax1.plot([r["lr"] for r in g], [min(val_score(r), 10.0) for r in g], marker="o", ms=3.5, label=m, **style[m])
+        ax2.plot([r["lr"] for r in g], [r["accuracy"] for r in g], marker="o", ms=3.5, label=m, **style[m])
+    ax1.axhline(payload["base_val_loss"], color="gray", ls="--", lw=0.8, label="base model")
+    ax2.axhline(payload["base_accuracy"], color="gray", ls="--", lw=0.8, label="base model")
     for ax, yl in ((ax1, "validation loss (answer tokens; diverged = 10)"), (ax2, "test exact match")):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
     ax1.set_yscale("log")
-    ax2.legend(fontsize=7, ncol=2)
+    ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"SmolLM2-135M, LoRA r={rank}: each init across learning rates (seed 0)")
     fig.tight_layout()
     fig.savefig(out / "smollm2_gsm_lr.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for m in methods:
-        c, rs = chosen_runs(runs, m, rank)
-        curves = [r["train_losses"] for r in rs if r["train_losses"]]
-        if not curves:
-            continue
-        n = min(len(x) for x in curves)
-        mean = torch.tensor([x[:n] for x in curves]).mean(0)
-        if n >= 5:
-            mean = torch.nn.functional.avg_pool1d(mean[None, None], 5, 1, padding=2, count_include_pad=False)[0, 0, :n]
-        ax.plot(range(n), mean.numpy(), label=f"{m} (lr {c:g})", lw=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (answer tokens, mean over seeds)")
-    ax.set_title(f"SmolLM2-135M, LoRA r={rank}: fine-tuning at each init's chosen rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # Two panels: the inits side by side, then LoRA-DA against its own ablations (and plain LoRA).
+    panels = ([m for m in methods if ":" not in m],
+              [m for m in methods if m in ("lora", "lora_da") or m.startswith("lora_da:")])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), dpi=110, sharey=True)
+    for ax, group, title in zip(axes, panels, ("every init", "LoRA-DA and its ablations")):
+        for m in group:
+            c, rs = chosen_runs(runs, m, rank)
+            curves = [r["train_losses"] for r in rs if r["train_losses"]]
+            if not curves:
+                continue
+            n = min(len(x) for x in curves)
+            mean = torch.tensor([x[:n] for x in curves]).mean(0)
+            if n >= 5:
+                mean = torch.nn.functional.avg_pool1d(mean[None, None], 5, 1, padding=2, count_include_pad=False)[0, 0, :n]
+            ax.plot(range(n), mean.numpy(), label=f"{m} (lr {c:g})", **style[m])
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("train loss (answer tokens, mean over seeds, 5-step average)")
+    fig.suptitle(f"SmolLM2-135M, LoRA r={rank}: fine-tuning at each init's chosen rate")
     fig.tight_layout()
     fig.savefig(out / "smollm2_gsm_loss.png")
     plt.close(fig)
