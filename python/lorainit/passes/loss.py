@@ -187,6 +187,10 @@ class LossRunner:
                     raise LoRAInitError("token_mask='labels' needs token-level 'labels' in every batch")
             if out.decoder is None and isinstance(dam, Tensor):
                 out.decoder = ("decoder_attention_mask", dam.to(self.device).bool())
+            if out.decoder is None:
+                dec = batch.get("decoder_input_ids", batch.get("decoder_inputs_embeds"))
+                if isinstance(dec, Tensor) and dec.dim() >= 2:
+                    out.decoder_length = int(dec.shape[1])
             return out
         mask = self.mask(batch)
         if mask is not None:
@@ -301,13 +305,22 @@ class LossRunner:
             raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
                                 f"attention_mask)")
         if self.mode is None:
-            if not bool(torch.isfinite(loss)):  # no mode to detect from a NaN: the caller names the NaN
-                return counts["shifted"] if counts["shifted"] > 0 else counts["unshifted"]
+            if not bool(torch.isfinite(loss)):
+                if counts["shifted"] == 0 and isinstance(logits, Tensor) and bool(torch.isfinite(logits).all()):
+                    # finite logits, NaN loss: a shifted mean over no tokens (0/0), not an overflow
+                    raise _NoLossTokens(self._no_shifted_tokens(index))
+                return counts["shifted"] if counts["shifted"] > 0 else counts["unshifted"]  # the caller names the NaN
             self.mode = self._detect_mode(labels, logits, loss, index)
         count = counts[self.mode]
         if count <= 0:
-            raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100)")
+            raise _NoLossTokens(self._no_shifted_tokens(index) if self.mode == "shifted" else
+                                f"batch {index} has no loss tokens (every label is -100)")
         return count
+
+    @staticmethod
+    def _no_shifted_tokens(index: int) -> str:
+        return (f"batch {index} has no loss tokens: a causal LM predicts no label at a row's first position, and "
+                f"no row has a label after it (rows of one token?)")
 
     @staticmethod
     def _detect_mode(labels: Tensor, logits: Optional[Tensor], loss: Tensor, index: int) -> str:

@@ -66,6 +66,7 @@ class TokenMasks:
     examples: Optional[int] = None
     encoder: Optional[Tuple[str, Tensor]] = None
     decoder: Optional[Tuple[str, Tensor]] = None
+    decoder_length: Optional[int] = None  # the decoder sequence's length where it has no mask
 
     @property
     def primary(self) -> Optional[Tensor]:
@@ -134,6 +135,10 @@ class LayerMasks:
         if masks.examples is not None and math.prod(lead) == masks.examples and len(lead) <= 1:
             return None, "one token per example"
         side = self.side(name, x)
+        if side == "decoder" and masks.decoder is None and masks.decoder_length is not None and len(lead) >= 2 \
+                and lead[:2] == (masks.examples, masks.decoder_length):
+            # a decoder input without a decoder mask, even when it is as long as the encoder's mask
+            return None, "all decoder positions"
         order = [masks.decoder, masks.encoder] if side == "decoder" else \
             [masks.encoder] if side == "encoder" else [masks.encoder, masks.decoder]
         cands = [c for c in order if c is not None]

@@ -232,12 +232,20 @@ def test_rows_of_one_token_have_no_causal_loss_tokens_once_the_normalization_is_
         runner.forward(_one_token_rows(), 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on the first batch the normalization is detected from the loss; rows "
-                                       "of one token give the model a 0/0 = NaN mean, and the error blames the "
-                                       "module computing the loss for an overflow")
 def test_rows_of_one_token_in_the_first_batch_have_no_causal_loss_tokens():
     with pytest.raises(LoRAInitError, match=r"^batch 0 has no loss tokens"):
         LossRunner(tiny_llama().eval()).forward(_one_token_rows(), 0)
+
+
+def test_a_nan_forward_with_no_shifted_tokens_is_still_a_nan_forward():
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0].fill_(float("nan"))
+    batch = _one_token_rows()
+    batch["input_ids"][:, 0] = 0  # the NaN reaches the logits: an overflow-like failure, not missing tokens
+    with pytest.raises(LoRAInitError) as err:
+        LossRunner(model).forward(batch, 0)
+    assert "no loss tokens" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ prepare / forward inputs
@@ -346,6 +354,11 @@ def test_masks_of_an_encoder_decoder_batch():
     assert runner.masks({"input_ids": am, "labels": torch.tensor([1, 2, 0])}) == TokenMasks(examples=3)
     with pytest.raises(LoRAInitError, match="token_mask='labels' needs token-level 'labels'"):
         LossRunner(_seq2seq(), token_mask="labels").masks({"input_ids": am, "decoder_attention_mask": dam})
+    # no decoder mask: the decoder's length tells its inputs from the encoder's, even when both are equal
+    got = runner.masks({"input_ids": am, "attention_mask": am, "decoder_input_ids": am})
+    assert got.decoder is None and got.decoder_length == 6 and got.encoder[0] == "attention_mask"
+    assert runner.masks({"input_ids": am, "attention_mask": am, "labels": labels, "decoder_input_ids": am}) \
+        .decoder_length is None  # the labels give the decoder mask
 
 
 # ------------------------------------------------------------------------------------------ user loss_fn

@@ -270,13 +270,14 @@ def test_an_encoder_decoder_input_matching_no_mask_lists_both_masks():
         lm.select("q", torch.randn(12, 8), masks)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a decoder layer of a batch without a decoder mask (e.g. a loss_fn batch "
-                                       "with decoder_input_ids, no labels) gets 'all decoder positions' when the "
-                                       "lengths differ but the encoder's attention_mask when they are equal")
-def test_a_decoder_layer_without_a_decoder_mask_uses_every_decoder_position_whatever_the_lengths():
-    lm, seen, am, dm = _seq2seq_run(5, 5)
-    assert lm.select("q", seen["q"], TokenMasks(examples=3, encoder=("attention_mask", am))) == \
-        (None, "all decoder positions")
+@pytest.mark.parametrize("enc_len,dec_len", [(5, 5), (7, 3), (3, 7)])
+def test_a_decoder_layer_without_a_decoder_mask_uses_every_decoder_position_whatever_the_lengths(enc_len, dec_len):
+    lm, seen, am, dm = _seq2seq_run(enc_len, dec_len)
+    masks = TokenMasks(examples=3, encoder=("attention_mask", am), decoder_length=dec_len)  # what LossRunner.masks builds
+    for name in ("q", "ff"):
+        assert lm.select(name, seen[name], masks) == (None, "all decoder positions"), name
+    assert lm.select("k", seen["k"], masks) == (am, "attention_mask")  # it reads the encoder's output
+    assert lm.select("encoder.0", seen["encoder.0"], masks) == (am, "attention_mask")
 
 
 def _t5():
