@@ -435,8 +435,9 @@ class _Prepared:
         ``STEP_NORM_RTOL[dtype]`` in one iteration: 1-3 iterations from ``A`` on realistic statistics,
         where a full-tolerance LOBPCG took ~5 iterations of a costlier step (bench/results/step_norm.md:
         several times faster, the step within 1e-6 of the exact one).
-        A batch that reaches ``maxiter`` first warns (RuntimeWarning, naming the batch indices and the
-        last relative change, an estimate of the error). For fp32 ``dW`` the returned value is
+        Each matrix iterates on its own (with the same seeded random columns), so its value does not
+        depend on its batch. A matrix that reaches ``maxiter`` first warns (RuntimeWarning, naming the
+        batch indices and the last relative change, an estimate of the error). For fp32 ``dW`` the returned value is
         ``||dW v||`` of the top Ritz vector ``v`` evaluated in fp64 from ``dW`` read in row blocks (at
         most ``_FP64_BLOCK_BYTES`` of fp64 at a time): quadratic in the vector's error.
         """
@@ -447,41 +448,54 @@ class _Prepared:
         if b == 0:
             return torch.zeros(self.batch, dtype=torch.float64, device=dW.device)
         W3 = dW.reshape(b, m, n)
-        # dW^T Y as (Y^T dW)^T: a row-major dW streamed once (MKL's transposed thin GEMM was 16x slower)
-        tmul = lambda Y: (Y.transpose(-1, -2) @ W3).transpose(-1, -2)             # noqa: E731
-        gen = torch.Generator(device=dW.device).manual_seed(0x5167)
-        extra = torch.randn((b, n, 2), generator=gen, dtype=torch.float64, device=dW.device).to(dt)
-        X = extra if start is None else torch.cat([start.reshape(b, n, -1).to(dt), extra], dim=-1)
-        X = X[..., :n]
+        starts = None if start is None else start.reshape(b, n, -1)
         rtol = STEP_NORM_RTOL[dt]
-        prev = None
-        it = 0
-        while True:
-            X = torch.linalg.qr(X)[0]
-            Y = torch.bmm(W3, X)
-            Yd = Y.double()
-            theta, U = torch.linalg.eigh(Yd.transpose(-1, -2) @ Yd)
-            sig = theta[:, -1].clamp_min(0).sqrt()
-            it += 1
-            change = None if prev is None else (sig - prev).abs() / sig.clamp_min(1e-300)
-            if change is not None and (bool((change <= rtol).all()) or it >= maxiter):
-                break
-            prev = sig
-            X = tmul(Y)
-        if not bool((change <= rtol).all()):
-            bad = (change > rtol).nonzero().flatten().tolist()
+        sigmas, changes = [], []
+        for i in range(b):  # each matrix on its own: its sigma does not depend on its batch
+            sig, change = _sigma_max(W3[i], None if starts is None else starts[i], dt, rtol, maxiter)
+            sigmas.append(sig)
+            changes.append(change)
+        bad = [i for i, c in enumerate(changes) if c > rtol]
+        if bad:
             where = ", ".join(str(batch_index(i, self.batch)) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
             warnings.warn(f"{self.op}: sigma_max(dW) for the step normalization did not settle to {rtol:.0e} "
                           f"within {maxiter} subspace iterations (batch index {where}; last relative change "
-                          f"{float(change.max()):.2e})", RuntimeWarning, stacklevel=3)
-        v = X @ U[:, :, -1:].to(dt)                                    # top Ritz vector (b, n, 1)
-        if dt == torch.float64:
-            return sig.reshape(self.batch)
-        v = v.double()
-        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
-        rows = max(1, _FP64_BLOCK_BYTES // (8 * n * b))
-        nu = torch.cat([W3[:, i0:min(m, i0 + rows), :].double() @ v for i0 in range(0, m, rows)], dim=-2)
-        return nu.norm(dim=-2)[:, 0].reshape(self.batch)
+                          f"{max(changes):.2e})", RuntimeWarning, stacklevel=3)
+        return torch.stack(sigmas).reshape(self.batch)
+
+
+def _sigma_max(W: Tensor, start: Optional[Tensor], dt: torch.dtype, rtol: float, maxiter: int) -> Tuple[Tensor, float]:
+    """``(sigma_max(W) as an fp64 scalar, last relative change)`` of one (m, n) matrix: the subspace
+    iteration of :meth:`_Prepared.step_norm`."""
+    m, n = W.shape
+    # W^T Y as (Y^T W)^T: a row-major W streamed once (MKL's transposed thin GEMM was 16x slower)
+    tmul = lambda Y: (Y.transpose(-1, -2) @ W).transpose(-1, -2)             # noqa: E731
+    gen = torch.Generator(device=W.device).manual_seed(0x5167)
+    extra = torch.randn((n, 2), generator=gen, dtype=torch.float64, device=W.device).to(dt)
+    X = extra if start is None else torch.cat([start.to(dt), extra], dim=-1)
+    X = X[:, :n]
+    prev, change, it = None, float("inf"), 0
+    while True:
+        X = torch.linalg.qr(X)[0]
+        Y = W @ X
+        Yd = Y.double()
+        theta, U = torch.linalg.eigh(Yd.transpose(-1, -2) @ Yd)
+        sig = theta[-1].clamp_min(0).sqrt()
+        it += 1
+        if prev is not None:
+            change = float((sig - prev).abs() / sig.clamp_min(1e-300))
+            if change <= rtol or it >= maxiter:
+                break
+        prev = sig
+        X = tmul(Y)
+    if dt == torch.float64:
+        return sig, change
+    # fp32: ||W v|| of the top Ritz vector v in fp64, W read in row blocks (quadratic in v's error)
+    v = (X @ U[:, -1:].to(dt)).double()
+    v = v / v.norm().clamp_min(1e-300)
+    rows = max(1, _FP64_BLOCK_BYTES // (8 * n))
+    nu = torch.cat([W[i0:min(m, i0 + rows)].double() @ v for i0 in range(0, m, rows)])
+    return nu.norm(), change
 
 
 def _acc(t: Tensor) -> torch.dtype:

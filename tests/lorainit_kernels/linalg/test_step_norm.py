@@ -73,3 +73,29 @@ def test_non_convergence_warns_with_the_batch_index():
         warnings.simplefilter("error")
         prep.step_norm()
     assert math.isfinite(float(nu[0]))
+
+
+@pytest.mark.parametrize("solver,n,m", [("eigh", 53, 29), ("lobpcg", 203, 71)])
+def test_a_layers_factors_do_not_depend_on_its_batch(solver, n, m):
+    """Bitwise: a layer solved in a stack of three gives what it gives alone (the LOBPCG start is seeded
+    per layer, sigma_max(dW) iterates per matrix), so a solve may batch layers of one shape freely."""
+    stats = [_random_stats(m, n, 70 + i, torch.float32) for i in range(3)]
+    kw = dict(n_train=1e4, solver=solver, return_info=True, step_norm=True)
+    A, P, ev, info = lk.lora_da_factors(*(torch.stack(t) for t in zip(*stats)), 5, seeds=[3, 4, 5], **kw)
+    for i, (Z, G, s) in enumerate(stats):
+        Ai, Pi, evi, infoi = lk.lora_da_factors(Z[None], G[None], s[None], 5, seeds=[3 + i], **kw)
+        assert torch.equal(A[i], Ai[0]) and torch.equal(P[i], Pi[0]) and torch.equal(ev[i], evi[0])
+        assert torch.equal(info["step_norm"][i], infoi["step_norm"][0])
+
+
+def test_non_convergence_names_only_the_matrices_that_did_not_settle():
+    Z, G, s = _random_stats(120, 150, 5, torch.float64)
+    g = torch.Generator().manual_seed(9)
+    G1 = torch.randn(120, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 150, generator=g, dtype=torch.float64)
+    prep = gd._Prepared("lora_da_factors", torch.stack([Z, Z]), torch.stack([G1, G]), torch.stack([s, s]),
+                        1e4, 0.1, 1.0, 1.0, True)
+    prep.omega("torch")
+    with pytest.warns(RuntimeWarning, match=r"did not settle.*batch index \(1,\);"):
+        nu = prep.step_norm(maxiter=3)  # rank-one dW settles in 3 iterations, the flat spectrum does not
+    dW, _ = _exact(Z, G1, s)
+    assert abs(float(nu[0]) / float(torch.linalg.matrix_norm(dW, ord=2)) - 1) < 1e-12
