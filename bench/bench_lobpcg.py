@@ -328,9 +328,23 @@ def _run(quick: bool) -> dict:
             "the bulk relative to their distance from lambda_min, so it saves few iterations.",
         ] + _verdict(main) + _split_note(main) + _cpu1_note(cpu1) + [
             f"Crossover sweep (scaling rows, batch 2, k=8): lorainit.lobpcg is faster than batched eigh from "
-            f"n = {crossover} on (the smallest swept n from which every larger one has speedup >= 1); "
-            f"lorainit_kernels.defaults.EIGH_CROSSOVER_N['cpu'] is set from it."],
+            f"n = {crossover} on (the smallest swept n from which every larger one has speedup >= 1). "
+            + _crossover_verdict(crossover, scaling)],
     }
+
+
+def _crossover_verdict(crossover, scaling: list) -> str:
+    """How the measured crossover compares with the one the solver dispatch uses (set per device type
+    from one machine's sweep: CPUs differ, and a benchmark run does not rewrite the constant)."""
+    from lorainit_kernels.defaults import EIGH_CROSSOVER_N
+
+    used = EIGH_CROSSOVER_N["cpu"]
+    if crossover == used:
+        return f"lorainit_kernels.defaults.EIGH_CROSSOVER_N['cpu'] = {used} agrees."
+    at = [r.get("speedup_vs_eigh") for r in scaling if r["provider"].endswith("lorainit.lobpcg") and r["n"] == used]
+    there = f": at n = {used} lorainit.lobpcg runs at {at[0]:.2f}x batched eigh here" if at and at[0] else ""
+    return (f"lorainit_kernels.defaults.EIGH_CROSSOVER_N['cpu'] = {used} was measured on another CPU (its "
+            f"docstring){there}.")
 
 
 def _crossover(scaling: list):
