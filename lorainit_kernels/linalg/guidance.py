@@ -437,9 +437,10 @@ class _Prepared:
         several times faster, the step within 1e-6 of the exact one).
         Each matrix iterates on its own (with the same seeded random columns), so its value does not
         depend on its batch. A matrix that reaches ``maxiter`` first warns (RuntimeWarning, naming the
-        batch indices and the last relative change, an estimate of the error). For fp32 ``dW`` the returned value is
-        ``||dW v||`` of the top Ritz vector ``v`` evaluated in fp64 from ``dW`` read in row blocks (at
-        most ``_FP64_BLOCK_BYTES`` of fp64 at a time): quadratic in the vector's error.
+        batch indices and the last relative change, an estimate of the error). For fp32 ``dW`` the
+        returned value is ``||dW v||`` of the top Ritz vector ``v`` evaluated in fp64 from ``dW``
+        read in row blocks (at most ``_FP64_BLOCK_BYTES`` of fp64 at a time): quadratic in the
+        vector's error.
         """
         dW = self.dW
         m, n = self.m, self.n
