@@ -450,5 +450,7 @@ def eval_loss(model: nn.Module, targets: Dict[str, TargetLayer], runner: LossRun
                 total += float(loss)
                 count += c
     total, count = dist_utils.all_reduce_scalars([total, count])
-    value = total / max(count, 1)
+    if count == 0:  # a loss over nothing would read as a perfect score
+        raise LoRAInitError("held-out loss: no batches on any process")
+    value = total / count
     return value if math.isfinite(value) else math.inf

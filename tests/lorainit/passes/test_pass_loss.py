@@ -587,3 +587,5 @@ def test_eval_loss_of_a_summed_loss_fn_is_per_example_and_nonfinite_is_inf():
     assert eval_loss(model, targets, LossRunner(model, mlp_loss, loss_reduction="sum"), batches) == float("inf")
     with pytest.raises(LoRAInitError, match="batch 0 is a tuple, not a mapping"):
         eval_loss(model, targets, LossRunner(model), batches)
+    with pytest.raises(LoRAInitError, match="^held-out loss: no batches on any process$"):
+        eval_loss(model, targets, LossRunner(model, mlp_loss, loss_reduction="sum"), [])
