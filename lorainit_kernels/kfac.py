@@ -13,13 +13,32 @@ Sums are kept (not means) so that accumulators merge and all-reduce exactly.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import backends
 from .ops import check_kfac_inputs, kfac_accumulate_
+
+
+def _check_buffers(buffers, shapes, device, dtype) -> Tuple[Optional[Tensor], ...]:
+    """``buffers`` of :class:`KFACStats` checked against the sums it tracks (ValueError naming the buffer)."""
+    if not isinstance(buffers, (tuple, list)) or len(buffers) != 3:
+        raise ValueError("KFACStats: buffers must be a tuple (z_sum, g_sum, s_sum)")
+    for label, buf, shape in zip(("z_sum", "g_sum", "s_sum"), buffers, shapes):
+        if shape is None:
+            if buf is not None:
+                raise ValueError(f"KFACStats: buffers' {label} must be None: this accumulator does not track it")
+            continue
+        if not isinstance(buf, Tensor) or tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device \
+                or not buf.is_contiguous():
+            got = f"{tuple(buf.shape)} {buf.dtype} on {buf.device}" if isinstance(buf, Tensor) else type(buf).__name__
+            raise ValueError(f"KFACStats: buffers' {label} must be a contiguous {shape} {dtype} tensor on {device}, "
+                             f"got {got}")
+        if bool(buf.any()):
+            raise ValueError(f"KFACStats: buffers' {label} must be zero-filled (the sums start from zero)")
+    return tuple(buffers)
 
 
 class KFACStats:
@@ -48,6 +67,10 @@ class KFACStats:
             applies), ``"native"``, ``"triton"`` or ``"torch"``: the updates run inside
             ``backends.use(backend)``; a forced backend that cannot take an update's inputs raises
             ``backends.BackendNotSupported``.
+        buffers: ``(z_sum, g_sum, s_sum)``, zero-filled contiguous tensors of shapes (n, n), (m, n),
+            (m) on ``device`` in ``dtype`` to accumulate into instead of fresh ones (None where that
+            sum is not tracked), e.g. slices ``Zs[i], Gs[i], ss[i]`` of stacks shared by several
+            layers of one shape, whose statistics then feed one batched solve without a copy.
 
     An update whose inputs are invalid (wrong shapes, dtypes or devices, NaN/Inf in a valid token)
     raises and leaves the accumulator exactly as it was. Updates add into the accumulators in place
@@ -68,6 +91,7 @@ class KFACStats:
         device=None,
         dtype: torch.dtype = torch.float32,
         backend: Optional[str] = "auto",
+        buffers: Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None,
     ):
         for name, val in (("in_features", in_features), ("out_features", out_features)):
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
@@ -86,9 +110,12 @@ class KFACStats:
         self.dtype = dtype
         n, m = in_features, out_features
         kw = dict(device=self.device, dtype=dtype)
-        self.z_sum = torch.zeros(n, n, **kw) if track_input_cov else None
-        self.g_sum = torch.zeros(m, n, **kw) if m is not None and track_grad else None
-        self.s_sum = torch.zeros(m, **kw) if m is not None and track_grad else None
+        shapes = ((n, n) if track_input_cov else None, (m, n) if m is not None and track_grad else None,
+                  (m,) if m is not None and track_grad else None)
+        if buffers is None:
+            self.z_sum, self.g_sum, self.s_sum = (None if sh is None else torch.zeros(sh, **kw) for sh in shapes)
+        else:
+            self.z_sum, self.g_sum, self.s_sum = _check_buffers(buffers, shapes, self.device, dtype)
         self.mu_sum = torch.zeros(n, **kw) if track_input_mean else None
         self.y_sum = torch.zeros(m, m, **kw) if track_output_cov else None
         self.count = 0

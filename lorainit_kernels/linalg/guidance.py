@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, defaults, ops
-from ._common import batch_index, chol_solve
+from ._common import batch_index, chol_solve, per_matrix_matmul
 from .lobpcg import DENSE_BLOCKS, lobpcg, shift_invert_preconditioner
 from .operators import GuidanceOperator
 
@@ -673,7 +673,7 @@ def lora_da_factors(
     if need_norm and nu is None:
         # A spans (nearly) dW's top right singular vectors when alpha > 0: a start 1-3 iterations away
         nu = prep.step_norm(start=A if prep.alpha > 0 else None)
-    P = prep.dW @ A
+    P = per_matrix_matmul(prep.dW, A) if prep.dW.dim() == 3 else prep.dW @ A
     if not return_info:
         return A, P, evals
     info["step_norm"] = nu

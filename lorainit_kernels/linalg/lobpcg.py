@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._common import batch_index, chol_solve
+from ._common import batch_index, chol_solve, per_matrix_matmul
 from .operators import CallableOperator, CholeskyInverse, DenseOperator, SymmetricOperator
 
 Operator = Union[Tensor, SymmetricOperator, Callable[[Tensor], Tensor]]
@@ -219,7 +219,7 @@ def _check_symmetric_finite(A: Tensor, batch, n: int) -> None:
 def _gram(U: Tensor, V: Tensor) -> Tensor:
     """``U^T V`` in float64."""
     Ud = U.double()
-    return Ud.transpose(-1, -2) @ (Ud if V is U else V.double())
+    return per_matrix_matmul(Ud, Ud if V is U else V.double(), transpose_u=True)
 
 
 def _svqb(V: Tensor, mask: Tensor, drop: float, cholesky_first: bool = False) -> Tuple[Tensor, Tensor]:
@@ -357,7 +357,7 @@ class _Solver:
         V = torch.where(bad[:, None, :], fresh, V)
         for _ in range(2):
             if basis is not None:
-                V = torch.baddbmm(V, basis, basis.transpose(-1, -2) @ V, alpha=-1.0)
+                V = torch.baddbmm(V, basis, per_matrix_matmul(basis, V, transpose_u=True), alpha=-1.0)
             V, keep = _svqb(V, torch.ones_like(bad), self.drop)
         return V, keep
 
@@ -576,7 +576,7 @@ class _Solver:
             W = torch.nan_to_num(self.chebyshev_filter(R), nan=0.0, posinf=0.0, neginf=0.0)
         else:
             W = R
-        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
+        W = torch.baddbmm(W, XP, per_matrix_matmul(XP, W, transpose_u=True), alpha=-1.0)
         want = ~conv
         W, wmask = _svqb(W, want, self.drop, cholesky_first=self.sync)
         lost = want & ~wmask
@@ -588,7 +588,7 @@ class _Solver:
                 W = W.index_copy(0, rows, Wr)
                 wmask = wmask.index_copy(0, rows, kr & want.index_select(0, rows))
                 self.replaced.index_add_(0, self.active.index_select(0, rows), torch.ones_like(rows))
-        W = torch.baddbmm(W, XP, XP.transpose(-1, -2) @ W, alpha=-1.0)
+        W = torch.baddbmm(W, XP, per_matrix_matmul(XP, W, transpose_u=True), alpha=-1.0)
         return W, wmask
 
     # ---- Rayleigh-Ritz and basis update ----------------------------------------------------------
@@ -610,7 +610,7 @@ class _Solver:
             Bs, Hs = self.rr_grams([XP, W], [AXP, AW])
         else:
             SASd = torch.cat([XP, W, AXP, AW], dim=-1).double()
-            G = SASd[:, :, :q].transpose(-1, -2) @ SASd
+            G = per_matrix_matmul(SASd[:, :, :q], SASd, transpose_u=True)
             Bs, Hs = G[:, :, :q], G[:, :, q:]
         # NaN guard: only A W can be non-finite (X, P, AX, AP are combinations of finite blocks), and
         # a NaN/Inf anywhere in column c of a matrix's A W reaches Hs[0, 2 nb + c] (x_1 is dense).

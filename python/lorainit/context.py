@@ -220,7 +220,8 @@ class InitContext:
     def iter_stats(self, names: Optional[Sequence[str]] = None, *, batches: Optional[Sequence[Any]] = None,
                    max_memory: Optional[int] = None, dtype: torch.dtype = torch.float32, backend: str = "auto",
                    token_mask: str = "attention", working_set: Optional[Callable[[str], int]] = None,
-                   extras: Sequence[str] = (), grads: bool = True) -> Iterator[Dict[str, LayerStats]]:
+                   extras: Sequence[str] = (), grads: bool = True,
+                   stack_size: int = 1) -> Iterator[Dict[str, LayerStats]]:
         """K-FAC statistics of the targets ``names`` (all by default) over ``batches`` (default: all).
 
         Yields one dict ``{name: LayerStats}`` per pass. With ``max_memory`` (bytes) below what the
@@ -233,6 +234,9 @@ class InitContext:
         pass, ``"mean"`` (``LayerStats.mu``) and ``"output_cov"`` (``LayerStats.Y``); none by default.
         ``grads=False``: a forward-only pass (no backward, ``G`` and ``s`` None), for methods that need no
         gradient statistics; a cache it writes holds none either (a gradient method then needs its own).
+        ``stack_size`` > 1: same-shape layers that read their input alone get their ``Z, G, s`` as slices
+        of shared stacks of up to that many layers (a batched solve reads them without a copy; a cache
+        hit gives separate tensors).
 
         With ``stats_cache`` (:mod:`lorainit.cache`) a matching cache file replaces the passes
         (the groups of the current budget are read one at a time), a missing one is written from the
@@ -268,7 +272,7 @@ class InitContext:
                 with self.timed("stats_pass"):
                     done = stats_pass(self.model, self.targets, group, batches, runner, dtype=dtype, backend=backend,
                                       progress=self.progress and self.rank == 0, desc=desc, extras=extras,
-                                      with_grad=grads)
+                                      with_grad=grads, stack_size=stack_size)
                 self.timings["stats_kernels"] = self.timings.get("stats_kernels", 0.0) + done.kernel_s
                 yield len(groups), done
                 done = None

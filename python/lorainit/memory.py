@@ -48,7 +48,8 @@ from lorainit_kernels.linalg import choose_solver
 from .passes.stats import pack_passes, pack_passes_sized, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
-__all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "snapshot_bytes", "grad_bytes",
+__all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "batched_solve_bytes", "solve_stacks",
+           "snapshot_bytes", "grad_bytes",
            "release_freed_host_memory",
            "structural_sharing", "MiB"]
 
@@ -195,16 +196,50 @@ def _units(names: Sequence[str], shared: Dict[str, str]) -> List[List[str]]:
     return list(units.values())
 
 
+def batched_solve_bytes(t: TargetLayer, count: int, solver: str = "auto", dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one batched LoRA-DA solve of ``count`` layers shaped like ``t`` that read their input
+    alone (their statistics are one stack, Omega in its storage): :func:`solve_bytes` plus, per further
+    layer, its LOBPCG blocks, factors and ``s_d`` (the capped fp64 and packing buffers are per call)."""
+    e, m, n, r = _elem(dtype), t.m, t.n, max(t.r, 1)
+    return solve_bytes(t, solver, dtype) + (count - 1) * e * (80 * n * r + r * (m + n + 1) + 3 * m)
+
+
+def solve_stacks(targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],
+                 solve_batch: int) -> List[List[str]]:
+    """The layers LoRA-DA solves together (``solve_batch`` > 1, no budget): linear targets that read their
+    input alone, grouped by ``(n, m, device)`` in model order, in stacks of up to ``solve_batch``
+    (:class:`lorainit.passes.stats.StatsCollector` allocates their statistics the same way); stacks
+    of one layer are left out."""
+    readers: Dict[str, int] = {}
+    for name in names:
+        readers[shared.get(name, name)] = readers.get(shared.get(name, name), 0) + 1
+    groups: Dict[tuple, List[str]] = {}
+    for name in names:
+        t = targets[name]
+        if readers[shared.get(name, name)] == 1 and t.kind != "embedding":
+            groups.setdefault((t.n, t.m, str(t.device)), []).append(name)
+    return [g[i:i + solve_batch] for g in groups.values() for i in range(0, len(g), max(solve_batch, 1))
+            if len(g[i:i + solve_batch]) > 1]
+
+
 def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],
-                 budget: Optional[int], *, solver: str = "auto", dtype: torch.dtype = torch.float32) -> MemoryPlan:
-    """Passes of LoRA-DA under ``budget`` bytes (None: one pass); see the module docstring."""
+                 budget: Optional[int], *, solver: str = "auto", dtype: torch.dtype = torch.float32,
+                 solve_batch: int = 1) -> MemoryPlan:
+    """Passes of LoRA-DA under ``budget`` bytes (None: one pass); see the module docstring.
+    ``solve_batch`` > 1 without a budget: the batched solves of :func:`solve_stacks` (LOBPCG layers)."""
     units = _units(names, shared)
     u_stats = [sum(stats_bytes(targets[n], dtype, with_z=(i == 0)) for i, n in enumerate(u)) for u in units]
     u_work = [max(solve_bytes(targets[n], solver, dtype, shares_input=len(u) > 1) for n in u) for u in units]
+    stacked_work = 0  # the largest batched solve (budget None: one pass, so it adds to that pass's work)
+    if budget is None and solve_batch > 1:
+        for stack in solve_stacks(targets, names, shared, solve_batch):
+            t = targets[stack[0]]
+            if (solver if solver != "auto" else choose_solver(t.n, max(t.r, 1), t.device)) == "lobpcg":
+                stacked_work = max(stacked_work, batched_solve_bytes(t, len(stack), solver, dtype))
     smallest = max(s + w for s, w in zip(u_stats, u_work))
     packed = pack_passes_sized([(u, s, w) for u, s, w in zip(units, u_stats, u_work)], budget)
     groups = [members for members, _, _ in packed]
-    per = [{"stats": used, "peak": used + work} for _, used, work in packed]
+    per = [{"stats": used, "peak": used + max(work, stacked_work)} for _, used, work in packed]
     peak = max(d["peak"] for d in per)
     return MemoryPlan("lora_da", budget, groups, sum(u_stats), peak, smallest, per_group=per)
 
@@ -274,7 +309,8 @@ def estimate_memory(model: nn.Module, method: str = "lora_da", config=None, *, d
 
             ctx = InitContext(model, targets, dataloader, num_samples=1, progress=False)
             shared = probe_shared_inputs(model, targets, names, ctx.runner(config.token_mask), ctx.batches[0])
-        plan = plan_lora_da(targets, names, shared, budget, solver=config.solver, dtype=config.stats_dtype)
+        plan = plan_lora_da(targets, names, shared, budget, solver=config.solver, dtype=config.stats_dtype,
+                            solve_batch=config.solve_batch)
         if any(o != n for n, o in shared.items()):
             plan.notes.append("layers sharing an input share one Z: damped and Cholesky-factored once, in place, "
                               "for all of them; Z_d^-1 is kept beside one Omega until the last of them is solved")

@@ -269,3 +269,28 @@ def test_token_order_does_not_matter(spec, backend):
     for s1, s2 in zip(out[:3], outp[:3]):
         scale = max(s2.abs().max().item(), 1e-30)
         assert (s1 - s2).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_stats_accumulate_into_given_buffers(backend, device):
+    """``buffers``: slices of stacks shared by layers of one shape take the sums in place (no copy), the
+    neighbouring slices untouched; bad buffers are named."""
+    be = on(backend, device)
+    g = torch.Generator().manual_seed(11)
+    n, m, T = 13, 7, 29
+    Zs, Gs, ss = (torch.zeros(3, *sh, device=device) for sh in ((n, n), (m, n), (m,)))
+    st = KFACStats(n, m, device=device, backend=be, buffers=(Zs[1], Gs[1], ss[1]))
+    x, gr = torch.randn(T, n, generator=g).to(device), torch.randn(T, m, generator=g).to(device)
+    mask = torch.rand(T, generator=g) < 0.7
+    st.update(x, gr, mask.to(device))
+    ref = KFACStats(n, m, device=device, backend=be)
+    ref.update(x, gr, mask.to(device))
+    assert st.z_sum.data_ptr() == Zs[1].data_ptr() and torch.equal(Zs[1], ref.z_sum)
+    assert torch.equal(Gs[1], ref.g_sum) and torch.equal(ss[1], ref.s_sum)
+    assert not Zs[0].any() and not Zs[2].any() and not Gs[2].any() and not ss[0].any()
+    with pytest.raises(ValueError, match=r"buffers' g_sum must be a contiguous \(7, 13\)"):
+        KFACStats(n, m, device=device, buffers=(torch.zeros(n, n, device=device), Gs[0].t(), ss[0]))
+    with pytest.raises(ValueError, match="buffers' z_sum must be zero-filled"):
+        KFACStats(n, m, device=device, buffers=(Zs[1], Gs[0], ss[0]))
+    with pytest.raises(ValueError, match="buffers' z_sum must be None"):
+        KFACStats(n, m, track_input_cov=False, device=device, buffers=(Zs[0], Gs[0], ss[0]))

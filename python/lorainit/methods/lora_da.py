@@ -28,7 +28,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -114,6 +114,11 @@ class LoRADAConfig(InitConfig):
             ``"eigh"``. The report records per layer the solver used, its iterations, whether all
             ``r`` pairs converged and the largest relative residual
             ``||Omega a - lambda a|| / (||Omega|| + |lambda|)``, as the solver computed them.
+        solve_batch: without ``max_memory``, up to this many layers of one shape that read their input
+            alone (o_proj, down_proj) accumulate their statistics into one stack and are solved in one
+            batched LOBPCG call (their LOBPCG blocks side by side: about ``80 n r`` floats per layer;
+            ``estimate_memory`` counts them); 1 = one layer at a time, as always with ``max_memory``.
+            The adapters do not depend on it (a layer's solve is bitwise the same alone or batched).
         solver_options: ``{"tol": float > 0, "maxiter": int >= 1}`` (either key optional) passed to
             ``lorainit_kernels.methods.lora_da`` for the LOBPCG; empty (default) = its defaults.
         step_grid: the etas ``"auto"`` tries (besides 0; default ``defaults.STEP_GRID``);
@@ -136,6 +141,7 @@ class LoRADAConfig(InitConfig):
     max_memory: Optional[int] = None
     solver: str = "auto"
     solver_options: Dict[str, Any] = field(default_factory=dict)
+    solve_batch: int = 8
     step_grid: Tuple[float, ...] = tuple(defaults.STEP_GRID)
     holdout_fraction: float = 0.125
     stats_dtype: torch.dtype = torch.float32
@@ -165,6 +171,7 @@ class LoRADAConfig(InitConfig):
         check_number(c, "solver_options['tol']", self.solver_options.get("tol"), positive=True, allow_none=True)
         check_int(c, "solver_options['maxiter']", self.solver_options.get("maxiter"), minimum=1, allow_none=True)
         object.__setattr__(self, "solver_options", dict(self.solver_options))
+        check_int(c, "solve_batch", self.solve_batch, minimum=1)
         grid = tuple(self.step_grid) if isinstance(self.step_grid, (list, tuple)) else None
         if not grid:
             raise ValueError(f"{c}: step_grid must be a non-empty sequence of positive numbers, got {self.step_grid!r}")
@@ -269,21 +276,23 @@ def _solve_embeddings(ctx: InitContext, config: LoRADAConfig, part, names, n_tra
         bar.update(1)
 
 
-def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -> None:
+def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results, solve_batch: int = 1) -> None:
     """Solve the layers of one statistics pass on their owner rank (then broadcast).
 
-    Layers are solved one at a time, grouped by the input they read: a ``Z`` shared by several layers
-    (q/k/v, gate/up; ``LayerStats.z_owner``) is damped and Cholesky-factored **once, in place**
+    Layers are solved grouped by the input they read: a ``Z`` shared by several layers (q/k/v,
+    gate/up; ``LayerStats.z_owner``) is damped and Cholesky-factored **once, in place**
     (``lorainit_kernels.linalg.factor_input_cov(overwrite=True)``: the means are this method's own and
     nobody reads them after the solve), and the factor serves each of its layers, whatever their
     ``m`` (q and k/v under GQA). Each solve may use its ``G`` as workspace (``overwrite=True``: ``G``
     becomes ``H = G Z_d^-1``, then ``dW``), and the last layer of an input turns the factor into
     ``Z_d^-1`` and that into its Omega in place, so a layer's solve allocates no (n, n) or (m, n)
     tensor beyond one Omega (none for a layer that reads its input alone) and, for a shared input,
-    the cached ``Z_d^-1``. A layer's statistics leave ``part`` before its solve (a shared ``Z`` with
-    the last of its layers), so their memory is freed as the solve consumes them. The structure of
-    the solves does not depend on ``max_memory`` and each layer's LOBPCG start is seeded from its
-    name, so the adapters do not depend on the budget.
+    the cached ``Z_d^-1``. Layers that read their input alone are solved in runs of up to
+    ``solve_batch`` (:func:`_runs`): one batched call on the stack their statistics were accumulated
+    in (no copy). A layer's statistics leave ``part`` before its solve (a shared ``Z`` with the last
+    of its layers), so their memory is freed as the solve consumes them. Each layer's LOBPCG start is
+    seeded from its name and its solve does not depend on its batch, so the adapters depend neither
+    on ``max_memory`` nor on ``solve_batch``.
     """
     n_train = {}
     for name, st in part.items():
@@ -302,36 +311,25 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
     bar = ctx.progress_bar(len(mine), "lorainit LoRA-DA solve", unit="layer")
     try:
         _solve_embeddings(ctx, config, part, embeddings, n_train, results, bar)
+        alone = [names[0] for names in units.values() if len(names) == 1]
+        for run in _runs(ctx, config, part, alone, n_train, solve_batch):
+            _solve_run(ctx, config, part, run, n_train[run[0]], results, bar)
         for owner, names in units.items():
+            if len(names) == 1:
+                continue
             factor = None
             if needs_factor:
                 factor = kernel_call(f"lora_da (the input of {owner})", names, lkg.factor_input_cov, part[names[0]].Z,
                                      damping=config.damping, overwrite=True, uses=len(names))
             for name in names:
-                t, st = ctx.targets[name], part[name]
+                st = part[name]
                 part[name] = _Solved(st.count)  # the solve consumes G (and Z, with the input's last layer)
                 Z = factor if factor is not None else st.Z
                 G, s = st.G.unsqueeze(0), st.s.unsqueeze(0)
                 _release(st)
                 del st
-                t0 = time.perf_counter()
-                factors, info = kernel_call(
-                    f"lora_da (shape {t.m}x{t.n}, r={t.r})", [name], lkm.lora_da, Z, G, s, t.r, n_train=n_train[name],
-                    scaling=t.scaling, step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False,
-                    damping=config.damping, bias_weight=config.bias_weight, variance_weight=config.variance_weight,
-                    fisher=config.fisher, solver=config.solver, seeds=[layer_seed(name)], overwrite=True,
-                    **config.solver_options)
+                _solve_call(ctx, config, [name], Z, G, s, n_train[name], results, bar)
                 del Z, G, s
-                row = {"eigenvalues": info["evals"][0].tolist(), "time_s": time.perf_counter() - t0,
-                       **_solver_row(info["solver"], 0)}
-                if info.get("step_norm") is not None:
-                    row["step_norm"] = float(info["step_norm"][0])
-                ctx.record(name, **row)
-                results[name] = UnitStep(factors.lora_A[0].float().clone(), factors.lora_B[0].float().clone(),
-                                         info["evals"][0].float().clone())
-                del factors, info
-                bar.update(1)
-                bar.set_postfix(layer=".".join(name.split(".")[-3:]), refresh=False)
             if factor is not None:
                 factor.release()
             del factor
@@ -355,6 +353,76 @@ def _solve_part(ctx: InitContext, config: LoRADAConfig, part, owners, results) -
                 ctx.record(name, eigenvalues=results[name].eigenvalues.tolist())
     elif err is not None:
         raise err
+
+
+def _stack_view(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One ``(len, *shape)`` view of ``tensors`` when they are consecutive slices of one storage (the
+    stacks :class:`lorainit.passes.stats.StatsCollector` accumulates in), else None."""
+    t0 = tensors[0]
+    step = t0.numel()
+    for i, t in enumerate(tensors):
+        if (t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()
+                or t.storage_offset() != t0.storage_offset() + i * step):
+            return None
+    return t0.as_strided((len(tensors),) + tuple(t0.shape), (step,) + tuple(t0.stride()), t0.storage_offset())
+
+
+def _runs(ctx: InitContext, config: LoRADAConfig, part, names: Sequence[str], n_train, solve_batch: int):
+    """``names`` (layers that read their input alone) in runs solved by one batched call: consecutive
+    slices of one statistics stack with the same shape, rank, scaling and ``n_train`` and a LOBPCG
+    solve (a batched dense ``eigh`` would hold every layer's eigenvectors at once), at most
+    ``solve_batch`` long; every other layer is a run of its own."""
+    runs: List[List[str]] = []
+    open_runs: Dict[tuple, List[str]] = {}  # per (shape, rank, scaling, n_train): the run that may grow
+    for name in names:
+        t = ctx.targets[name]
+        key = (t.n, t.m, t.r, t.scaling, n_train[name])
+        solver = config.solver if config.solver != "auto" else lkg.choose_solver(t.n, t.r, t.device)
+        prev = open_runs.get(key)
+        if prev is not None and len(prev) < solve_batch and solver == "lobpcg" and all(
+                _stack_view([getattr(part[n], k) for n in prev + [name]]) is not None for k in ("Z", "G", "s")):
+            prev.append(name)
+            continue
+        runs.append([name])
+        open_runs[key] = runs[-1]
+    return runs
+
+
+def _solve_run(ctx: InitContext, config: LoRADAConfig, part, run: List[str], n_train: float, results, bar) -> None:
+    """One batched solve of the layers ``run`` (reading their inputs alone) on their statistics' stack."""
+    sts = [part[n] for n in run]
+    Z, G, s = (_stack_view([getattr(st, k) for st in sts]) if len(run) > 1 else getattr(sts[0], k).unsqueeze(0)
+               for k in ("Z", "G", "s"))
+    for name, st in zip(run, sts):
+        part[name] = _Solved(st.count)  # the solve consumes the stack
+        _release(st)
+    del sts
+    _solve_call(ctx, config, run, Z, G, s, n_train, results, bar)
+
+
+def _solve_call(ctx: InitContext, config: LoRADAConfig, run: List[str], Z, G, s, n_train: float, results, bar) -> None:
+    """``lorainit_kernels.methods.lora_da`` on the layers ``run`` (one shape; ``Z`` a stack, a single
+    layer's or an ``InputFactor``), in place, each layer's LOBPCG start seeded from its name."""
+    t = ctx.targets[run[0]]
+    t0 = time.perf_counter()
+    factors, info = kernel_call(
+        f"lora_da (shape {t.m}x{t.n}, r={t.r})", run, lkm.lora_da, Z, G, s, t.r, n_train=n_train,
+        scaling=t.scaling, step_scale=1.0, normalize_step=config.normalize_step, preserve_output=False,
+        damping=config.damping, bias_weight=config.bias_weight, variance_weight=config.variance_weight,
+        fisher=config.fisher, solver=config.solver, seeds=[layer_seed(n) for n in run], overwrite=True,
+        **config.solver_options)
+    seconds = (time.perf_counter() - t0) / len(run)
+    for i, name in enumerate(run):
+        row = {"eigenvalues": info["evals"][i].tolist(), "time_s": seconds, "batched_with": len(run),
+               **_solver_row(info["solver"], i)}
+        if info.get("step_norm") is not None:
+            row["step_norm"] = float(info["step_norm"][i])
+        ctx.record(name, **row)
+        results[name] = UnitStep(factors.lora_A[i].float().clone(), factors.lora_B[i].float().clone(),
+                                 info["evals"][i].float().clone())
+        bar.update(1)
+    bar.set_postfix(layer=".".join(run[-1].split(".")[-3:]), refresh=False)
 
 
 def _release(st) -> None:
@@ -445,11 +513,12 @@ def lora_da_init(ctx: InitContext, config: LoRADAConfig) -> Dict[str, LoRAFactor
                           f"statistics and solve): the peak will be about {plan.peak_bytes} bytes; the smallest "
                           f"budget that works is {plan.smallest_budget} bytes (lorainit.estimate_memory)",
                           RuntimeWarning, stacklevel=3)
+    stack = config.solve_batch if config.max_memory is None else 1  # a budget's peaks were measured layer by layer
     for part in ctx.iter_stats(ctx.names, batches=stat_batches, max_memory=config.max_memory,
                                dtype=config.stats_dtype, backend=config.backend, token_mask=config.token_mask,
-                               working_set=work):
+                               working_set=work, stack_size=stack):
         with ctx.timed("solve"):
-            _solve_part(ctx, config, part, owners, results)
+            _solve_part(ctx, config, part, owners, results, stack)
         del part
         memory.release_freed_host_memory()  # the pass's freed statistics and workspace, back to the OS
     missing = [n for n in ctx.names if n not in results]

@@ -188,8 +188,11 @@ class StatsCollector:
 
     def __init__(self, targets: Dict[str, TargetLayer], names: Sequence[str], *, dtype=torch.float32,
                  backend: str = "auto", probe_only: bool = False, model: Optional[nn.Module] = None,
-                 extras: Sequence[str] = (), with_grad: bool = True):
+                 extras: Sequence[str] = (), with_grad: bool = True, stack_size: int = 1):
         self.targets = targets
+        # linear layers of one shape that read their input alone accumulate into slices of shared stacks of
+        # up to this many layers (model order), so that a batched solve reads them without a copy
+        self.stack_size = stack_size
         self.extras = check_extras(extras)
         self.keep_output = "output_cov" in self.extras
         self.with_grad = with_grad  # False: a forward-only pass (Z and the extras; no G, s)
@@ -307,6 +310,7 @@ class StatsCollector:
                         seen[keys[0]] = name
             if self.probe_only:
                 return
+            buffers = self._stacked_buffers()
             for name in self.names:
                 if name not in self.owner:
                     continue
@@ -317,7 +321,7 @@ class StatsCollector:
                                             f"only (an embedding's statistics come from the gradient pass)")
                     self.stats[name] = EmbeddingStats(t.n, t.m, device=t.device, dtype=self.dtype)
                     continue
-                self.stats[name] = self._accumulator(t, self.owner[name] == name)
+                self.stats[name] = self._accumulator(t, self.owner[name] == name, buffers.get(name))
         for name in self.names:
             if name not in self.stats and name in self.calls:
                 raise LoRAInitError(f"module {name!r} ran in batch {self.batch_index} but not in batch 0; "
@@ -356,12 +360,38 @@ class StatsCollector:
             if name in owners and name not in self.stats:
                 self.stats[name] = self._accumulator(self.targets[name], owners[name] == name)
 
-    def _accumulator(self, t: TargetLayer, owns_z: bool) -> lk.KFACStats:
+    def _accumulator(self, t: TargetLayer, owns_z: bool, buffers=None) -> lk.KFACStats:
         """A linear target's accumulator: Z (and the input mean) only where it owns its input's Z."""
         return lk.KFACStats(t.n, t.m, track_input_cov=owns_z, track_grad=self.with_grad,
                             track_input_mean=owns_z and "mean" in self.extras,
                             track_output_cov="output_cov" in self.extras, device=t.device, dtype=self.dtype,
-                            backend=self.backend)
+                            backend=self.backend, buffers=buffers)
+
+    def _stacked_buffers(self) -> Dict[str, tuple]:
+        """``{layer: (Z, G, s) slices}`` for the stacks of :attr:`stack_size` (see ``__init__``): linear
+        layers that read their input alone, grouped by ``(n, m, device)`` in model order."""
+        if self.stack_size <= 1 or not self.with_grad:
+            return {}
+        readers: Dict[str, int] = {}
+        for name in self.owner:
+            readers[self.owner[name]] = readers.get(self.owner[name], 0) + 1
+        groups: Dict[tuple, List[str]] = {}
+        for name in self.names:
+            t = self.targets[name]
+            if self.owner.get(name) == name and readers[name] == 1 and t.kind != "embedding":
+                groups.setdefault((t.n, t.m, t.device), []).append(name)
+        out = {}
+        for (n, m, device), members in groups.items():
+            for i in range(0, len(members), self.stack_size):
+                chunk = members[i:i + self.stack_size]
+                if len(chunk) < 2:
+                    continue
+                kw = dict(device=device, dtype=self.dtype)
+                Zs, Gs, ss = torch.zeros(len(chunk), n, n, **kw), torch.zeros(len(chunk), m, n, **kw), \
+                    torch.zeros(len(chunk), m, **kw)
+                for j, name in enumerate(chunk):
+                    out[name] = (Zs[j], Gs[j], ss[j])
+        return out
 
     def fingerprint(self) -> Dict[str, tuple]:
         """{target that ran here: (Z owner, accumulator dtype, tracks Z)}, what the ranks exchange before reducing."""
@@ -443,12 +473,14 @@ def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names
 def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any],
                runner: LossRunner, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
                progress: bool = False, desc: str = "lorainit statistics", extras: Sequence[str] = (),
-               with_grad: bool = True) -> StatsPass:
+               with_grad: bool = True, stack_size: int = 1) -> StatsPass:
     """K-FAC statistics of the targets ``names`` over ``batches`` (one forward/backward each), all-reduced.
 
     ``extras`` (:data:`EXTRAS`): optional statistics accumulated in the same pass (``LayerStats.mu``, ``.Y``).
     ``with_grad=False``: a forward-only pass (no backward; ``LayerStats.G`` and ``.s`` are None), for the
     methods that need only input/output statistics (EVA, CorDA, Astra): about a third of the cost.
+    ``stack_size`` > 1: same-shape layers that read their input alone accumulate into shared stacks of up
+    to that many layers (:class:`StatsCollector`), for a batched solve without a copy.
 
     With a process group: padded to the same number of batches on every rank, an agreed status after
     each forward and backward, the targets that ran agreed before the bucketed all-reduce (module docstring).
@@ -457,7 +489,7 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
     steps = dist_utils.all_reduce_max(len(batches))
     with pass_state(model, targets, train_mode=True), \
             StatsCollector(targets, names, dtype=dtype, backend=backend, model=model, extras=extras,
-                           with_grad=with_grad) as col:
+                           with_grad=with_grad, stack_size=stack_size) as col:
         bar = progress_bar(len(batches), desc, progress)
         try:
             for i in range(steps):

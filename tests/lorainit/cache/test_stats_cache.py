@@ -285,11 +285,11 @@ def test_failed_write_or_failed_call_leaves_no_cache_and_the_model_untouched(tmp
     solve = lora_da_module._solve_part
     seen = {"n": 0}
 
-    def failing_solve(ctx, config, part, owners, results):
+    def failing_solve(ctx, config, part, owners, results, *rest):
         seen["n"] += 1
         if seen["n"] == 4:
             raise RuntimeError("solver failed")
-        solve(ctx, config, part, owners, results)
+        solve(ctx, config, part, owners, results, *rest)
 
     monkeypatch.setattr(lora_da_module, "_solve_part", failing_solve)
     with pytest.raises(RuntimeError, match="solver failed"):

@@ -214,3 +214,26 @@ def test_rr_grams_bad_input():
         C.rr_grams([(x.data_ptr(), 3, 3, 0)], [(x.data_ptr(), 3, 3, 0)], 1, 5, 4, out.data_ptr(), out.data_ptr())
     with pytest.raises(ValueError, match="1 to 4 column parts"):
         C.rr_grams([], [], 1, 5, 0, 0, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_matrix_gives_the_same_bits_alone_or_in_a_batch(threads):
+    """The thread split of one matrix's sums depends on n and the thread count, never on the batch, so a
+    batched LoRA-DA solve equals the per-layer one bit for bit (two matrices and a 2-core machine used
+    to split the sums of a lone matrix but not those of a batch)."""
+    gen = torch.Generator().manual_seed(21)
+    A = sym((5,), 517, gen).float()
+    W = torch.randn(5, 517, 19, generator=gen)
+    S_parts = [torch.randn(5, 517, 12, generator=gen), torch.randn(5, 517, 7, generator=gen)]
+    A_parts = [torch.randn(5, 517, 12, generator=gen), torch.randn(5, 517, 7, generator=gen)]
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        Y = lk.sym_matmul(A, W)
+        B, H = _native.rr_grams(S_parts, A_parts)
+        for i in range(5):
+            assert torch.equal(Y[i], lk.sym_matmul(A[i:i + 1], W[i:i + 1])[0]), i
+            B1, H1 = _native.rr_grams([p[i:i + 1] for p in S_parts], [p[i:i + 1] for p in A_parts])
+            assert torch.equal(B[i], B1[0]) and torch.equal(H[i], H1[0]), i
+    finally:
+        torch.set_num_threads(prev)
