@@ -24,8 +24,9 @@ c. **LOBPCG**: ``lk.lobpcg`` (k=8 smallest, batch 8, realistic Omega from
    the value for ``lorainit_kernels.defaults.EIGH_CROSSOVER_N["cuda"]``;
 d. **init overhead**: ``initialize_lora(method="lora_da", step_scale=1)`` on SmolLM2-135M (210
    targets, 256 samples x 64 tokens) against a plain forward+backward over the same samples
-   (``bench.common.plain_forward_backward``), both on the GPU; the first init (Triton compiles)
-   and a second one are timed.
+   (``bench.common.plain_forward_backward``), both on the GPU; the first init (Triton compiles),
+   a second one and one with ``solve_batch=1`` (the same-shape layers solved one by one instead of
+   in batched LOBPCG calls: its ``solve_s`` against the second run's is what the batching buys) are timed.
 
 Results: ``bench/results/device_check.json`` and ``.md`` with the device's name, rewritten after
 every section (a run cut short keeps what it measured). A global time guard skips what would not
@@ -587,10 +588,12 @@ def section_init(run: Run) -> Dict[str, object]:
     cfg = LoRADAConfig(step_scale=1.0)
     warnings.simplefilter("ignore")       # as bench_init_overhead_smollm2: n_train falls back, PEFT notices
     rows, reports = [], []
-    for label in ("first initialize_lora (Triton compiles)", "second initialize_lora"):
-        if label.startswith("second") and not run.has_time(30 if not run.smoke else 5, "d. second initialize_lora"):
+    runs = (("first initialize_lora (Triton compiles)", cfg), ("second initialize_lora", cfg),
+            ("initialize_lora, solve_batch=1 (one layer per solve)", LoRADAConfig(step_scale=1.0, solve_batch=1)))
+    for label, config in runs:
+        if not label.startswith("first") and not run.has_time(30 if not run.smoke else 5, f"d. {label}"):
             break
-        st = run.time_call(lambda: reports.append(initialize_lora(model, batches, config=cfg, num_samples=samples,
+        st = run.time_call(lambda: reports.append(initialize_lora(model, batches, config=config, num_samples=samples,
                                                                   progress=False)), repeats=1, warmup=0)
         tm = reports[-1].timings
         solvers = {}

@@ -58,7 +58,8 @@ def test_cpu_smoke_init_section(tmp_path, monkeypatch):
     rc, res, _ = _smoke(tmp_path, monkeypatch, "d")
     assert rc == 0, res
     rows = res["sections"]["init_overhead"]["rows"]
-    assert len(rows) == 2 and all(r["init_s"] > 0 and r["fwd_bwd_s"] > 0 and r["targets"] == 14 for r in rows)
+    assert len(rows) == 3 and all(r["init_s"] > 0 and r["fwd_bwd_s"] > 0 and r["targets"] == 14 for r in rows)
+    assert "solve_batch=1" in rows[2]["run"]
 
 
 def test_time_guard_skips_and_still_writes(tmp_path, monkeypatch):
