@@ -45,7 +45,7 @@ from torch import nn
 
 from lorainit_kernels.linalg import choose_solver
 
-from .passes.stats import pack_passes, pack_passes_sized, stats_bytes
+from .passes.stats import pack_passes, pack_passes_sized, stack_groups, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
 __all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "batched_solve_bytes", "solve_stacks",
@@ -206,20 +206,9 @@ def batched_solve_bytes(t: TargetLayer, count: int, solver: str = "auto", dtype:
 
 def solve_stacks(targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],
                  solve_batch: int) -> List[List[str]]:
-    """The layers LoRA-DA solves together (``solve_batch`` > 1, no budget): linear targets that read their
-    input alone, grouped by ``(n, m, device)`` in model order, in stacks of up to ``solve_batch``
-    (:class:`lorainit.passes.stats.StatsCollector` allocates their statistics the same way); stacks
-    of one layer are left out."""
-    readers: Dict[str, int] = {}
-    for name in names:
-        readers[shared.get(name, name)] = readers.get(shared.get(name, name), 0) + 1
-    groups: Dict[tuple, List[str]] = {}
-    for name in names:
-        t = targets[name]
-        if readers[shared.get(name, name)] == 1 and t.kind != "embedding":
-            groups.setdefault((t.n, t.m, str(t.device)), []).append(name)
-    return [g[i:i + solve_batch] for g in groups.values() for i in range(0, len(g), max(solve_batch, 1))
-            if len(g[i:i + solve_batch]) > 1]
+    """The layers LoRA-DA solves together (``solve_batch`` > 1, no budget): the stacks of
+    :func:`lorainit.passes.stats.stack_groups`, with the input sharing ``shared`` (layer -> owner)."""
+    return stack_groups(targets, names, {n: shared.get(n, n) for n in names}, solve_batch)
 
 
 def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: Dict[str, str],

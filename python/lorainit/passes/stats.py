@@ -40,7 +40,7 @@ from .loss import LossRunner
 from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
-__all__ = ["EXTRAS", "check_extras", "LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "pack_passes_sized", "probe_shared_inputs",
+__all__ = ["EXTRAS", "check_extras", "LayerStats", "EmbeddingStats", "StatsCollector", "StatsPass", "stats_bytes", "plan_groups", "pack_passes", "pack_passes_sized", "probe_shared_inputs", "stack_groups",
            "stats_pass"]
 
 
@@ -173,6 +173,25 @@ def pack_passes_sized(units: Sequence[Tuple[List[str], int, int]],
     if cur:
         out.append((cur, used, work))
     return out
+
+
+def stack_groups(targets: Dict[str, TargetLayer], names: Sequence[str], owners: Dict[str, str],
+                 size: int) -> List[List[str]]:
+    """Linear targets that read their input alone (no other target's ``owners`` entry points at them),
+    grouped by ``(n, m, device)`` in model order, in stacks of up to ``size`` (stacks of one left out;
+    names without an ``owners`` entry are skipped). The statistics pass accumulates each stack's sums in
+    one tensor (``StatsCollector(stack_size=)``) and LoRA-DA solves it in one batched call."""
+    readers: Dict[str, int] = {}
+    for name in names:
+        if name in owners:
+            readers[owners[name]] = readers.get(owners[name], 0) + 1
+    groups: Dict[tuple, List[str]] = {}
+    for name in names:
+        t = targets[name]
+        if owners.get(name) == name and readers[name] == 1 and t.kind != "embedding":
+            groups.setdefault((t.n, t.m, str(t.device)), []).append(name)
+    size = max(size, 1)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size) if len(g[i:i + size]) > 1]
 
 
 def _input_key(x: Tensor):
@@ -368,29 +387,16 @@ class StatsCollector:
                             backend=self.backend, buffers=buffers)
 
     def _stacked_buffers(self) -> Dict[str, tuple]:
-        """``{layer: (Z, G, s) slices}`` for the stacks of :attr:`stack_size` (see ``__init__``): linear
-        layers that read their input alone, grouped by ``(n, m, device)`` in model order."""
+        """``{layer: (Z, G, s) slices}`` for the stacks of :func:`stack_groups` (``stack_size``)."""
         if self.stack_size <= 1 or not self.with_grad:
             return {}
-        readers: Dict[str, int] = {}
-        for name in self.owner:
-            readers[self.owner[name]] = readers.get(self.owner[name], 0) + 1
-        groups: Dict[tuple, List[str]] = {}
-        for name in self.names:
-            t = self.targets[name]
-            if self.owner.get(name) == name and readers[name] == 1 and t.kind != "embedding":
-                groups.setdefault((t.n, t.m, t.device), []).append(name)
         out = {}
-        for (n, m, device), members in groups.items():
-            for i in range(0, len(members), self.stack_size):
-                chunk = members[i:i + self.stack_size]
-                if len(chunk) < 2:
-                    continue
-                kw = dict(device=device, dtype=self.dtype)
-                Zs, Gs, ss = torch.zeros(len(chunk), n, n, **kw), torch.zeros(len(chunk), m, n, **kw), \
-                    torch.zeros(len(chunk), m, **kw)
-                for j, name in enumerate(chunk):
-                    out[name] = (Zs[j], Gs[j], ss[j])
+        for chunk in stack_groups(self.targets, self.names, self.owner, self.stack_size):
+            t = self.targets[chunk[0]]
+            kw = dict(device=t.device, dtype=self.dtype)
+            Zs, Gs, ss = (torch.zeros(len(chunk), *shape, **kw) for shape in ((t.n, t.n), (t.m, t.n), (t.m,)))
+            for j, name in enumerate(chunk):
+                out[name] = (Zs[j], Gs[j], ss[j])
         return out
 
     def fingerprint(self) -> Dict[str, tuple]:
