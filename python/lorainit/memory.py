@@ -6,8 +6,8 @@ statistics dtype, 4 for fp32; ``m x n`` a target's weight, ``r`` its rank):
 * **statistics** of a target: ``Z`` ``e n^2`` (once per distinct input: q/k/v, gate/up share it),
   ``G`` ``e m n``, ``s`` ``e m`` (:func:`lorainit.passes.stats.stats_bytes`); they live from the
   pass that accumulates them until the layer is solved (the means are taken in place).
-* **one layer's LoRA-DA solve** (:func:`solve_bytes`, on top of the statistics): the trainer solves
-  layer by layer and lets the solve use its own means as workspace
+* **one layer's LoRA-DA solve** (:func:`solve_bytes`, on top of the statistics): the trainer lets
+  each solve use its own means as workspace
   (``lorainit_kernels.linalg.factor_input_cov(overwrite=True)`` and ``methods.lora_da(overwrite=True)``):
   ``Z`` is damped and Cholesky-factored **in place, once per input**, ``G`` becomes ``H = G Z_d^-1``
   and then ``dW`` in place, and for the last (or only) layer of an input ``Z_d^-1`` (``potri``) and
@@ -18,6 +18,9 @@ statistics dtype, 4 for fp32; ``m x n`` a target's weight, ``r`` its rank):
   dense path (n below the ``eigh`` crossover), ``eigh``'s eigenvectors, workspace and an fp64 copy of
   Omega for the residuals (``5 e n^2``); ``sigma_max(dW)`` is evaluated in fp64 from ``dW`` read in
   row blocks (at most 32 MiB); the fused Gram kernel packs at most 64 MiB of panels; the factors (``e r (m + n)``).
+  Without a budget, up to ``solve_batch`` same-shape layers that read their input alone are solved in
+  one batched LOBPCG call on the stack their statistics were accumulated in: their LOBPCG blocks side
+  by side (:func:`batched_solve_bytes`).
   A statistics pass adds one batch's accumulation into the accumulators in place (the native
   kernel: no (n, n) temporary; Triton and torch backends allocate one batch's sums, ``e (n^2 + m n)``,
   which this model does not count).
