@@ -7,7 +7,6 @@ accelerate enables no FSDP, and the script must say so instead of training with 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +18,11 @@ pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
 from safetensors.torch import load_file  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "accelerate"
 TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -49,7 +43,7 @@ def _train(tmp_path, model_dir, data, save, config=None):
         cmd = [sys.executable] + script
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPE / config),
-               "--main_process_port", str(_free_port())] + script
+               "--main_process_port", str(free_port())] + script
     return _run(cmd, tmp_path)
 
 

@@ -1,19 +1,14 @@
 """Two processes (gloo, CPU) each with half of the data give the adapters of one process on all of it."""
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(**kw):
@@ -52,7 +47,7 @@ STEP_SCALES = (0.4, "auto")
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out
 
 

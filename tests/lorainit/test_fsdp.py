@@ -15,7 +15,6 @@ what each rank saved and compare it with one process on the union of the ranks' 
 """
 import copy
 import os
-import socket
 import sys
 import time
 import warnings
@@ -26,16 +25,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 METHODS = ("lora_da", "pissa", "lora_ga", "lora_one", "hrp", "corda", "astra")
 HRP_STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(method):
@@ -227,7 +222,7 @@ def fsdp_results(tmp_path_factory):
     from transformers import LlamaForCausalLM  # noqa: F401
 
     t0 = time.perf_counter()
-    mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
     elapsed = time.perf_counter() - t0
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], elapsed
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 import warnings
 from typing import Dict, List
 
@@ -185,3 +186,10 @@ def assert_same_state(a, b):
 def rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
