@@ -673,7 +673,7 @@ def lora_da_factors(
     if need_norm and nu is None:
         # A spans (nearly) dW's top right singular vectors when alpha > 0: a start 1-3 iterations away
         nu = prep.step_norm(start=A if prep.alpha > 0 else None)
-    P = per_matrix_matmul(prep.dW, A) if prep.dW.dim() == 3 else prep.dW @ A
+    P = per_matrix_matmul(prep.dW, A)
     if not return_info:
         return A, P, evals
     info["step_norm"] = nu

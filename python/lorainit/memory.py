@@ -51,7 +51,7 @@ from lorainit_kernels.linalg import choose_solver
 from .passes.stats import pack_passes, pack_passes_sized, stack_groups, stats_bytes
 from .targets import LoRAInitError, TargetLayer, find_targets
 
-__all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "batched_solve_bytes", "solve_stacks",
+__all__ = ["MemoryPlan", "estimate_memory", "plan_lora_da", "solve_bytes", "batched_solve_bytes", "solve_stacks", "layer_solver",
            "snapshot_bytes", "grad_bytes",
            "release_freed_host_memory",
            "structural_sharing", "MiB"]
@@ -69,6 +69,11 @@ FP64_BLOCK = 32 << 20   # lorainit_kernels.linalg.guidance._FP64_BLOCK_BYTES: si
 PACK_BUDGET = 64 << 20  # csrc/gram_driver.inc kPackBudget: the fused Gram kernel's packed panels
 
 
+def layer_solver(t: TargetLayer, solver: str = "auto") -> str:
+    """The eigensolver LoRA-DA runs for target ``t`` (``"auto"`` resolved by ``choose_solver``)."""
+    return choose_solver(t.n, max(t.r, 1), t.device) if solver == "auto" else solver
+
+
 def solve_bytes(t: TargetLayer, solver: str = "auto", dtype: torch.dtype = torch.float32, *,
                 shares_input: bool = False) -> int:
     """Bytes of one layer's LoRA-DA solve above its statistics, as the trainer runs it (module docstring).
@@ -76,8 +81,7 @@ def solve_bytes(t: TargetLayer, solver: str = "auto", dtype: torch.dtype = torch
     ``shares_input``: the layer reads a ``Z`` shared with other targets (q/k/v, gate/up): until the
     last of them, its Omega is a fresh n x n tensor beside the cached ``Z_d^-1``."""
     e, m, n, r = _elem(dtype), t.m, t.n, t.r
-    if solver == "auto":
-        solver = choose_solver(n, max(r, 1), t.device)
+    solver = layer_solver(t, solver)
     words = 2 * n * n if shares_input else 0         # cached Z_d^-1 + this layer's Omega (else both in Z's storage)
     if solver == "eigh":
         words += 5 * n * n                            # eigenvectors, LAPACK workspace, fp64 Omega for the residuals
@@ -226,7 +230,7 @@ def plan_lora_da(targets: Dict[str, TargetLayer], names: Sequence[str], shared: 
     if budget is None and solve_batch > 1:
         for stack in solve_stacks(targets, names, shared, solve_batch):
             t = targets[stack[0]]
-            if (solver if solver != "auto" else choose_solver(t.n, max(t.r, 1), t.device)) == "lobpcg":
+            if layer_solver(t, solver) == "lobpcg":
                 stacked_work = max(stacked_work, batched_solve_bytes(t, len(stack), solver, dtype))
     smallest = max(s + w for s, w in zip(u_stats, u_work))
     packed = pack_passes_sized([(u, s, w) for u, s, w in zip(units, u_stats, u_work)], budget)

@@ -378,9 +378,8 @@ def _runs(ctx: InitContext, config: LoRADAConfig, part, names: Sequence[str], n_
     for name in names:
         t = ctx.targets[name]
         key = (t.n, t.m, t.r, t.scaling, n_train[name])
-        solver = config.solver if config.solver != "auto" else lkg.choose_solver(t.n, t.r, t.device)
         prev = open_runs.get(key)
-        if prev is not None and len(prev) < solve_batch and solver == "lobpcg" and all(
+        if prev is not None and len(prev) < solve_batch and memory.layer_solver(t, config.solver) == "lobpcg" and all(
                 _stack_view([getattr(part[n], k) for n in prev + [name]]) is not None for k in ("Z", "G", "s")):
             prev.append(name)
             continue
