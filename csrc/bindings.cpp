@@ -159,16 +159,16 @@ std::string weighted_gram(std::uintptr_t v_ptr, i64 v_row_stride, int v_dtype, i
 }
 
 std::string sym_matmul(std::uintptr_t a_ptr, i64 batch, i64 n, i64 lda, i64 a_mat_stride, std::uintptr_t w_ptr,
-                       i64 p16, std::uintptr_t y_ptr, int isa, int num_threads) {
+                       i64 pw, std::uintptr_t y_ptr, int isa, int num_threads) {
   const char* op = "_C.sym_matmul";
-  LORAINIT_CHECK(batch >= 0 && n >= 0 && p16 >= 0, op, ": negative size (batch=", batch, ", n=", n, ", p16=", p16, ")");
-  LORAINIT_CHECK(p16 % 16 == 0, op, ": p16 must be a multiple of 16 (pad W), got ", p16);
+  LORAINIT_CHECK(batch >= 0 && n >= 0 && pw >= 0, op, ": negative size (batch=", batch, ", n=", n, ", pw=", pw, ")");
+  LORAINIT_CHECK(pw == 8 || pw % 16 == 0, op, ": pw must be 8 or a multiple of 16 (pad W), got ", pw);
   LORAINIT_CHECK(lda >= n, op, ": lda=", lda, " < n=", n);
   LORAINIT_CHECK(batch <= 1 || a_mat_stride >= 0, op, ": a_mat_stride must be >= 0, got ", a_mat_stride);
   if (batch > 0 && n > 0) check_matrix(op, "A", a_ptr, n, n, lda, lorainit::kF32);
-  if (batch > 0 && n > 0 && p16 > 0) {
-    check_matrix(op, "W", w_ptr, batch * n, p16, p16, lorainit::kF32);
-    check_output(op, "Y", y_ptr, batch * n * p16);
+  if (batch > 0 && n > 0 && pw > 0) {
+    check_matrix(op, "W", w_ptr, batch * n, pw, pw, lorainit::kF32);
+    check_output(op, "Y", y_ptr, batch * n * pw);
   }
   isa = check_isa(op, isa);
   const int nt = resolve_threads(op, num_threads);
@@ -180,7 +180,7 @@ std::string sym_matmul(std::uintptr_t a_ptr, i64 batch, i64 n, i64 lda, i64 a_ma
   p.a_mat_stride = a_mat_stride;
   p.W = reinterpret_cast<const float*>(w_ptr);
   p.Y = reinterpret_cast<float*>(y_ptr);
-  p.p16 = p16;
+  p.pw = pw;
   py::gil_scoped_release release;
   return lorainit::run_symm(p, isa, nt);
 }
@@ -280,10 +280,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("sym_matmul", &sym_matmul,
         "Y = A W for a batch of symmetric fp32 matrices, reading only the upper triangle of each A (the\n"
         "strictly lower triangle is never read). A: matrix b at a_ptr + 4 * b * a_mat_stride, rows lda floats\n"
-        "apart; W, Y: (batch, n, p16) contiguous fp32 with p16 a multiple of 16 (pad W with zeros); Y is\n"
+        "apart; W, Y: (batch, n, pw) contiguous fp32 with pw = 8 or a multiple of 16 (pad W with zeros); Y is\n"
         "overwritten. Releases the GIL. Returns the kernel name.",
         py::arg("a_ptr"), py::arg("batch"), py::arg("n"), py::arg("lda"), py::arg("a_mat_stride"), py::arg("w_ptr"),
-        py::arg("p16"), py::arg("y_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
+        py::arg("pw"), py::arg("y_ptr"), py::arg("isa") = -1, py::arg("num_threads") = 0);
   m.def("rr_grams", &rr_grams,
         "B = S^T S and H = S^T AS (q x q each, float64 accumulation, upper triangles mirrored) for a batch of\n"
         "fp32 blocks S, AS (n, q) given as 1 to 4 column parts (ptr, cols, row_stride, mat_stride) each;\n"

@@ -81,9 +81,9 @@ inline float f16_to_f32_soft(std::uint16_t h) {
 struct SymmProblem {
   const float* A = nullptr;  // matrix b starts at A + b * a_mat_stride; rows lda floats apart
   i64 batch = 0, n = 0, lda = 0, a_mat_stride = 0;
-  const float* W = nullptr;  // (batch, n, p16) contiguous, p16 a multiple of 16
-  float* Y = nullptr;        // (batch, n, p16) contiguous, overwritten
-  i64 p16 = 0;
+  const float* W = nullptr;  // (batch, n, pw) contiguous, pw = 8 or a multiple of 16 (W padded with zeros)
+  float* Y = nullptr;        // (batch, n, pw) contiguous, overwritten
+  i64 pw = 0;
 };
 
 // LOBPCG's Rayleigh-Ritz Grams B = S^T S, H = S^T AS in fp64 from fp32 column parts (gram64_driver.inc).

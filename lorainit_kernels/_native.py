@@ -164,7 +164,8 @@ def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     """``A @ W`` for symmetric fp32 ``A`` (b, n, n) and ``W`` (b, n, p), reading A's upper triangle only.
 
     ``A`` needs a unit column stride (any row and batch strides, e.g. a slice of a larger batch);
-    ``W`` is copied into a zero-padded (b, n, 16 * ceil(p / 16)) block when p is not a multiple of 16.
+    ``W`` is copied into a zero-padded (b, n, pw) block, pw = 8 for p <= 8 (LOBPCG's blocks at rank <= 8,
+    run at their own width) and 16 * ceil(p / 16) above, when p is not already that width.
     """
     op = "native sym_matmul"
     if A.device.type != "cpu" or W.device.type != "cpu":
@@ -176,19 +177,19 @@ def sym_matmul(A: Tensor, W: Tensor) -> Tensor:
     b, n, p = W.shape
     if n > 1 and (A.stride(-1) != 1 or A.stride(-2) < n):
         A = A.contiguous()
-    p16 = -(-p // 16) * 16
-    if p16 != p or not W.is_contiguous():
-        Wp = W.new_zeros((b, n, p16))
+    pw = 8 if p <= 8 else -(-p // 16) * 16
+    if pw != p or not W.is_contiguous():
+        Wp = W.new_zeros((b, n, pw))
         Wp[:, :, :p] = W
     else:
         Wp = W
-    Y = torch.empty((b, n, p16), dtype=torch.float32, device="cpu")
+    Y = torch.empty((b, n, pw), dtype=torch.float32, device="cpu")
     if b and n and p:
         _C().sym_matmul(A.data_ptr(), b, n, A.stride(-2) if n > 1 else 1, A.stride(0) if b > 1 else 0, Wp.data_ptr(),
-                        p16, Y.data_ptr(), requested_isa(), torch.get_num_threads())
+                        pw, Y.data_ptr(), requested_isa(), torch.get_num_threads())
     else:
         Y.zero_()
-    return Y if p16 == p else Y[:, :, :p]
+    return Y if pw == p else Y[:, :, :p]
 
 
 def rr_grams(S_parts, AS_parts) -> Tuple[Tensor, Tensor]:

@@ -42,10 +42,13 @@ def rel_err(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
-# n around the register block (8 rows on AVX-512, 2 on AVX2/portable) and the thread split;
-# p around the 16-lane vectors (padding)
+# n around the register block (8 rows on AVX-512, 2 or 4 on AVX2/portable), odd n (the row pairs of the
+# AVX-512 8-column kernel) and the thread split; p around the 8-column width (p <= 8 runs unpadded to 16,
+# on AVX-512 with two rows per vector) and the 16-lane vectors (padding)
 @pytest.mark.parametrize("batch, n, p", [((), 1, 1), ((), 5, 3), ((3,), 17, 16), ((2,), 100, 20), ((4,), 333, 33),
-                                         ((), 1031, 7), ((2, 3), 64, 17), ((1,), 9, 48)])
+                                         ((), 1031, 7), ((2, 3), 64, 17), ((1,), 9, 48), ((3,), 2, 8),
+                                         ((2,), 3, 5), ((), 11, 8), ((5,), 13, 1), ((2,), 258, 8), ((), 301, 9),
+                                         ((3,), 19, 2)])
 def test_matches_float64_and_never_reads_the_lower_triangle(isa, batch, n, p):
     gen = torch.Generator().manual_seed(n * 131 + p)
     A = sym(batch, n, gen)
@@ -135,10 +138,10 @@ def test_bad_input(args, err, match):
 def test_C_argument_checks():
     C = _backends.native_module()
     A, W, Y = torch.randn(4, 4), torch.zeros(4, 16), torch.empty(4, 16)
-    ok = dict(a_ptr=A.data_ptr(), batch=1, n=4, lda=4, a_mat_stride=0, w_ptr=W.data_ptr(), p16=16,
+    ok = dict(a_ptr=A.data_ptr(), batch=1, n=4, lda=4, a_mat_stride=0, w_ptr=W.data_ptr(), pw=16,
               y_ptr=Y.data_ptr(), isa=-1, num_threads=1)
     assert C.sym_matmul(**ok).startswith("symm_")
-    for over, match in [(dict(p16=8), "multiple of 16"), (dict(lda=3), "lda=3 < n=4"), (dict(y_ptr=0), "output Y"),
+    for over, match in [(dict(pw=4), "8 or a multiple of 16"), (dict(lda=3), "lda=3 < n=4"), (dict(y_ptr=0), "output Y"),
                         (dict(a_ptr=A.data_ptr() + 1), "not aligned"), (dict(n=-1), "negative size"),
                         (dict(isa=9), "isa must be")]:
         with pytest.raises(ValueError, match=match):
@@ -217,22 +220,24 @@ def test_rr_grams_bad_input():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_a_matrix_gives_the_same_bits_alone_or_in_a_batch(threads):
+def test_a_matrix_gives_the_same_bits_alone_or_in_a_batch(isa, threads):
     """The thread split of one matrix's sums depends on n and the thread count, never on the batch, so a
     batched LoRA-DA solve equals the per-layer one bit for bit (two matrices and a 2-core machine used
     to split the sums of a lone matrix but not those of a batch)."""
     gen = torch.Generator().manual_seed(21)
     A = sym((5,), 517, gen).float()
     W = torch.randn(5, 517, 19, generator=gen)
+    W8 = torch.randn(5, 517, 8, generator=gen)  # the 8-column kernel (two rows per vector on AVX-512)
     S_parts = [torch.randn(5, 517, 12, generator=gen), torch.randn(5, 517, 7, generator=gen)]
     A_parts = [torch.randn(5, 517, 12, generator=gen), torch.randn(5, 517, 7, generator=gen)]
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        Y = lk.sym_matmul(A, W)
+        Y, Y8 = lk.sym_matmul(A, W), lk.sym_matmul(A, W8)
         B, H = _native.rr_grams(S_parts, A_parts)
         for i in range(5):
             assert torch.equal(Y[i], lk.sym_matmul(A[i:i + 1], W[i:i + 1])[0]), i
+            assert torch.equal(Y8[i], lk.sym_matmul(A[i:i + 1], W8[i:i + 1])[0]), i
             B1, H1 = _native.rr_grams([p[i:i + 1] for p in S_parts], [p[i:i + 1] for p in A_parts])
             assert torch.equal(B[i], B1[0]) and torch.equal(H[i], H1[0]), i
     finally:
