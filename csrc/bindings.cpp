@@ -297,6 +297,17 @@ PYBIND11_MODULE(_C, m) {
       if (lorainit::isa_supported(i)) out.append(lorainit::isa_name(i));
     return out;
   }, "Names of the ISA levels this CPU runs, lowest first.");
+  m.def("peak_gflops", [](int isa, int num_threads) {
+    const char* op = "_C.peak_gflops";
+    LORAINIT_CHECK(isa >= 0 && isa < lorainit::kNumIsa, op, ": isa must name a level (0..", lorainit::kNumIsa - 1,
+                   "), got ", isa);
+    LORAINIT_CHECK(lorainit::isa_supported(isa), op, ": this CPU cannot run the ", lorainit::isa_name(isa), " level");
+    const int nt = resolve_threads(op, num_threads);
+    py::gil_scoped_release release;
+    return lorainit::peak_gflops(isa, nt);
+  }, "GFLOP/s of the instruction the level's Gram kernel multiplies with (avx2/avx512: fp32 FMA, avx512bf16:\n"
+     "vdpbf16ps, amx: tdpbf16ps) on num_threads threads, from a register-only probe; NaN for portable.",
+        py::arg("isa"), py::arg("num_threads") = 0);
   m.def("kernel_name", [](int x_dtype, int g_dtype, bool weighted, int isa) {
     check_dtype("_C.kernel_name", "x", x_dtype);
     if (g_dtype >= 0) check_dtype("_C.kernel_name", "g", g_dtype);

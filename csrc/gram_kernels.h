@@ -107,20 +107,23 @@ void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name()
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORAINIT_X86 1
+// peak_flops(iters): the flops of `iters` iterations of the level's peak-rate probe (peak_probe.inc).
 namespace avx2 {
-void run_f32(const Problem& p, int nthreads); const char* name_f32();
+void run_f32(const Problem& p, int nthreads); const char* name_f32(); double peak_flops(i64 iters);
 void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
 void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
 namespace avx512 {
-void run_f32(const Problem& p, int nthreads); const char* name_f32();
+void run_f32(const Problem& p, int nthreads); const char* name_f32(); double peak_flops(i64 iters);
 void run_symm(const SymmProblem& p, int nthreads); const char* symm_name();
 void run_gram64(const Gram64Problem& p, int nthreads); const char* gram64_name();
 }
-namespace avx512bf16 { void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); }
+namespace avx512bf16 {
+void run_bf16p(const Problem& p, int nthreads); const char* name_bf16p(); double peak_flops(i64 iters);
+}
 #if !defined(__clang__) && __GNUC__ >= 11  // AMX intrinsics (and an assembler that knows them)
 #define LORAINIT_AMX 1
-namespace amx { void run_bf16(const Problem& p, int nthreads); const char* name_bf16(); }
+namespace amx { void run_bf16(const Problem& p, int nthreads); const char* name_bf16(); double peak_flops(i64 iters); }
 #endif
 #endif
 
@@ -136,6 +139,10 @@ std::string kernel_name(int isa, int x_dtype, int g_dtype, bool weighted);
 std::string run_problem(const Problem& p, int isa, int nthreads);
 // Runs the symmetric block product at the best level <= isa (-1 = best); returns the kernel name.
 std::string run_symm(const SymmProblem& p, int isa, int nthreads);
+// GFLOP/s of the instruction the kernel level `isa` multiplies with (kAVX2 / kAVX512: fp32 FMA,
+// kAVX512BF16: vdpbf16ps, kAMX: tdpbf16ps) on nthreads threads at once, the best of a few timed runs
+// of its register-only probe; NaN for the portable level (no single instruction to probe).
+double peak_gflops(int isa, int nthreads);
 // Runs the fp64 Rayleigh-Ritz Gram kernel at the best level <= isa (-1 = best); returns its name.
 std::string run_gram64(const Gram64Problem& p, int isa, int nthreads);
 

@@ -22,9 +22,11 @@ namespace avx2 {
 #include "gram_driver.inc"
 #include "symm_driver.inc"
 #include "gram64_driver.inc"
+#include "peak_probe.inc"
 #undef LORAINIT_LEVEL
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }
 const char* name_f32() { return KernelF32::name; }
+double peak_flops(i64 iters) { return peak_probe(iters); }
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -35,9 +37,11 @@ namespace avx512 {
 #include "gram_driver.inc"
 #include "symm_driver.inc"
 #include "gram64_driver.inc"
+#include "peak_probe.inc"
 #undef LORAINIT_LEVEL
 void run_f32(const Problem& p, int nthreads) { run_driver<KernelF32>(p, nthreads); }
 const char* name_f32() { return KernelF32::name; }
+double peak_flops(i64 iters) { return peak_probe(iters); }
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -46,9 +50,11 @@ const char* name_f32() { return KernelF32::name; }
 namespace avx512bf16 {
 #define LORAINIT_LEVEL 3
 #include "gram_driver.inc"
+#include "peak_probe.inc"
 #undef LORAINIT_LEVEL
 void run_bf16p(const Problem& p, int nthreads) { run_driver<KernelBF16P>(p, nthreads); }
 const char* name_bf16p() { return KernelBF16P::name; }
+double peak_flops(i64 iters) { return peak_probe(iters); }
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -58,9 +64,11 @@ const char* name_bf16p() { return KernelBF16P::name; }
 namespace amx {
 #define LORAINIT_LEVEL 4
 #include "gram_driver.inc"
+#include "peak_probe.inc"
 #undef LORAINIT_LEVEL
 void run_bf16(const Problem& p, int nthreads) { run_driver<KernelAMX>(p, nthreads); }
 const char* name_bf16() { return KernelAMX::name; }
+double peak_flops(i64 iters) { return peak_probe(iters); }
 }  // namespace amx
 #pragma GCC pop_options
 #endif  // LORAINIT_AMX

@@ -3,6 +3,9 @@
 // Levels: portable (any CPU) < avx2 (AVX2+FMA+F16C) < avx512 (AVX-512F/BW/VL/DQ, fp32 FMA)
 // < avx512bf16 (adds vdpbf16ps for bf16 inputs). The best level the CPU supports runs unless the
 // caller asks for a lower one (lorainit_kernels/_native.py maps LORAINIT_NATIVE_ISA to it).
+#include <algorithm>
+#include <chrono>
+#include <limits>
 #include <string>
 
 #include "gram_kernels.h"
@@ -155,6 +158,36 @@ std::string run_problem(const Problem& p, int isa, int nthreads) {
 #endif
     default: portable::run_f32(p, nthreads); return portable::name_f32();
   }
+}
+
+double peak_gflops(int isa, int nthreads) {
+  double (*probe)(i64) = nullptr;
+  i64 iters = 0;  // ~5-10 GFLOP per thread: tens of ms at these rates, so that thread start-up does not count
+#if defined(LORAINIT_X86)
+  switch (isa) {
+    case kAVX2: probe = avx2::peak_flops; iters = i64(1) << 25; break;
+    case kAVX512: probe = avx512::peak_flops; iters = i64(1) << 23; break;
+    case kAVX512BF16: probe = avx512bf16::peak_flops; iters = i64(1) << 22; break;
+#if defined(LORAINIT_AMX)
+    case kAMX: probe = amx::peak_flops; iters = i64(1) << 20; break;
+#endif
+    default: break;
+  }
+#endif
+  if (probe == nullptr || !isa_supported(isa)) return std::numeric_limits<double>::quiet_NaN();
+  const int nt = std::max(1, nthreads);
+  double best = 0.0;
+  for (int rep = 0; rep < 4; ++rep) {  // the first run wakes the threads and the clock: not counted
+    double flops = 0.0;
+    const auto t0 = std::chrono::steady_clock::now();
+#if defined(LORAINIT_HAVE_OPENMP)
+#pragma omp parallel num_threads(nt) reduction(+ : flops)
+#endif
+    flops += probe(iters);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (rep > 0) best = std::max(best, flops / secs / 1e9);
+  }
+  return best;
 }
 
 // The LOBPCG kernels (fp32/fp64 only: the bf16 level runs the AVX-512 ones).

@@ -64,6 +64,25 @@ def kernel_name(x_dtype: torch.dtype, g_dtype: Optional[torch.dtype] = None, wei
     return _C().kernel_name(_dtype_code("kernel_name", "x", x_dtype), g_code, weighted, requested_isa())
 
 
+def peak_gflops(kernel: str, num_threads: Optional[int] = None) -> float:
+    """The peak GFLOP/s of the instruction a Gram kernel multiplies with, measured on this machine.
+
+    ``kernel``: a name :func:`kernel_name` returns (its level is the text before ``/``: ``avx2`` and
+    ``avx512`` fp32 FMA, ``avx512bf16`` vdpbf16ps, ``amx`` tdpbf16ps) or a level name. A register-only
+    loop on ``num_threads`` threads at once (default: torch's), the best of three timed runs; ``nan``
+    for the portable level. A kernel's GFLOP/s over this is its fraction of the core's peak.
+    """
+    level = kernel.split("/")[0].strip().lower()
+    if level not in ISA_LEVELS:
+        raise ValueError(f"peak_gflops: kernel {kernel!r} names no ISA level (one of {ISA_LEVELS})")
+    if level not in isa_levels():
+        raise ValueError(f"peak_gflops: this CPU cannot run the {level} level (it runs {isa_levels()})")
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"peak_gflops: num_threads must be an int >= 1, got {num_threads!r}")
+    return float(_C().peak_gflops(ISA_LEVELS.index(level), threads))
+
+
 def _dtype_code(op: str, name: str, dtype: torch.dtype) -> int:
     try:
         return _DTYPE_CODES[dtype]

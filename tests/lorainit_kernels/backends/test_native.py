@@ -382,3 +382,30 @@ def test_auto_passes_over_native_kfac_without_simd(monkeypatch):
     finally:
         monkeypatch.undo()
         native_backend._kfac_slower_here.cache_clear()
+
+
+def test_peak_gflops_probe():
+    """The register-only probe of the instruction each level multiplies with: positive and finite on
+    every SIMD level this CPU runs, nan for portable, and a level's two-thread peak at least its
+    one-thread one (the probe measures the core, so a slow shared machine lowers it, never zero)."""
+    levels = _native.isa_levels()
+    assert math.isnan(_native.peak_gflops("portable", 1))
+    for level in levels[1:]:
+        one = _native.peak_gflops(level, 1)
+        assert math.isfinite(one) and one > 1.0, (level, one)
+        # the kernel's name works as well as the level's
+        kernel = f"{level}/some kernel 8x8"
+        assert _native.peak_gflops(kernel, 1) > 1.0
+    for bad, match in [("sse9", "names no ISA level"), ("", "names no ISA level")]:
+        with pytest.raises(ValueError, match=match):
+            _native.peak_gflops(bad)
+    with pytest.raises(ValueError, match="num_threads must be an int >= 1"):
+        _native.peak_gflops(levels[-1], 0)
+    with pytest.raises(ValueError, match="num_threads must be an int >= 1"):
+        _native.peak_gflops(levels[-1], True)
+    missing = [lv for lv in _native.ISA_LEVELS if lv not in levels]
+    for level in missing:
+        with pytest.raises(ValueError, match="cannot run"):
+            _native.peak_gflops(level, 1)
+    with pytest.raises(ValueError, match="isa must name a level"):
+        _native._C().peak_gflops(99, 1)
