@@ -40,11 +40,19 @@ def _train(tmp_path, model_dir, data, save, config=None):
     script = [str(RECIPE / "train.py"), "--model", str(model_dir), "--data", str(data), "--num-samples", "24",
               "--batch-size", "4", "--max-steps", "1", "--save", str(save), "--output-dir", str(tmp_path / "out")]
     if config is None:
-        cmd = [sys.executable] + script
-    else:
+        return _run([sys.executable] + script, tmp_path)
+    for attempt in range(3):
+        # the port was free when free_port() closed its socket; another process may take it before the
+        # launcher binds it: only that rendezvous failure is retried, on a fresh port
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPE / config),
                "--main_process_port", str(free_port())] + script
-    return _run(cmd, tmp_path)
+        rc, out = _run(cmd, tmp_path)
+        if rc == 0 or not any(marker in out for marker in _PORT_TAKEN):
+            break
+    return rc, out
+
+
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "failed to listen", "errno: 98")
 
 
 def _updates(path):
