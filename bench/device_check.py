@@ -29,8 +29,12 @@ d. **init overhead**: ``initialize_lora(method="lora_da", step_scale=1)`` on Smo
    in batched LOBPCG calls: its ``solve_s`` against the second run's is what the batching buys) are timed.
 
 Results: ``bench/results/device_check.json`` and ``.md`` with the device's name, rewritten after
-every section (a run cut short keeps what it measured). A global time guard skips what would not
-fit (each skipped case says so) and an alarm at the budget stops a hung case.
+every section and every size of b and c (a run cut short keeps every row it measured). A global
+time guard skips what would not fit (each skipped case says so); an alarm shortly before the budget
+stops a case that overruns (it fires between Python bytecodes, and again every 5 s), and where a
+call never returns to Python (a hung kernel or synchronize), faulthandler prints every thread's
+stack and ends the process 60 s after the budget. GPU times are CUDA-event times of back-to-back
+calls (the device's time per call, host dispatch overlapped), not wall time around each call.
 
 Without a CUDA device the script prints this plan and exits 0 (``tests/bench/test_device_check.py``).
 ``--cpu-smoke`` runs the whole script on the CPU at tiny shapes instead, with the Triton kernels in
@@ -45,6 +49,7 @@ Sections run in the order a, b, d, c (c's largest sizes are what the time guard 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -74,6 +79,7 @@ PEAK_BF16_TFLOPS = (
     ("H100", 989.5),      # "NVIDIA H100 80GB HBM3" (SXM5)
     ("A100", 312.0),
     ("L40S", 366.0),
+    ("L40", 181.0),       # L40 datasheet: 362 with sparsity; before "L4", which "L40" contains
     ("L4", 121.0),
     ("A10", 125.0),       # after "A100": "A10G" (AWS) is a different part and matches here only approximately
     ("B200", 2250.0),
@@ -92,8 +98,9 @@ PLAN = """device_check plan (one invocation, <= {budget:.0f} s wall incl. Triton
      forward+backward on the GPU"""
 
 
-class TimeGuard(Exception):
-    """The global budget ran out (raised by the alarm inside a running case)."""
+class TimeGuard(BaseException):
+    """The global budget ran out (raised by the alarm inside a running case). A BaseException, so
+    that a library's ``except Exception`` (a per-layer error wrapper, a fallback) cannot swallow it."""
 
 
 class Run:
@@ -123,26 +130,58 @@ class Run:
         print("  " + msg, flush=True)
         return False
 
+    def section(self, key: str) -> Dict[str, object]:
+        """The results dict of section ``key``, registered now: rows appended to its ``rows`` as they
+        are measured survive a section that fails or is stopped later."""
+        sec = self.results["sections"].setdefault(key, {})
+        sec.setdefault("rows", [])
+        return sec
+
     def sync(self) -> None:
         import torch
 
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def time_call(self, fn: Callable[[], object], repeats: int, warmup: int = 1) -> Dict[str, float]:
-        """Median and quartiles (seconds) of ``repeats`` synchronized calls after ``warmup`` calls."""
+    def time_call(self, fn: Callable[[], object], repeats: int, warmup: int = 1, wall: bool = False
+                  ) -> Dict[str, float]:
+        """Median and quartiles (seconds per call) of ``repeats`` samples after ``warmup`` calls.
+
+        ``wall`` (and on the CPU): one synchronized wall-clock call per sample (whole jobs whose host
+        work counts, e.g. an initialization). Otherwise on CUDA: CUDA events around ``inner``
+        back-to-back calls per sample (``inner`` such that a sample lasts ~20 ms, at most 50; one
+        extra untimed call sizes it), so the host's dispatch overlaps the device's work and a sample
+        is the device's time per call.
+        """
         from bench.common import summarize
 
         for _ in range(warmup):
             fn()
         self.sync()
+        if wall or self.device != "cuda":
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                self.sync()
+                times.append(time.perf_counter() - t)
+            return summarize(times)
+        import torch
+
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        inner = max(1, min(50, int(0.02 / max(time.perf_counter() - t, 1e-6))))
         times = []
         for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.sync()
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / inner)    # elapsed_time: milliseconds
         return summarize(times)
 
     def write(self) -> None:
@@ -192,7 +231,12 @@ def section_correctness(run: Run) -> Dict[str, object]:
     from lorainit_kernels.triton import kfac as tk
 
     dev = run.device
-    rows: List[Dict[str, object]] = []
+    sec = run.section("correctness")
+    rows: List[Dict[str, object]] = sec["rows"]
+
+    def counts() -> Dict[str, object]:
+        fails = [r for r in rows if r["result"] != "pass"]
+        return {"rows": rows, "passed": len(rows) - len(fails), "failed": len(fails)}
 
     def record(name: str, dtype: str, shape: str, err: float, tol: float, note: str = "") -> None:
         ok = err <= tol
@@ -231,7 +275,7 @@ def section_correctness(run: Run) -> Dict[str, object]:
         dtype = getattr(torch, dname)
         for T, n, m, kind, pad in _cases(run.smoke):
             if not run.has_time(15, f"a. kfac_update {dname} T={T} n={n} m={m}"):
-                return {"rows": rows}
+                return counts()
             shape = f"T={T} n={n} m={m} mask={kind} pad={pad}"
 
             def kfac_case():
@@ -356,8 +400,7 @@ def section_correctness(run: Run) -> Dict[str, object]:
         record("guidance_matrix dW", "float32", f"b=2 m={m} n={n}", _rel(dW, dW_ref), 1e-3)
 
     guarded("guidance_matrix", guidance_case)
-    fails = [r for r in rows if r["result"] != "pass"]
-    return {"rows": rows, "passed": len(rows) - len(fails), "failed": len(fails)}
+    return counts()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +417,9 @@ def section_kfac(run: Run) -> Dict[str, object]:
     peak = run.peak_override or peak_bf16_tflops(name)
     shapes = [(64, 32, 32)] if run.smoke else [(8192, 1024, 1024), (8192, 4096, 4096)]
     repeats = 1 if run.smoke else 20
-    rows = []
+    sec = run.section("kfac_update")
+    sec.update(peak_bf16_tflops=peak, device_name=name)
+    rows = sec["rows"]
     gen = torch.Generator().manual_seed(27)
     for T, n, m in shapes:
         if not run.has_time(5 if run.smoke else 25, f"b. kfac_update T={T} n={n} m={m}"):
@@ -413,15 +458,20 @@ def section_kfac(run: Run) -> Dict[str, object]:
         useful = T * n * n + 2 * T * m * n
         times = {}
         for pname, fn in providers.items():
-            times[pname] = run.time_call(fn, repeats, warmup=1 if run.smoke else 3)
+            try:  # one provider's failure is its row's note; the others are still timed
+                times[pname] = run.time_call(fn, repeats, warmup=1 if run.smoke else 3)
+            except Exception as e:
+                times[pname] = {"median": math.nan, "q25": math.nan, "q75": math.nan,
+                                "error": f"{type(e).__name__}: {e}"[:200]}
         for pname, st in times.items():
             tflops = useful / st["median"] / 1e12
             rows.append({"provider": pname, "T": T, "n": n, "m": m, "median_ms": 1e3 * st["median"],
                          "q25_ms": 1e3 * st["q25"], "q75_ms": 1e3 * st["q75"], "useful_TFLOPs": tflops,
                          "fraction_of_peak": None if peak is None else tflops / peak,
-                         "speedup_of_triton": st["median"] / times["triton"]["median"]})
+                         "speedup_of_triton": st["median"] / times["triton"]["median"], "note": st.get("error", "")})
             print(f"  kfac_update T={T} n={n} m={m} {pname}: {1e3 * st['median']:.3f} ms, {tflops:.1f} TFLOP/s",
                   flush=True)
+        run.write()
     return {"rows": rows, "peak_bf16_tflops": peak, "device_name": name,
             "peak_source": "--peak-tflops" if run.peak_override else "PEAK_BF16_TFLOPS (NVIDIA datasheets, dense)"}
 
@@ -453,15 +503,30 @@ def section_lobpcg(run: Run) -> Dict[str, object]:
     ns = (48, 96) if run.smoke else (256, 512, 1024, 2048, 4096)
     repeats = 1 if run.smoke else 3
     cupy, cssl, cupy_reason = _cupy(dev)
-    rows, speed = [], {}
+    sec = run.section("lobpcg")
+    sec["cupy"] = "used" if cupy is not None else f"not importable ({cupy_reason}): its column is missing"
+    rows, speed = sec["rows"], {}
+    if cupy is not None:
+        # cupy compiles its kernels on first use (seconds): once here, not inside the first timed call
+        cssl.lobpcg(cupy.eye(64, dtype=cupy.float32) * cupy.arange(1, 65, dtype=cupy.float32),
+                    cupy.ones((64, 2), dtype=cupy.float32) + cupy.eye(64, 2, dtype=cupy.float32),
+                    largest=False, maxiter=3)
+    last_s = 0.0
+    cut = False
     for n in ns:
-        # generation (CPU, fp64) + eigh + LOBPCG + cupy; ~25 s at n=4096 on an H100 host
-        if not run.has_time(8 if run.smoke else (15 + n / 100), f"c. LOBPCG n={n}"):
+        # generation (CPU, fp64) + fp64 eigvalsh + eigh + LOBPCG + cupy; at least ~8x the previous
+        # size's time (eigh is cubic), and ~100 s at n=4096 by the formula
+        need = 8 if run.smoke else max(15 + n / 50, 8 * last_s)
+        if not run.has_time(need, f"c. LOBPCG n={n}"):
+            cut = True
             break
+        t_n = time.perf_counter()
         t_gen = time.perf_counter()
         Om = fast_guidance((b,), n, seed=1).to(dev)
         t_gen = time.perf_counter() - t_gen
-        opt = torch.linalg.eigvalsh(Om.double())[..., :k].sum(-1)
+        ev = torch.linalg.eigvalsh(Om.double())
+        opt = ev[..., :k].sum(-1)
+        norms = ev.abs().amax(-1)   # ||Omega_i||_2: cupy's tol is absolute (residual norms below it)
 
         def objective_err(V):
             V = V.double()
@@ -478,8 +543,9 @@ def section_lobpcg(run: Run) -> Dict[str, object]:
 
             def cupy_lobpcg():
                 out = []
-                for M, X in zip(mats, X0):
-                    _, v = cssl.lobpcg(M, X.copy(), largest=False, tol=1e-5, maxiter=1000)
+                for i, (M, X) in enumerate(zip(mats, X0)):
+                    # the same relative residual as lk.lobpcg's target, made absolute for cupy
+                    _, v = cssl.lobpcg(M, X.copy(), largest=False, tol=1e-5 * float(norms[i]), maxiter=200)
                     out.append(torch.from_dlpack(v))
                 return torch.stack(out)
 
@@ -500,7 +566,7 @@ def section_lobpcg(run: Run) -> Dict[str, object]:
                         run.sync()
                         t = time.perf_counter() - t
                         errs[pname] = objective_err(V)
-                        times[pname] = {"median": t, "q25": t, "q75": t, "error": "one call"}
+                        times[pname] = {"median": t, "q25": t, "q75": t, "note": "one call"}
                     else:
                         errs[pname] = objective_err(fn())       # also the warmup (handles, workspaces)
                         times[pname] = run.time_call(fn, repeats, warmup=0)
@@ -508,24 +574,33 @@ def section_lobpcg(run: Run) -> Dict[str, object]:
                     raise
                 except Exception as e:
                     errs[pname] = math.nan
-                    times[pname] = {"median": math.nan, "q25": math.nan, "q75": math.nan, "error": f"{e}"[:200]}
-            iters = lk.lobpcg(Om, k, return_info=True)[2]["iterations"].reshape(-1)
+                    times[pname] = {"median": math.nan, "q25": math.nan, "q75": math.nan, "note": f"{e}"[:200]}
+            try:
+                iters = lk.lobpcg(Om, k, return_info=True)[2]["iterations"].reshape(-1)
+            except Exception:
+                iters = None
         base = times["torch.linalg.eigh (batched)"]["median"]
         for pname, st in times.items():
             row = {"provider": pname, "batch": b, "n": n, "k": k, "median_s": st["median"], "q25_s": st["q25"],
                    "q75_s": st["q75"], "speedup_vs_eigh": base / st["median"] if st["median"] else math.nan,
                    "objective_rel_err": errs[pname], "reaches_1e-5": "yes" if errs[pname] <= 1e-5 else "NO",
-                   "note": st.get("error", "")}
-            if pname == "lorainit.lobpcg":
+                   "note": st.get("note", "")}
+            if pname == "lorainit.lobpcg" and iters is not None:
                 row["note"] = f"iterations {int(iters.min())}-{int(iters.max())}; Omega generated in {t_gen:.1f} s (CPU)"
+            if pname == "lorainit.lobpcg" and math.isfinite(row["speedup_vs_eigh"]):
                 speed[n] = row["speedup_vs_eigh"]
             rows.append(row)
             print(f"  n={n} {pname}: {st['median']:.4f} s, {row['speedup_vs_eigh']:.2f}x eigh, "
                   f"objective err {errs[pname]:.2e}", flush=True)
+        last_s = time.perf_counter() - t_n
+        sec["swept_n"] = sorted(speed)
+        run.write()
     crossover = _crossover(speed)
-    return {"rows": rows, "crossover_n": crossover, "swept_n": sorted(speed),
-            "cupy": "used" if cupy is not None else f"not importable ({cupy_reason}): its column is missing",
-            "suggested_EIGH_CROSSOVER_N_cuda": crossover}
+    out = {"rows": rows, "crossover_n": crossover, "swept_n": sorted(speed), "suggested_EIGH_CROSSOVER_N_cuda": crossover}
+    if cut:
+        out["crossover_caveat"] = (f"the sweep stopped at n={max(speed) if speed else None} (time guard): the crossover "
+                                   "holds for the swept sizes only")
+    return out
 
 
 def _crossover(speed: Dict[int, float]) -> Optional[int]:
@@ -578,23 +653,26 @@ def section_init(run: Run) -> Dict[str, object]:
     from lorainit import LoRADAConfig, initialize_lora
 
     dev = run.device
+    sec = run.section("init_overhead")
     if not run.has_time(20 if run.smoke else 90, "d. initialize_lora on SmolLM2-135M"):
-        return {"rows": []}
+        return {"rows": sec["rows"]}
     model, batches, samples = _tiny_llama(dev) if run.smoke else _smollm2(dev)
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
     weights = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     plain_forward_backward(model, batches[:2], weights)          # CUDA context, cuBLAS handles
-    base = run.time_call(lambda: plain_forward_backward(model, batches, weights), repeats=3, warmup=1)["median"]
+    base = run.time_call(lambda: plain_forward_backward(model, batches, weights), repeats=3, warmup=1,
+                         wall=True)["median"]
     cfg = LoRADAConfig(step_scale=1.0)
     warnings.simplefilter("ignore")       # as bench_init_overhead_smollm2: n_train falls back, PEFT notices
-    rows, reports = [], []
+    rows, reports = sec["rows"], []
     runs = (("first initialize_lora (Triton compiles)", cfg), ("second initialize_lora", cfg),
             ("initialize_lora, solve_batch=1 (one layer per solve)", LoRADAConfig(step_scale=1.0, solve_batch=1)))
     for label, config in runs:
         if not label.startswith("first") and not run.has_time(30 if not run.smoke else 5, f"d. {label}"):
             break
         st = run.time_call(lambda: reports.append(initialize_lora(model, batches, config=config, num_samples=samples,
-                                                                  progress=False)), repeats=1, warmup=0)
+                                                                  progress=False)), repeats=1, warmup=0,
+                           wall=True)
         tm = reports[-1].timings
         solvers = {}
         for row in reports[-1].layers:
@@ -605,6 +683,7 @@ def section_init(run: Run) -> Dict[str, object]:
                      "solvers": ", ".join(f"{k} {v}" for k, v in sorted(solvers.items()))})
         print(f"  {label}: {st['median']:.2f} s vs forward+backward {base:.3f} s ({st['median'] / base:.2f}x)",
               flush=True)
+        run.write()
     if dev == "cuda":
         torch.cuda.empty_cache()
     return {"rows": rows, "model": "tiny random Llama (--cpu-smoke)" if run.smoke else "SmolLM2-135M, LoRA r=8",
@@ -686,13 +765,18 @@ def to_markdown(res: Dict[str, object]) -> str:
             lines += [f"Section failed: `{sec['error']}`", ""]
         lines += _table(sec.get("rows", [])) + [""]
         for extra in ("passed", "failed", "peak_bf16_tflops", "peak_source", "crossover_n",
-                      "suggested_EIGH_CROSSOVER_N_cuda", "cupy", "model"):
+                      "suggested_EIGH_CROSSOVER_N_cuda", "crossover_caveat", "cupy", "model"):
             if extra in sec:
                 lines.append(f"- {extra}: {sec[extra]}")
         lines.append("")
     if res.get("skipped"):
         lines += ["## Skipped by the time guard", ""] + [f"- {s}" for s in res["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _nvidia_device_present() -> bool:
+    """Whether the NVIDIA driver exposes a device node here (whatever torch build is installed)."""
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
 
 
 def _alarm(signum, frame):
@@ -722,6 +806,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or RESULTS
     if not args.cpu_smoke and not torch.cuda.is_available():
         print(PLAN.format(budget=args.budget_s, out=out))
+        if _nvidia_device_present():
+            # an NVIDIA GPU is here but this torch cannot use it (a CPU build, or no driver access):
+            # exiting 0 would pass off a run that measured nothing as a GPU run
+            print(f"An NVIDIA device is present but torch {torch.__version__} cannot use it "
+                  f"(torch.version.cuda={torch.version.cuda}): install a CUDA build of torch in this "
+                  f"interpreter ({sys.executable}) or run with one (make device-check DEVICE_PY=...).")
+            return 2
         print("No CUDA device here: nothing was run (use --cpu-smoke to execute the script on the CPU at tiny shapes).")
         return 0
     import lorainit_kernels as lk
@@ -740,27 +831,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError:                    # not the main thread: the per-case guard alone
             use_alarm = False
     if use_alarm:
-        signal.setitimer(signal.ITIMER_REAL, max(1.0, args.budget_s))
+        # a margin before the budget for the last write; re-fires every 5 s should a handler swallow one
+        signal.setitimer(signal.ITIMER_REAL, max(1.0, args.budget_s - min(15.0, 0.05 * args.budget_s)), 5.0)
+    # a call that never returns to Python (a hung kernel or synchronize) is out of the alarm's reach
+    faulthandler.dump_traceback_later(args.budget_s + 60.0, exit=True)
     try:
         for s in sections:
             key, fn = SECTIONS[s]
             print(f"[{run.elapsed():6.1f} s] section {s}: {key}", flush=True)
             try:
                 with warnings.catch_warnings():   # a section's warning filters end with it
-                    run.results["sections"][key] = fn(run)
+                    run.results["sections"].setdefault(key, {}).update(fn(run))
             except TimeGuard as e:
+                if use_alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                # the rows the section measured stay (Run.section registered them)
                 run.results["sections"].setdefault(key, {})["error"] = str(e)
                 run.results["skipped"].append(f"{s}. {key}: stopped by the alarm at the budget")
                 break
-            except Exception as e:  # a broken section is recorded; the next ones still run
+            except Exception as e:  # a broken section is recorded with its rows so far; the next ones still run
                 traceback.print_exc()
-                run.results["sections"][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                run.results["sections"].setdefault(key, {})["error"] = f"{type(e).__name__}: {e}"[:500]
             finally:
                 run.write()
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
         run.write()
     corr = run.results["sections"].get("correctness", {})
     failed = corr.get("failed", 0) if isinstance(corr, dict) else 0

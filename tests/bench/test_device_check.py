@@ -75,6 +75,7 @@ def test_peak_table_matches_device_names():
     assert device_check.peak_bf16_tflops("NVIDIA H200") == 989.5
     assert device_check.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert device_check.peak_bf16_tflops("NVIDIA L4") == 121.0
+    assert device_check.peak_bf16_tflops("NVIDIA L40") == 181.0 and device_check.peak_bf16_tflops("NVIDIA L40S") == 366.0
     assert device_check.peak_bf16_tflops("Some Future GPU") is None
     assert device_check._crossover({256: 0.5, 512: 1.2, 1024: 0.9, 2048: 3.0}) == 2048
     assert device_check._crossover({256: 1.5, 512: 2.0}) == 256 and device_check._crossover({256: 0.5}) is None
@@ -92,3 +93,37 @@ def test_cpu_smoke_cupy_column_with_numpy_and_scipy_standing_in(tmp_path, monkey
     rows = [r for r in res["sections"]["lobpcg"]["rows"] if r["provider"].startswith("cupyx")]
     assert rc == 0 and len(rows) == 2 and res["sections"]["lobpcg"]["cupy"] == "used"
     assert all(r["median_s"] > 0 and r["objective_rel_err"] < 1e-2 for r in rows), rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script measures")
+def test_gpu_present_but_torch_cannot_use_it_is_an_error(tmp_path, monkeypatch, capsys):
+    """A GPU host running the CPU build of torch must not pass off 'nothing measured' as success."""
+    monkeypatch.setattr(device_check, "_nvidia_device_present", lambda: True)
+    assert device_check.main(["--out", str(tmp_path)]) == 2
+    assert "cannot use it" in capsys.readouterr().out
+
+
+def test_a_section_that_fails_midway_keeps_its_rows(tmp_path, monkeypatch):
+    """Rows are registered as they are measured: a section that raises at its second size keeps the
+    first size's rows, records the error, and the sections after it still run."""
+    import bench.spectra as spectra
+
+    real = spectra.fast_guidance
+
+    def fail_at_96(batch, n, **kw):
+        if n == 96:
+            raise RuntimeError("synthetic failure at n=96")
+        return real(batch, n, **kw)
+
+    monkeypatch.setattr(spectra, "fast_guidance", fail_at_96)
+    rc, res, md = _smoke(tmp_path, monkeypatch, "c,b")
+    lob = res["sections"]["lobpcg"]
+    assert rc == 1 and "synthetic failure at n=96" in lob["error"]
+    assert lob["rows"] and {r["n"] for r in lob["rows"]} == {48}
+    assert res["sections"]["kfac_update"]["rows"]          # b still ran
+    assert "Section failed" in md
+
+
+def test_time_guard_is_not_an_exception():
+    """Library code that catches Exception (per-layer error wrappers) must not swallow the alarm."""
+    assert issubclass(device_check.TimeGuard, BaseException) and not issubclass(device_check.TimeGuard, Exception)
