@@ -30,6 +30,13 @@ class LossReductionWarning(LoRAInitWarning):
     """A user ``loss_fn`` returned what looks like a mean, not the summed loss lorainit expects."""
 
 
+class ForwardStopped(BaseException):
+    """Raised by a forward-only statistics pass's hook once every target layer has run: the rest of the
+    forward (the layers above, the LM head, the loss) feeds nothing it collects. A BaseException, so
+    that model code catching ``Exception`` does not swallow it; :meth:`LossRunner.forward_masks` ends
+    the batch there."""
+
+
 class _NoLossTokens(LoRAInitError):
     """A batch without loss tokens. The model's mean loss over none is 0/0 = NaN, so this error must not be
     re-diagnosed as a non-finite forward (that would blame the module computing the loss for an overflow)."""
@@ -228,6 +235,12 @@ class LossRunner:
         prepared = self.prepare(batch)
         try:
             loss, count = self.summed_loss(prepared, index)
+        except ForwardStopped:
+            # no loss to check: the target layers' inputs are what the pass uses, so check those
+            bad = culprit() if (check_finite and culprit is not None) else None
+            if bad is not None:
+                raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
+            return None, 0, self.masks(prepared)
         except _NoLossTokens:
             raise
         except LoRAInitError:  # e.g. NaN activations make the loss normalization undetectable: name the module

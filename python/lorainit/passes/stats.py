@@ -36,7 +36,7 @@ import lorainit_kernels as lk
 from .. import distributed as dist_utils
 from ..targets import LoRAInitError, TargetLayer
 from .batches import count_examples
-from .loss import LossRunner
+from .loss import ForwardStopped, LossRunner
 from .masks import LayerMasks, TokenMasks
 from .state import pass_state, progress_bar
 
@@ -231,6 +231,19 @@ class StatsCollector:
         self.kernel_time = 0.0
         self.active = True
         self._live: List[Tuple[str, Tensor]] = []
+        # forward-only pass: stop a batch's forward once this many targets have run (enable_early_stop)
+        self.stop_after: Optional[int] = None
+
+    def enable_early_stop(self) -> bool:
+        """After a complete forward-only batch: end later batches' forwards once every target that ran in
+        it has run again (the layers above the last target, the LM head and the loss feed nothing the
+        pass collects). Only where each target ran exactly once in that batch, so that "every target ran"
+        is "all their calls are done"; a layer called twice (a shared module) keeps the whole forward.
+        Returns whether it is enabled."""
+        if self.with_grad or self.probe_only or not self.calls or any(len(c) != 1 for c in self.calls.values()):
+            return False
+        self.stop_after = len(self.calls)
+        return True
 
     def __enter__(self):
         for name in self.names:
@@ -277,6 +290,8 @@ class StatsCollector:
             y = output.detach() if self.keep_output and self.targets[name].kind != "embedding" else None
             if not self.with_grad:  # the batch's masks are final after the forward: update in end_forward
                 self._pending.append((name, x.detach(), y))
+                if self.stop_after is not None and len(self.calls) == self.stop_after:
+                    raise ForwardStopped()
                 return None
             if not output.requires_grad:
                 output.requires_grad_(True)  # all parameters are frozen: start the graph here
@@ -484,7 +499,10 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
 
     ``extras`` (:data:`EXTRAS`): optional statistics accumulated in the same pass (``LayerStats.mu``, ``.Y``).
     ``with_grad=False``: a forward-only pass (no backward; ``LayerStats.G`` and ``.s`` are None), for the
-    methods that need only input/output statistics (EVA, CorDA, Astra): about a third of the cost.
+    methods that need only input/output statistics (EVA, CorDA, Astra): about a third of the cost. From
+    the second batch on, its forward ends once every target has run (the layers above the last target,
+    the LM head and the loss are skipped; :meth:`StatsCollector.enable_early_stop`), except under a
+    process group (a sharded model's forward holds collectives) and where a target runs more than once.
     ``stack_size`` > 1: same-shape layers that read their input alone accumulate into shared stacks of up
     to that many layers (:class:`StatsCollector`), for a batched solve without a copy.
 
@@ -520,6 +538,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                     col.end_batch()
                     if i == 0:
                         runner.finish_check()  # the loss_fn reduction check, outside the batch's hooks
+                        if not with_grad and not dist_utils.is_distributed():
+                            col.enable_early_stop()
                 except Exception as e:
                     err = e
                 dist_utils.agree(err, f"statistics pass, batch {i} (backward)")

@@ -84,3 +84,123 @@ def test_pass_touches_no_grad_and_restores_state():
     before = model_state(model)
     _ctx(model, lm_batches(n=8, bs=4)).collect_stats()
     assert_same_state(before, model_state(model))
+
+
+# ---- forward-only passes end each batch's forward once every target has run ---------------------------------
+def _forward_only(model, batches, early: bool, monkeypatch, **kw):
+    from lorainit.passes import stats as stats_mod
+
+    if not early:
+        monkeypatch.setattr(stats_mod.StatsCollector, "enable_early_stop", lambda self: False)
+    try:
+        return _ctx(model, batches).collect_stats(grads=False, **kw)
+    finally:
+        monkeypatch.undo()
+
+
+def _lm_head_calls(model, batches, monkeypatch):
+    calls = []
+    head = model.get_output_embeddings()
+    h = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _forward_only(model, batches, True, monkeypatch)
+    finally:
+        h.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("layers", [None, [0]], ids=["all layers", "lowest layer only"])
+def test_forward_only_pass_stops_after_the_last_target_with_the_same_statistics(layers, monkeypatch):
+    """Batches after the first end their forward once every target has run (no LM head, no loss): the
+    statistics, outputs (extras) included, are bitwise those of the whole forward."""
+    kw = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
+    model = tiny_llama(seed=8, **kw)
+    batches = lm_batches(n=16, bs=4, seed=9)
+    full = _forward_only(model, batches, False, monkeypatch, extras=("mean", "output_cov"))
+    early = _forward_only(model, batches, True, monkeypatch, extras=("mean", "output_cov"))
+    assert set(full) == set(early) and full
+    for name in full:
+        for key in ("Z", "mu", "Y"):
+            a, b = getattr(full[name], key), getattr(early[name], key)
+            assert (a is None and b is None) or torch.equal(a, b), (name, key)
+        assert full[name].count == early[name].count
+    # only the first of the 4 batches reached the LM head
+    assert _lm_head_calls(model, batches, monkeypatch) == 1
+
+
+def test_forward_only_pass_early_stop_on_an_encoder_decoder_model(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0,
+                   pad_token_id=0)
+    model = get_peft_model(T5ForConditionalGeneration(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "k", "wi"]))
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, 64, (3, 7), generator=g)
+        am = torch.ones_like(ids)
+        am[1, 4:] = 0
+        labels = torch.randint(3, 64, (3, 5), generator=g)
+        labels[2, 3:] = -100
+        batches.append({"input_ids": ids, "attention_mask": am, "labels": labels})
+    full = _forward_only(model, batches, False, monkeypatch)
+    early = _forward_only(model, batches, True, monkeypatch)
+    assert set(full) == set(early) and any(".decoder." in n for n in full)
+    for name in full:
+        assert torch.equal(full[name].Z, early[name].Z) and full[name].count == early[name].count, name
+
+
+def test_forward_only_pass_keeps_the_whole_forward_when_a_target_runs_twice(monkeypatch):
+    """A module called twice per forward: 'every target ran' would not mean 'all its calls are done'."""
+    from lorainit.passes.stats import StatsCollector
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x, y=None):
+            return self.head(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(Twice(), LoraConfig(r=2, lora_alpha=4, target_modules=["a"]))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 6, generator=g), "y": torch.randn(4, 3, generator=g)} for _ in range(3)]
+
+    def loss_fn(m, b):
+        return ((m(b["x"]) - b["y"]) ** 2).sum()
+
+    enabled = []
+    real = StatsCollector.enable_early_stop
+    monkeypatch.setattr(StatsCollector, "enable_early_stop", lambda self: enabled.append(real(self)) or enabled[-1])
+    stats = InitContext(model, find_targets(model), batches, loss_fn=loss_fn, num_samples=None,
+                        progress=False).collect_stats(grads=False)
+    assert enabled == [False] and stats
+    (st,) = stats.values()
+    assert st.count == 3 * 4 * 2  # both calls of every batch
+
+
+def test_forward_only_pass_names_a_nonfinite_target_input_after_the_stop(monkeypatch):
+    """A stopped forward has no loss to check: a NaN reaching a target's input in a later batch is named."""
+    from lorainit.targets import LoRAInitError
+
+    model = tiny_llama(seed=2)
+    batches = lm_batches(n=12, bs=4, seed=3)
+    emb = model.get_input_embeddings()
+    state = {"n": 0}
+
+    def poison(module, args, out):
+        state["n"] += 1
+        return out * float("nan") if state["n"] == 2 else out
+
+    h = emb.register_forward_hook(poison)
+    try:
+        with pytest.raises(LoRAInitError, match=r"batch 1: its input has NaN/Inf activations"):
+            _ctx(model, batches).collect_stats(grads=False)
+    finally:
+        h.remove()
