@@ -491,6 +491,15 @@ def probe_shared_inputs(model: nn.Module, targets: Dict[str, TargetLayer], names
     return dict(col.owner)
 
 
+def _stoppable(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may be ended from a hook: not with accelerate's device hooks (their
+    post-forward, which offloads a module's weights again, would be skipped) nor under DataParallel
+    (the replicas' threads)."""
+    if isinstance(model, nn.DataParallel):
+        return False
+    return not any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
 def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequence[str], batches: Sequence[Any],
                runner: LossRunner, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
                progress: bool = False, desc: str = "lorainit statistics", extras: Sequence[str] = (),
@@ -502,7 +511,8 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
     methods that need only input/output statistics (EVA, CorDA, Astra): about a third of the cost. From
     the second batch on, its forward ends once every target has run (the layers above the last target,
     the LM head and the loss are skipped; :meth:`StatsCollector.enable_early_stop`), except under a
-    process group (a sharded model's forward holds collectives) and where a target runs more than once.
+    process group (a sharded model's forward holds collectives), with accelerate's device hooks or
+    DataParallel (:func:`_stoppable`) and where a target runs more than once.
     ``stack_size`` > 1: same-shape layers that read their input alone accumulate into shared stacks of up
     to that many layers (:class:`StatsCollector`), for a batched solve without a copy.
 
@@ -538,7 +548,7 @@ def stats_pass(model: nn.Module, targets: Dict[str, TargetLayer], names: Sequenc
                     col.end_batch()
                     if i == 0:
                         runner.finish_check()  # the loss_fn reduction check, outside the batch's hooks
-                        if not with_grad and not dist_utils.is_distributed():
+                        if not with_grad and not dist_utils.is_distributed() and _stoppable(model):
                             col.enable_early_stop()
                 except Exception as e:
                     err = e

@@ -204,3 +204,20 @@ def test_forward_only_pass_names_a_nonfinite_target_input_after_the_stop(monkeyp
             _ctx(model, batches).collect_stats(grads=False)
     finally:
         h.remove()
+
+
+def test_forward_only_pass_keeps_the_whole_forward_with_accelerate_hooks(monkeypatch):
+    """accelerate's device hooks offload a module's weights after its forward: a forward ended from a
+    hook would skip that, so such models keep the whole forward."""
+    from lorainit.passes.stats import _stoppable
+
+    model = tiny_llama(seed=1)
+    assert _stoppable(model)
+    layer = model.get_base_model().model.layers[0]
+    layer._hf_hook = object()
+    try:
+        assert not _stoppable(model)
+        assert _lm_head_calls(model, lm_batches(n=8, bs=4, seed=2), monkeypatch) == 2  # every batch ran whole
+    finally:
+        del layer._hf_hook
+    assert not _stoppable(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
