@@ -1,8 +1,10 @@
 // Runtime ISA dispatch of the fused Gram kernel (kfac_update, weighted_gram).
 //
 // Levels: portable (any CPU) < avx2 (AVX2+FMA+F16C) < avx512 (AVX-512F/BW/VL/DQ, fp32 FMA)
-// < avx512bf16 (adds vdpbf16ps for bf16 inputs). The best level the CPU supports runs unless the
-// caller asks for a lower one (lorainit_kernels/_native.py maps LORAINIT_NATIVE_ISA to it).
+// < avx512bf16 (adds vdpbf16ps for bf16 inputs) < amx (AMX-BF16 tiles for bf16 inputs). The best
+// level the CPU supports runs unless the caller asks for a lower one (lorainit_kernels/_native.py maps
+// LORAINIT_NATIVE_ISA to it). Also here: the LOBPCG kernels' dispatch and peak_gflops, the timing of
+// each level's peak-rate probe (peak_probe.inc).
 #include <algorithm>
 #include <chrono>
 #include <limits>
