@@ -237,6 +237,7 @@ class LossRunner:
             loss, count = self.summed_loss(prepared, index)
         except ForwardStopped:
             # no loss to check: the target layers' inputs are what the pass uses, so check those
+            self._check_loss_tokens(prepared, index)
             bad = culprit() if (check_finite and culprit is not None) else None
             if bad is not None:
                 raise LoRAInitError(f"module {bad!r}, batch {index}: its input has NaN/Inf activations") from None
@@ -304,6 +305,21 @@ class LossRunner:
         count = self._loss_count(batch, logits, loss.detach(), index)
         return loss.reshape(()) * count, count
 
+    @staticmethod
+    def _no_loss_tokens(index: int) -> str:
+        return f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero attention_mask)"
+
+    def _check_loss_tokens(self, batch, index: int) -> None:
+        """A forward stopped before the loss: the model's labels still say whether the batch has loss tokens
+        (a batch without any is the same error as when the loss is computed)."""
+        labels = batch.get("labels") if self.loss_fn is None and isinstance(batch, Mapping) else None
+        if not isinstance(labels, Tensor) or labels.is_floating_point():
+            return
+        if int(labels.ne(-100).sum()) == 0:
+            raise _NoLossTokens(self._no_loss_tokens(index))
+        if self.mode == "shifted" and labels.dim() >= 2 and int(labels[..., 1:].ne(-100).sum()) == 0:
+            raise _NoLossTokens(self._no_shifted_tokens(index))
+
     def _loss_count(self, batch, logits, loss: Tensor, index: int) -> int:
         labels = batch.get("labels")
         if not isinstance(labels, Tensor):
@@ -315,8 +331,7 @@ class LossRunner:
             "examples": int(labels.shape[0]),
         }
         if counts["unshifted"] == 0:  # the mode-specific count is checked below
-            raise _NoLossTokens(f"batch {index} has no loss tokens (every label is -100, e.g. an all-zero "
-                                f"attention_mask)")
+            raise _NoLossTokens(self._no_loss_tokens(index))
         if self.mode is None:
             if not bool(torch.isfinite(loss)):
                 if counts["shifted"] == 0 and isinstance(logits, Tensor) and bool(torch.isfinite(logits).all()):

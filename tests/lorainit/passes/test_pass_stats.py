@@ -221,3 +221,19 @@ def test_forward_only_pass_keeps_the_whole_forward_with_accelerate_hooks(monkeyp
     finally:
         del layer._hf_hook
     assert not _stoppable(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+
+
+def test_forward_only_pass_stopped_batch_without_loss_tokens_is_the_same_error(monkeypatch):
+    """A stopped forward computes no loss: a later batch without loss tokens must still fail as it does when
+    the loss is computed, naming the batch. (Batches whose labels are all -100 are skipped before the pass,
+    with a warning; rows of one token leave a causal LM no shifted label, which only the loss notices.)"""
+    from lorainit.targets import LoRAInitError
+
+    model = tiny_llama(seed=2)
+    batches = lm_batches(n=12, bs=4, seed=3)
+    am = torch.zeros_like(batches[1]["attention_mask"])
+    am[:, 0] = 1
+    batches[1] = {**batches[1], "attention_mask": am}
+    for early in (True, False):
+        with pytest.raises(LoRAInitError, match=r"batch 1 has no loss tokens.*rows of one token"):
+            _forward_only(model, batches, early, monkeypatch)
