@@ -260,7 +260,10 @@ class LossRunner:
         bad_input = culprit() if culprit is not None else None
         source = None
         if not dist_utils.is_distributed():  # a rank-local extra forward would hang a sharded model
-            source = first_nonfinite_module(self.model, lambda: self.summed_loss(prepared, index))
+            try:
+                source = first_nonfinite_module(self.model, lambda: self.summed_loss(prepared, index))
+            except ForwardStopped:  # a forward-only pass ended this extra forward too: no source found
+                source = None
         if source is not None:
             name, params = source
             why = (f"its parameter(s) {params} have NaN/Inf entries" if params
