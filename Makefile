@@ -38,6 +38,8 @@ demo-llm: $(STAMP)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m bench.run
+	# lorainit vs PEFT with LoRA on the 4 lowest layers only (docs/methods-peft.md's second table)
+	OMP_NUM_THREADS=2 $(PY) -m bench.bench_peft_peers --samples 64 --layers 0,1,2,3 --name peft_peers_reduced
 	# each op's providers on pytest-benchmark -> bench/results/micro.{json,md} (same-run ratios)
 	OMP_NUM_THREADS=2 $(PY) -m pytest bench/micro -q --benchmark-only --benchmark-json bench/results/micro_raw.json
 	$(PY) -m bench.micro_tables

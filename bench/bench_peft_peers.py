@@ -62,11 +62,11 @@ def _load_note(load_start: float) -> str:
     """The 1-minute load average at the start and end of the run, and what it says about other jobs."""
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cores = os.cpu_count() or 1
-    # this run keeps up to its own thread count busy; more than the cores means other jobs shared them
-    shared = max(load_start, load_end) > cores
+    # the run itself keeps about its torch thread count busy: well above that, other jobs shared the cores
+    shared = max(load_start, load_end) > max(cores, torch.get_num_threads()) + 0.5
     return (f"1-minute load average at the start / end of the run: {load_start:.1f} / {load_end:.1f} on {cores} cores "
-            + ("(above the core count: other jobs shared the CPU)." if shared else "(at most the core count: the "
-               "run had the CPU to itself)."))
+            + ("(well above the run's own threads: other jobs shared the CPU)." if shared else "(about the run's "
+               "own threads: it had the CPU to itself)."))
 
 
 def run(quick: bool = False, samples: int = 256, seq: int = 64, layers=None, peft_max_passes: int = 20) -> dict:
