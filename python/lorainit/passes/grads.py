@@ -84,7 +84,10 @@ class _GradHooks:
             acc.index_add_(1, ids, g2.t())
             return
         x2 = x.reshape(-1, x.shape[-1]).to(device=g2.device, dtype=torch.float32)
-        acc += (g2.t() @ x2).to(acc.device)
+        if acc.device == g2.device:
+            acc.addmm_(g2.t(), x2)  # one GEMM with beta = 1: no (m, n) temporary to add
+        else:
+            acc += (g2.t() @ x2).to(acc.device)
 
     def close(self):
         for h in self.handles:
