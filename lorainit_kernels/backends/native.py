@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from . import HALF_OR_FP32, default, implements
+from . import HALF_OR_FP32, implements
 
 _FP32 = (torch.float32,)
 RR_MAX_PARTS = 4
@@ -47,15 +47,7 @@ def _kfac_slower(*tensors: Tensor) -> Optional[str]:
 def kfac_update(x: Tensor, g: Optional[Tensor], mask: Optional[Tensor], with_input_cov: bool, out=None
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sum x x^T, sum g x^T, sum g*g)`` over the valid tokens, fp32: ``_native.kfac_update``
-    (``out``: fp32 accumulators added to in place).
-
-    ``G`` alone from fp32 rows (``with_input_cov=False``: a layer whose ``Z`` another layer holds, or a
-    weight gradient) is BLAS's GEMM: the fused kernel's gains are the symmetric ``Z`` it halves and the
-    bf16/fp16 rows it converts while packing, neither of which such a call has, and MKL's GEMM ran it
-    1.13-1.21x faster (SmolLM2 shapes, 512 tokens, AVX-512, 2026-12-07).
-    """
-    if not with_input_cov and g is not None and x.dtype == torch.float32 and g.dtype == torch.float32:
-        return default.kfac_update(x, g, mask, False, out)
+    (``out``: fp32 accumulators added to in place)."""
     return _native.kfac_update(x, g, mask, with_input_cov, out)
 
 
